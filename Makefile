@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Both bring up .venv idempotently with the pinned CPU stack first.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: run test venv clean-venv bench
+
+$(STAMP): requirements-cpu.txt requirements-torchrec.txt requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-cpu.txt
+	# never let pip resolve torchrec's own dependencies (CUDA fbgemm-gpu, newest torch)
+	$(PY) -m pip install -q --no-deps -r requirements-torchrec.txt
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	.venv/bin/dimstream run
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,1 @@
+"""dimstream.ops: wires stream, models and search into the daemon, the cron job and the CLI."""

@@ -1,0 +1,93 @@
+"""SparseBatch: decoded rows held as per-field jagged arrays, sliced into KeyedJaggedTensors.
+
+Decoding produces one SparseBatch per Arrow batch; a window concatenates them and is then cut
+into mini-batches with `slice`, each turned into a TorchRec KeyedJaggedTensor by `to_kjt`.
+
+>>> import numpy as np
+>>> b = SparseBatch(["a"], {"a": np.array([3, 4, 5])}, {"a": np.array([0, 1, 3])},
+...                 np.array([0., 1.], np.float32), np.array([10, 11]))
+>>> b.slice(1, 2).values["a"].tolist()
+[4, 5]
+>>> b.to_kjt().lengths().tolist()
+[1, 2]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass
+class SparseBatch:
+    keys: list[str]
+    values: dict[str, np.ndarray]   # int64 embedding rows, all rows' ids concatenated
+    offsets: dict[str, np.ndarray]  # int64, len n+1: row r's ids are values[offsets[r]:offsets[r+1]]
+    labels: np.ndarray              # float32 in {0, 1}
+    event_time: np.ndarray          # int64 unix seconds
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def slice(self, start: int, stop: int) -> "SparseBatch":
+        values, offsets = {}, {}
+        for k in self.keys:
+            off = self.offsets[k]
+            lo, hi = off[start], off[stop]
+            values[k] = self.values[k][lo:hi]
+            offsets[k] = off[start:stop + 1] - lo
+        return SparseBatch(self.keys, values, offsets, self.labels[start:stop], self.event_time[start:stop])
+
+    def take(self, mask: np.ndarray) -> "SparseBatch":
+        """Rows where `mask` is true (vectorised; used to split a batch at a window boundary)."""
+        idx = np.flatnonzero(mask)
+        if len(idx) == len(self.labels) and (len(idx) == 0 or idx[-1] == len(idx) - 1):
+            return self
+        values, offsets = {}, {}
+        for k in self.keys:
+            off = self.offsets[k]
+            lengths = (off[1:] - off[:-1])[idx]
+            starts = off[:-1][idx]
+            new_off = np.zeros(len(idx) + 1, np.int64)
+            np.cumsum(lengths, out=new_off[1:])
+            # gather the jagged ids: position p of output row r reads starts[r] + p
+            rep = np.repeat(starts - new_off[:-1], lengths)
+            values[k] = self.values[k][np.arange(new_off[-1], dtype=np.int64) + rep]
+            offsets[k] = new_off
+        return SparseBatch(self.keys, values, offsets, self.labels[idx], self.event_time[idx])
+
+    @staticmethod
+    def concat(batches: list["SparseBatch"]) -> "SparseBatch":
+        if len(batches) == 1:
+            return batches[0]
+        keys = batches[0].keys
+        values = {k: np.concatenate([b.values[k] for b in batches]) for k in keys}
+        offsets = {}
+        for k in keys:
+            parts, base = [np.zeros(1, np.int64)], 0
+            for b in batches:
+                parts.append(b.offsets[k][1:] + base)
+                base += int(b.offsets[k][-1])
+            offsets[k] = np.concatenate(parts)
+        return SparseBatch(keys, values, offsets,
+                           np.concatenate([b.labels for b in batches]),
+                           np.concatenate([b.event_time for b in batches]))
+
+    @staticmethod
+    def empty(keys: list[str]) -> "SparseBatch":
+        z = np.zeros(0, np.int64)
+        return SparseBatch(list(keys), {k: z for k in keys}, {k: np.zeros(1, np.int64) for k in keys},
+                           np.zeros(0, np.float32), z)
+
+    def to_kjt(self, keys: list[str] | None = None) -> KeyedJaggedTensor:
+        """KeyedJaggedTensor over `keys` (default: all); fields left out of a model are dropped."""
+        keys = self.keys if keys is None else keys
+        values = np.concatenate([self.values[k] for k in keys]) if keys else np.zeros(0, np.int64)
+        lengths = np.concatenate([np.diff(self.offsets[k]) for k in keys]) if keys else np.zeros(0, np.int64)
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=list(keys), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
+
+    def labels_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.labels)

@@ -1,0 +1,56 @@
+"""The Source contract every input (synthetic, files, datasets, Kafka) implements.
+
+A source yields `SourceBatch`es in (roughly) event-time order. Each carries a JSON-able
+`position`: where reading must restart so that this batch is read again. The window loop
+checkpoints, at each window's close, the position of the earliest batch that still holds
+rows of an open window plus the window boundary (the "watermark"); on resume the source is
+re-opened at that position and rows older than the watermark, already trained or
+dead-lettered, are skipped. This gives exactly-once training without row-level offsets and
+works the same for a Kafka partition (position = offsets per partition).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import pyarrow as pa
+
+from stream.schema import Schema
+
+
+@dataclass
+class SourceBatch:
+    """One unit read from a source.
+
+    batch: the rows, or None when the input could not be read (then `error` says why and the
+        loop dead-letters `detail`, e.g. a corrupt Parquet file or an undecodable message).
+    position: JSON-able; re-opening the source at it yields this batch again.
+    next_position: JSON-able; re-opening the source at it yields the batch after this one.
+    """
+
+    batch: pa.RecordBatch | None
+    position: dict
+    next_position: dict
+    error: str | None = None
+    detail: str = ""
+    schema: Schema | None = None  # a per-message schema version (Kafka), else the source's
+
+
+class Source(Protocol):
+    name: str
+    schema: Schema
+    # Length of a window that suits the source (e.g. 1 day for ml-100k), or None.
+    default_window_seconds: int | None
+
+    def read(self, position: dict | None) -> Iterator[SourceBatch]:
+        """Batches from `position` (None: from the beginning); ends when the source is exhausted
+        (a file or dataset) or never (a live stream)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def row_position(row: int) -> dict:
+    """The position of sources that are a sequence of rows (files, datasets, synthetic)."""
+    return {"row": int(row)}
