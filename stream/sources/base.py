@@ -54,3 +54,20 @@ class Source(Protocol):
 def row_position(row: int) -> dict:
     """The position of sources that are a sequence of rows (files, datasets, synthetic)."""
     return {"row": int(row)}
+
+
+def resume_position(source: Source, unfinished: list[SourceBatch], last: SourceBatch | None,
+                    start: dict | None) -> dict | None:
+    """Where to re-open `source` after a checkpoint.
+
+    unfinished: batches (in read order) that still hold rows of windows not yet closed.
+    last: the last batch read (None if nothing was read since `start`).
+    Sources that interleave several sequences (Kafka partitions) override this with a
+    `resume_position` method of their own; a single sequence restarts at the first
+    unfinished batch, or after the last batch read."""
+    own = getattr(source, "resume_position", None)
+    if own is not None:
+        return own(unfinished, last, start)
+    if unfinished:
+        return unfinished[0].position
+    return last.next_position if last is not None else start
