@@ -42,6 +42,7 @@ class DecodeResult:
     rejected: list[Rejected] = field(default_factory=list)
     rejected_counts: dict[str, int] = field(default_factory=dict)
     ignored_columns: list[str] = field(default_factory=list)
+    table: pa.Table | None = None  # the accepted rows as Arrow, aligned with `batch`
 
     @property
     def rejected_rows(self) -> int:
@@ -105,7 +106,7 @@ class Decoder:
         keep, rejected, counts = self._check_rows(table)
         good = table if keep is None else table.filter(pa.array(keep))
         ignored = [c for c in table.column_names if c not in self._known]
-        return DecodeResult(self._to_sparse(good), rejected, counts, ignored)
+        return DecodeResult(self._to_sparse(good), rejected, counts, ignored, good)
 
     def _check_columns(self, table: pa.Table) -> tuple[str, str] | None:
         s = self.schema

@@ -1,0 +1,85 @@
+"""An arm: one CTR model in its own shape (allocation), sharded, with its optimizers.
+
+The window loop evaluates every arm on a window before training it (test-then-train).
+Sparse parameters are updated by TorchRec's fused optimizer inside backward
+(`apply_optimizer_in_backward`); dense parameters by Adam.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from models.config import ModelConfig
+from models.ctr import CTRModel
+from models.distributed import shard
+from stream.batch import SparseBatch
+
+
+@dataclass
+class ArmSpec:
+    """Configuration of one arm: a name and its embedding dimension per field."""
+    name: str
+    dims: dict[str, int]
+    column_ids: dict[str, list[int]] = field(default_factory=dict)  # control column of each column
+
+    def __post_init__(self):
+        for f, d in self.dims.items():
+            self.column_ids.setdefault(f, list(range(d)))
+
+
+def _sparse_optimizer(config: ModelConfig):
+    if config.sparse_optimizer == "adagrad":
+        return torch.optim.Adagrad, {"lr": config.sparse_lr, "eps": 1e-8}
+    if config.sparse_optimizer == "rowwise_adam":
+        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad  # noqa: F401  (imports fbgemm ops)
+        return torch.optim.Adam, {"lr": config.sparse_lr}
+    raise ValueError(f"unknown sparse optimizer {config.sparse_optimizer!r}")
+
+
+class Arm:
+    def __init__(self, spec: ArmSpec, num_embeddings: dict[str, int], multi_valued: set[str],
+                 config: ModelConfig):
+        self.spec = spec
+        self.name = spec.name
+        self.config = config
+        torch.manual_seed(config.seed)
+        module = CTRModel(spec.dims, num_embeddings, multi_valued, config)
+        self.feature_names = module.feature_names
+        self.embedding_params = module.embedding_params
+        opt_cls, opt_kwargs = _sparse_optimizer(config)
+        apply_optimizer_in_backward(opt_cls, module.embedding.parameters(), opt_kwargs)
+        self.model = shard(module)
+        dense = [p for n, p in self.model.named_parameters() if ".embedding." not in f".{n}"]
+        self.dense_optimizer = torch.optim.Adam(dense, lr=config.dense_lr)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Allocation with every schema field (0 = pruned)."""
+        return dict(self.spec.dims)
+
+    def kjt(self, batch: SparseBatch) -> KeyedJaggedTensor:
+        return batch.to_kjt(self.feature_names)
+
+    @torch.no_grad()
+    def predict(self, batch: SparseBatch, batch_size: int = 8192) -> np.ndarray:
+        """Click probabilities for every row (in mini-batches)."""
+        self.model.eval()
+        out = []
+        for start in range(0, len(batch), batch_size):
+            part = batch.slice(start, min(start + batch_size, len(batch)))
+            out.append(torch.sigmoid(self.model(self.kjt(part))).numpy())
+        self.model.train()
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def train_step(self, batch: SparseBatch) -> float:
+        logits = self.model(self.kjt(batch))
+        loss = self.loss_fn(logits, batch.labels_tensor())
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # also applies the fused sparse update
+        self.dense_optimizer.step()
+        return float(loss.detach())

@@ -1,0 +1,49 @@
+"""CTRModel: MixedEmbedding + an interaction head, the unit one arm trains.
+
+>>> import torch
+>>> from models.config import ModelConfig
+>>> m = CTRModel({"a": 8, "b": 4}, {"a": 10, "b": 10}, set(), ModelConfig("fm"), device=torch.device("cpu"))
+>>> m.feature_names, m.embedding_params
+(['a', 'b'], 120)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from models.config import ModelConfig
+from models.embedding import MixedEmbedding
+from models.heads import HEADS, USES_WIDE
+
+
+class CTRModel(nn.Module):
+    def __init__(self, dims: dict[str, int], num_embeddings: dict[str, int], multi_valued: set[str],
+                 config: ModelConfig, device: torch.device | None = None):
+        super().__init__()
+        self.config = config
+        self.num_embeddings = dict(num_embeddings)
+        self.embedding = MixedEmbedding(dims, num_embeddings, multi_valued,
+                                        wide=USES_WIDE[config.model], device=device)
+        widths = [self.embedding.dims[f] for f in self.embedding.feature_names]
+        k = config.interaction_dim or max(widths)
+        head_cls = HEADS[config.model]
+        kwargs = {"layers": config.dcn_layers} if config.model == "dcnv2" else {}
+        self.head = head_cls(widths, k, config.mlp, **kwargs)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.embedding.feature_names
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return dict(self.embedding.dims)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.embedding.embedding_params(self.num_embeddings)
+
+    def forward(self, kjt: KeyedJaggedTensor, column_mask: dict[str, torch.Tensor] | None = None):
+        """Logits [B]. `column_mask[field]` ([d_i]) scales the field's embedding columns."""
+        embs, wide = self.embedding(kjt, column_mask)
+        return self.head(embs, wide if wide is not None else 0.0)

@@ -1,0 +1,118 @@
+"""Interaction heads over mixed-dimension field embeddings.
+
+Every head takes the list of pooled field embeddings e_i ([B, d_i], d_i may differ) and the
+first-order sum, and returns logits [B]. FM-style (vector-wise) interactions first map each
+field to one width k with a per-field projection (SSEDS eq. 13); DNN parts and DCN-V2 take the
+concatenation [B, sum d_i].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])  # no activation after the output layer
+
+
+class FieldProjections(nn.Module):
+    """ē_i = M_i e_i with M_i in R^{k x d_i} (SSEDS eq. 13); identity where d_i == k.
+
+    Stored as one parameter per projected field; `column_ids` lets re-allocation start a
+    projection as the selection of the control columns a slim field kept."""
+
+    def __init__(self, dims: list[int], k: int):
+        super().__init__()
+        self.k = k
+        self.weights = nn.ParameterList()
+        self.index = []  # per field: position in self.weights, or -1 for identity
+        for d in dims:
+            if d == k:
+                self.index.append(-1)
+            else:
+                w = torch.zeros(k, d)
+                w[torch.arange(min(d, k)), torch.arange(min(d, k))] = 1.0
+                self.index.append(len(self.weights))
+                self.weights.append(nn.Parameter(w))
+
+    def forward(self, embs: list[torch.Tensor]) -> torch.Tensor:
+        out = [e if i < 0 else e @ self.weights[i].t() for e, i in zip(embs, self.index)]
+        return torch.stack(out, dim=1)  # [B, F, k]
+
+
+def fm_interaction(v: torch.Tensor) -> torch.Tensor:
+    """Second-order FM term 1/2 sum_k [(sum_i v_ik)^2 - sum_i v_ik^2] for v [B, F, k]."""
+    s = v.sum(dim=1)
+    return 0.5 * (s * s - (v * v).sum(dim=1)).sum(dim=1)
+
+
+class FMHead(nn.Module):
+    def __init__(self, dims: list[int], k: int, mlp_sizes=()):
+        super().__init__()
+        self.proj = FieldProjections(dims, k)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, embs, wide):
+        return self.bias + wide + fm_interaction(self.proj(embs))
+
+
+class DeepFMHead(nn.Module):
+    """DeepFM: FM over projected embeddings + a DNN over the concatenation + first order."""
+
+    def __init__(self, dims: list[int], k: int, mlp_sizes=(256, 128)):
+        super().__init__()
+        self.proj = FieldProjections(dims, k)
+        self.dnn = mlp([sum(dims), *mlp_sizes, 1])
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, embs, wide):
+        deep = self.dnn(torch.cat(embs, dim=1)).squeeze(-1)
+        return self.bias + wide + fm_interaction(self.proj(embs)) + deep
+
+
+class WideDeepHead(nn.Module):
+    """Wide & Deep: first-order (wide) logit + a DNN over the concatenation."""
+
+    def __init__(self, dims: list[int], k: int, mlp_sizes=(256, 128)):
+        super().__init__()
+        self.dnn = mlp([sum(dims), *mlp_sizes, 1])
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, embs, wide):
+        return self.bias + wide + self.dnn(torch.cat(embs, dim=1)).squeeze(-1)
+
+
+class CrossLayer(nn.Module):
+    """DCN-V2 cross layer: x_{l+1} = x_0 * (W x_l + b) + x_l (full-rank W)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        nn.init.zeros_(self.linear.bias)
+        nn.init.normal_(self.linear.weight, std=width ** -0.5 * 0.1)
+
+    def forward(self, x0, x):
+        return x0 * self.linear(x) + x
+
+
+class DCNv2Head(nn.Module):
+    """DCN-V2 (stacked): cross layers over the concatenation, then a DNN."""
+
+    def __init__(self, dims: list[int], k: int, mlp_sizes=(256, 128), layers: int = 2):
+        super().__init__()
+        width = sum(dims)
+        self.cross = nn.ModuleList(CrossLayer(width) for _ in range(layers))
+        self.dnn = mlp([width, *mlp_sizes, 1])
+
+    def forward(self, embs, wide):
+        x0 = x = torch.cat(embs, dim=1)
+        for layer in self.cross:
+            x = layer(x0, x)
+        return self.dnn(x).squeeze(-1)
+
+
+HEADS = {"fm": FMHead, "deepfm": DeepFMHead, "wdl": WideDeepHead, "dcnv2": DCNv2Head}
+USES_WIDE = {"fm": True, "deepfm": True, "wdl": True, "dcnv2": False}

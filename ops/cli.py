@@ -1,0 +1,96 @@
+"""`dimstream` command line: run (the daemon), search (the hourly cron job), replay, export, ...
+
+Bad options or config give one clear line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ops.config import ConfigError, RunConfig, parse_duration
+
+log = logging.getLogger("dimstream")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"dimstream: error: {message}\n")
+        sys.exit(2)
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="train on a stream (the daemon)")
+    p.set_defaults(func=cmd_run)
+    p.add_argument("--config", type=Path, help="TOML file with the same keys as the options")
+    p.add_argument("--source", help="synthetic | files:DIR | ml-100k:DIR | criteo:FILE | avazu:FILE | kafka://HOST:PORT/TOPIC")
+    p.add_argument("--model", choices=["deepfm", "wdl", "fm", "dcnv2"])
+    p.add_argument("--windows", type=int, help="total windows to have processed (default 24)")
+    p.add_argument("--window", help="window length: 1h (default), 1d, 30m, ...")
+    p.add_argument("--state-dir", type=Path, help="checkpoints, summary, dead letters (default ./dimstream-state)")
+    p.add_argument("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (port 0: any free port)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--arms", help="comma-separated: control,slim,uniform")
+    p.add_argument("--search", choices=["sseds", "ham", "none"])
+    p.add_argument("--budget", type=float, help="kappa: slim params <= kappa x control params (default 0.25)")
+    p.add_argument("--search-every", type=int, help="windows between searches; 0 = only apply cron plans")
+    p.add_argument("--control-dim", type=int, help="uniform width of the control arm (multiple of 4)")
+    p.add_argument("--rows-per-window", type=int, help="synthetic source: rows per window (default 50000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_config(args) -> RunConfig:
+    keys = ["source", "model", "windows", "window", "state_dir", "metrics_addr", "seed", "arms", "search",
+            "budget", "search_every", "control_dim", "rows_per_window"]
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.no_progress:
+        given["progress"] = False
+    if args.config is not None:
+        return RunConfig.from_toml(args.config, given)
+    return RunConfig.from_mapping(given)
+
+
+def cmd_run(args) -> int:
+    cfg = _run_config(args)
+    from ops.daemon import Runner  # heavy imports only once the options are valid
+    runner = Runner(cfg)
+    import importlib.util
+    if importlib.util.find_spec("ops.searching") is not None:
+        from ops.searching import install as install_search
+        install_search(runner)
+    summary = runner.run()
+    done = len(summary["windows"])
+    print(f"dimstream: {done} windows in {cfg.state_dir} (summary.json, summary.png)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    parser = _Parser(prog="dimstream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _run_parser(sub)
+    for extra in _extra_commands():
+        extra(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) if hasattr(args, "func") else cmd_run(args)
+    except ConfigError as e:
+        sys.stderr.write(f"dimstream: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _extra_commands():
+    """Sub-commands defined in their own modules (search, replay, export, ...)."""
+    import importlib
+    import importlib.util
+    mods = ("ops.search_cli", "ops.replay_cli", "ops.export", "ops.report_cli")
+    return [importlib.import_module(m).register for m in mods if importlib.util.find_spec(m) is not None]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

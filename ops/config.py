@@ -1,0 +1,114 @@
+"""RunConfig: every option of `dimstream run`, from defaults, a TOML file and the command line.
+
+>>> c = RunConfig.from_mapping({"model": "fm", "windows": 3, "window": "1d"})
+>>> c.model.model, c.windows, c.window_seconds
+('fm', 3, 86400)
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """Bad option or config file: reported as one line, exit code 2."""
+
+
+def parse_duration(text: str | int) -> int:
+    """'1h' -> 3600, '1d' -> 86400, '90s', '15m', or plain seconds."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text))
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(f"bad duration {text!r}: use e.g. 90s, 15m, 1h, 1d")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise ConfigError(f"bad address {text!r}: use HOST:PORT (port 0 picks a free one)")
+    return host, int(port)
+
+
+@dataclass
+class RunConfig:
+    source: str = "synthetic"
+    windows: int = 24                 # total windows to have processed in this state dir
+    window_seconds: int | None = None  # None: the source's own default (1h synthetic, 1d ml-100k)
+    state_dir: Path = Path("dimstream-state")
+    metrics_addr: str = "127.0.0.1:9100"
+    seed: int = 0
+    arms: tuple[str, ...] = ("control",)
+    control_dim: int = 16
+    search: str = "none"              # sseds | ham | none
+    budget: float = 0.25              # kappa: slim embedding params <= kappa x control's
+    search_every: int = 1             # windows between searches (0: only apply cron plans)
+    search_rows: int = 8192
+    rows_per_window: int = 50_000     # synthetic source
+    allowed_lateness: int = 0
+    idle_timeout: float | None = None
+    recent_rows: int = 50_000         # bounded buffer of recent rows kept for `dimstream search`
+    progress: bool = True
+    schema: dict | None = None        # for files:DIR (and kafka): the declared schema
+    kafka: dict = field(default_factory=dict)  # kafka-python security options pass through
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @classmethod
+    def from_mapping(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        model_keys = {f.name for f in fields(ModelConfig)}
+        model = {k: d.pop(k) for k in list(d) if k in model_keys and k != "seed"}
+        if isinstance(d.get("model_config"), dict):
+            model.update(d.pop("model_config"))
+        if "window" in d:
+            d["window_seconds"] = parse_duration(d.pop("window"))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        if "state_dir" in d:
+            d["state_dir"] = Path(d["state_dir"])
+        if isinstance(d.get("arms"), str):
+            d["arms"] = tuple(a.strip() for a in d["arms"].split(",") if a.strip())
+        try:
+            model_cfg = ModelConfig(**model, seed=int(d.get("seed", 0)))
+            cfg = cls(**d, model=model_cfg)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: Path, overrides: dict | None = None) -> "RunConfig":
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+        data.update(overrides or {})
+        return cls.from_mapping(data)
+
+    def validate(self) -> None:
+        if self.windows < 1:
+            raise ConfigError("windows must be >= 1")
+        if self.control_dim <= 0 or self.control_dim % 4:
+            raise ConfigError("control_dim must be a positive multiple of 4 (FBGEMM fused kernels)")
+        if self.search not in ("sseds", "ham", "none"):
+            raise ConfigError(f"search must be sseds, ham or none, got {self.search!r}")
+        if not 0 < self.budget <= 1:
+            raise ConfigError("budget (kappa) must be in (0, 1]")
+        if "control" not in self.arms:
+            raise ConfigError("the arms must include control (the super-net the others derive from)")
+        for a in self.arms:
+            if a not in ("control", "slim", "uniform"):
+                raise ConfigError(f"unknown arm {a!r}: use control, slim, uniform")
+        parse_addr(self.metrics_addr)
+        if self.search_every < 0:
+            raise ConfigError("search_every must be >= 0")

@@ -1,0 +1,270 @@
+"""The training daemon: windows from a source, test-then-train on every arm, checkpoints.
+
+For each closed window: every arm is evaluated on the window before it trains on it
+(progressive validation: AUC, log-loss, predicted and observed CTR), then trains one pass in
+mini-batches. Then the window's dead letters and the recent-rows buffer are written, plans or
+searches re-shape arms (`hooks`), a checkpoint is written atomically, the source is told what
+that checkpoint covers (Kafka commits offsets only then), and summary.json and the plot are
+updated.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from models.arm import Arm, ArmSpec
+from models.evaluation import auc, window_metrics
+from ops import checkpoint, metrics
+from ops.atomic import write_bytes, write_json
+from ops.config import ConfigError, RunConfig, parse_addr
+from ops.http import Readiness, serve
+from ops.report import plot_summary
+from stream import deadletter
+from stream.decode import Decoder
+from stream.synthetic import TRUTH_COLUMN
+from stream.window import Window, Windower
+
+log = logging.getLogger("dimstream")
+
+
+def open_source(cfg: RunConfig):
+    if cfg.source == "synthetic":
+        from stream.synthetic import SyntheticSource
+        return SyntheticSource(seed=cfg.seed, rows_per_window=cfg.rows_per_window,
+                               window_seconds=cfg.window_seconds or 3600)
+    from stream.sources.registry import open_source as open_spec
+    try:
+        return open_spec(cfg.source, schema_config=cfg.schema, seed=cfg.seed)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--source {cfg.source}: {e}") from None
+
+
+def uniform_width(control_dim: int, budget: float) -> int:
+    """Largest multiple of 4 whose uniform allocation stays within kappa x control's params."""
+    return max(4, int(budget * control_dim) // 4 * 4)
+
+
+def initial_specs(cfg: RunConfig, fields: list[str]) -> list[ArmSpec]:
+    specs = [ArmSpec("control", {f: cfg.control_dim for f in fields})]
+    if "uniform" in cfg.arms:
+        specs.append(ArmSpec("uniform", {f: uniform_width(cfg.control_dim, cfg.budget) for f in fields}))
+    if "slim" in cfg.arms:
+        # until the first search the slim arm is the control's shape; the first search
+        # (at the close of window 0) prunes it to the budget
+        specs.append(ArmSpec("slim", {f: cfg.control_dim for f in fields}))
+    return specs
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self.source = open_source(cfg)
+        self.schema = self.source.schema
+        self.window_seconds = cfg.window_seconds or getattr(self.source, "default_window_seconds", None) or 3600
+        self.decoder = Decoder(self.schema)
+        self.multi = {f.name for f in self.schema.fields if f.kind == "multi"}
+        self.readiness = Readiness()
+        self.readiness.window_seconds = self.window_seconds
+        self.stop_requested = False
+        self.hooks: list = []  # callables(runner, window_record) run after training, before the checkpoint
+        self._restore_or_init()
+
+    # --- state ---
+    def _restore_or_init(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint.latest(self.state_dir)
+        self.history: list[dict] = []
+        self.position = self.watermark = self.read_upto = None
+        self.extra: dict = {}
+        if ckpt is None:
+            self.arms = [self.build_arm(s) for s in initial_specs(self.cfg, self.schema.feature_names)]
+            return
+        meta = checkpoint.read_meta(ckpt)
+        if meta.get("schema_fingerprint") != self.schema.fingerprint():
+            raise ConfigError(f"state dir {self.state_dir} was written for another schema; "
+                              "use a fresh --state-dir")
+        if meta.get("model") != asdict(self.cfg.model) | {"mlp": list(self.cfg.model.mlp)}:
+            raise ConfigError(f"state dir {self.state_dir} holds a {meta['model']['model']} model with other "
+                              "settings; use the same options or a fresh --state-dir")
+        tensors = checkpoint.read_tensors(ckpt)
+        self.arms = []
+        for spec in meta["arms"]:
+            arm = self.build_arm(ArmSpec(spec["name"], spec["dims"], spec["column_ids"]))
+            checkpoint.load_arm_state(arm, tensors[arm.name])
+            self.arms.append(arm)
+        torch.set_rng_state(tensors["rng"]["torch"])
+        self.history = meta["history"]
+        self.position, self.watermark, self.read_upto = meta["position"], meta["watermark"], meta["read_upto"]
+        self.extra = meta.get("extra", {})
+        log.info("resumed from %s: %d windows done", ckpt.name, len(self.history))
+
+    def build_arm(self, spec: ArmSpec) -> Arm:
+        return Arm(spec, self.schema.num_embeddings, self.multi, self.cfg.model)
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+    def replace_arm(self, new: Arm) -> None:
+        self.arms = [new if a.name == new.name else a for a in self.arms]
+
+    def meta(self) -> dict:
+        return {"schema_fingerprint": self.schema.fingerprint(), "schema": self.schema.to_dict(),
+                "model": asdict(self.cfg.model) | {"mlp": list(self.cfg.model.mlp)},
+                "source": self.cfg.source, "window_seconds": self.window_seconds,
+                "arms": [{"name": a.name, "dims": a.spec.dims, "column_ids": a.spec.column_ids} for a in self.arms],
+                "position": self.position, "watermark": self.watermark, "read_upto": self.read_upto,
+                "history": self.history, "extra": self.extra}
+
+    # --- the loop ---
+    def run(self) -> dict:
+        host, port = parse_addr(self.cfg.metrics_addr)
+        server = serve(host, port, self.readiness)
+        log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+        self.metrics_port = server.server_port
+        self.readiness.model_loaded = True
+        metrics.MODEL_LOADED.set(1)
+        metrics.WINDOW_SECONDS.set(self.window_seconds)
+        self._export_arms()
+        old_term = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        try:
+            if len(self.history) >= self.cfg.windows:
+                log.info("%d windows already done (asked for %d)", len(self.history), self.cfg.windows)
+            else:
+                self._loop()
+        finally:
+            server.shutdown()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+            self.source.close()
+        return self.summary()
+
+    def _on_sigterm(self, *_):
+        log.warning("SIGTERM: stopping after the current window's checkpoint")
+        self.stop_requested = True
+
+    def _loop(self) -> None:
+        windower = Windower(self.source, self.decoder, self.window_seconds, self.cfg.allowed_lateness,
+                            self.cfg.idle_timeout, self.position, self.watermark, self.read_upto)
+        for window in windower.windows():
+            record = self.process(window)
+            for hook in self.hooks:
+                hook(self, record)
+            self.close_window(window, record)
+            if self.stop_requested or len(self.history) >= self.cfg.windows:
+                break
+
+    def process(self, window: Window) -> dict:
+        index = len(self.history)
+        batch = window.batch
+        record = {"index": index, "start": _iso(window.start), "end": _iso(window.end),
+                  "rows": len(batch), "rejected_rows": sum(window.rejected_counts.values()),
+                  "rejected": dict(window.rejected_counts), "replayed_rows": window.replayed_rows, "arms": {}}
+        if window.table is not None and TRUTH_COLUMN in window.table.column_names:
+            record["bayes_auc"] = auc(batch.labels, window.table.column(TRUTH_COLUMN).to_numpy())
+        # test: every arm predicts the window before any arm trains on it
+        for arm in self.arms:
+            m = window_metrics(batch.labels, arm.predict(batch)) if len(batch) else {}
+            record["arms"][arm.name] = m | {"embedding_params": arm.embedding_params, "dims": arm.dims}
+        # then train
+        bs = self.cfg.model.batch_size
+        steps = (len(batch) + bs - 1) // bs
+        for arm in self.arms:
+            t0 = time.perf_counter()
+            bar = tqdm(total=len(batch), unit="row", unit_scale=True, leave=False, file=sys.stderr,
+                       desc=f"window {index} {arm.name}", disable=not self.cfg.progress)
+            for s in range(steps):
+                part = batch.slice(s * bs, min((s + 1) * bs, len(batch)))
+                arm.train_step(part)
+                bar.update(len(part))
+            bar.close()
+            dt = time.perf_counter() - t0
+            record["arms"][arm.name]["train_rows_per_s"] = len(batch) / dt if dt > 0 else 0.0
+            metrics.ARM_ROWS_TRAINED.labels(arm.name).inc(len(batch))
+        record["read_seconds"] = window.read_seconds
+        return record
+
+    def close_window(self, window: Window, record: dict) -> None:
+        index = record["index"]
+        if window.rejected:
+            path = self.state_dir / "deadletter" / f"window-{index:06d}.arrow"
+            write_bytes(path, deadletter.to_ipc_bytes(deadletter.to_table(window.rejected)))
+        if window.table is not None and window.table.num_rows:
+            recent = window.table.slice(max(0, window.table.num_rows - self.cfg.recent_rows))
+            write_bytes(self.state_dir / "recent" / "rows.arrow", deadletter.to_ipc_bytes(recent))
+        self.history.append(record)
+        self.position, self.watermark, self.read_upto = window.resume, window.end, window.read_upto
+        checkpoint.save(self.state_dir, index, self.meta(), self.arms)
+        commit = getattr(self.source, "commit", None)
+        if commit is not None and window.resume is not None:
+            commit(window.resume)  # only now: the checkpoint covering it is durable
+        write_json(self.state_dir / "summary.json", self.summary())
+        plot_summary(self.summary(), self.state_dir / "summary.png")
+        self._export_window(window, record)
+        self._log_window(record)
+
+    # --- output ---
+    def summary(self) -> dict:
+        out = {"source": self.cfg.source, "model": self.cfg.model.model, "window_seconds": self.window_seconds,
+               "windows": self.history}
+        rank = getattr(self.source, "field_rank", None)
+        if rank is not None:
+            out["truth"] = {"field_rank": rank}
+        out.update({k: v for k, v in self.extra.items() if k.startswith("summary_")})
+        return out
+
+    def _export_arms(self) -> None:
+        for arm in self.arms:
+            metrics.ARM_EMBEDDING_PARAMS.labels(arm.name).set(arm.embedding_params)
+            metrics.ARM_EMBEDDING_BYTES.labels(arm.name).set(4 * arm.embedding_params)
+            for f, d in arm.dims.items():
+                metrics.ARM_FIELD_DIM.labels(arm.name, f).set(d)
+
+    def _export_window(self, window: Window, record: dict) -> None:
+        metrics.WINDOWS_CLOSED.inc()
+        metrics.WINDOW_INDEX.set(record["index"])
+        metrics.WINDOW_CLOSE_TIME.set(time.time())
+        metrics.ROWS_CONSUMED.inc(window.rows_read)
+        for reason, n in window.rejected_counts.items():
+            metrics.ROWS_REJECTED.labels(reason).inc(n)
+        if window.read_seconds > 0:
+            metrics.CONSUME_ROWS_PER_SECOND.set(window.rows_read / window.read_seconds)
+        for name, m in record["arms"].items():
+            if "auc" not in m:
+                continue
+            metrics.ARM_AUC.labels(name).set(m["auc"])
+            metrics.ARM_LOGLOSS.labels(name).set(m["logloss"])
+            metrics.ARM_CTR_PREDICTED.labels(name).set(m["ctr_pred"])
+            metrics.ARM_CTR_OBSERVED.labels(name).set(m["ctr_obs"])
+            if m["ctr_obs"] > 0:
+                metrics.ARM_CTR_CALIBRATION.labels(name).set(m["ctr_pred"] / m["ctr_obs"])
+            metrics.ARM_TRAIN_ROWS_PER_SECOND.labels(name).set(m["train_rows_per_s"])
+        self._export_arms()
+        self.readiness.last_close = time.time()
+
+    def _log_window(self, r: dict) -> None:
+        arms = " | ".join(f"{n} auc {m.get('auc', float('nan')):.4f} logloss {m.get('logloss', float('nan')):.4f} "
+                          f"params {m['embedding_params']:,} {m.get('train_rows_per_s', 0):,.0f} rows/s"
+                          for n, m in r["arms"].items())
+        bayes = f" bayes {r['bayes_auc']:.4f}" if "bayes_auc" in r else ""
+        log.info("window %d [%s .. %s] rows %d rejected %d%s | %s", r["index"], r["start"], r["end"],
+                 r["rows"], r["rejected_rows"], bayes, arms)
+
+
+def _iso(t: int) -> str:
+    return datetime.fromtimestamp(int(t), tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,144 @@
+"""Event-time windows over a Source: the unit of test-then-train, checkpoints and search.
+
+A window [start, start + length) closes when the watermark (largest event time seen minus the
+allowed lateness) passes its end, when the source ends, or after `idle_timeout` seconds of a
+live source with no data. Rows older than the open window are late: rejected with reason
+"late". After a restart, rows older than the checkpointed watermark that come from batches read
+before the crash are skipped as already handled (trained or dead-lettered): see
+stream.sources.base for the position contract.
+
+>>> from stream.synthetic import SyntheticSource
+>>> from stream.decode import Decoder
+>>> src = SyntheticSource(seed=0, rows_per_window=2000, batch_rows=700, max_windows=2)
+>>> ws = list(Windower(src, Decoder(src.schema), 3600).windows())
+>>> [(w.start - ws[0].start, len(w.batch)) for w in ws]
+[(0, 2000), (3600, 2000)]
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from stream.batch import SparseBatch
+from stream.decode import Decoder, Rejected
+from stream.sources.base import Source, SourceBatch, resume_position
+
+
+@dataclass
+class Window:
+    start: int                      # event-time seconds, inclusive
+    end: int                        # exclusive; the watermark once this window is closed
+    batch: SparseBatch              # accepted rows, decoded
+    table: pa.Table | None          # the same rows as Arrow (truth columns, recent-rows buffer)
+    rejected: list[Rejected] = field(default_factory=list)
+    rejected_counts: dict[str, int] = field(default_factory=dict)
+    rows_read: int = 0              # rows read from the source while this window was open
+    replayed_rows: int = 0          # rows skipped after a restart: handled before the crash
+    resume: dict | None = None      # source position to restart at after this window
+    read_upto: dict | None = None   # position after the last batch read when it closed
+    read_seconds: float = 0.0       # wall time spent reading and decoding
+
+
+def _is_before(position: dict, limit: dict | None) -> bool:
+    """True if `position` lies before `limit` (both source positions)."""
+    if not limit:
+        return False
+    if "row" in position and "row" in limit:
+        return position["row"] < limit["row"]
+    if "offsets" in position and "offsets" in limit:
+        return any(int(o) < int(limit["offsets"].get(p, -1)) for p, o in position["offsets"].items())
+    return False
+
+
+class Windower:
+    def __init__(self, source: Source, decoder: Decoder, window_seconds: int,
+                 allowed_lateness: int = 0, idle_timeout: float | None = None,
+                 start: dict | None = None, watermark: int | None = None, read_upto: dict | None = None):
+        if window_seconds <= 0:
+            raise ValueError("window length must be positive")
+        self.source, self.decoder = source, decoder
+        self.length = int(window_seconds)
+        self.lateness = int(allowed_lateness)
+        self.idle_timeout = idle_timeout
+        self.start_position, self.watermark, self.read_upto = start, watermark, read_upto
+
+    def _window_of(self, t: np.ndarray) -> np.ndarray:
+        return (t // self.length) * self.length
+
+    def windows(self) -> Iterator[Window]:
+        # buffered parts of open windows: window start -> list of (SparseBatch, Table, SourceBatch)
+        parts: dict[int, list] = {}
+        pending_rejects: list[Rejected] = []
+        counts: dict[str, int] = {}
+        rows_read = replayed = 0
+        max_t = None
+        closed_end = self.watermark  # everything before it was handled
+        last: SourceBatch | None = None
+        last_data = time.monotonic()
+        read_s = 0.0
+
+        def reject(rej: Rejected, n: int):
+            pending_rejects.append(rej)
+            counts[rej.reason] = counts.get(rej.reason, 0) + n
+
+        def close(start: int) -> Window:
+            nonlocal pending_rejects, counts, rows_read, replayed, closed_end, read_s
+            mine = parts.pop(start, [])
+            unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]]
+            batch = SparseBatch.concat([p for p, _, _ in mine]) if mine else SparseBatch.empty(self.decoder.schema.feature_names)
+            tables = [t for _, t, _ in mine if t is not None]
+            w = Window(start, start + self.length, batch,
+                       pa.concat_tables(tables) if tables else None, pending_rejects, counts, rows_read,
+                       replayed, resume_position(self.source, unfinished, last, self.start_position),
+                       last.next_position if last is not None else self.read_upto, read_s)
+            pending_rejects, counts, rows_read, replayed, read_s = [], {}, 0, 0, 0.0
+            closed_end = w.end
+            return w
+
+        t0 = time.perf_counter()
+        for sb in self.source.read(self.start_position):
+            if sb.batch is None and sb.error is None:  # heartbeat of a live source
+                if parts and self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout:
+                    read_s += time.perf_counter() - t0
+                    yield close(min(parts))
+                    t0 = time.perf_counter()
+                continue
+            last = sb
+            last_data = time.monotonic()
+            if sb.error is not None:
+                reject(Rejected(sb.error, sb.detail, None), 1)
+                continue
+            rows_read += sb.batch.num_rows
+            res = self.decoder.decode(sb.batch)
+            for rej in res.rejected:
+                reject(rej, res.rejected_counts.get(rej.reason, 0) if rej.rows is not None else 1)
+            if len(res.batch) == 0:
+                continue
+            t = res.batch.event_time
+            keep = np.ones(len(t), bool)
+            if closed_end is not None:
+                old = t < closed_end
+                if old.any():
+                    if _is_before(sb.position, self.read_upto):
+                        replayed += int(old.sum())  # read and handled before the restart
+                    else:
+                        reject(Rejected("late", f"event time before {closed_end}", res.table.filter(pa.array(old))),
+                               int(old.sum()))
+                    keep &= ~old
+            starts = self._window_of(t)
+            for s in np.unique(starts[keep]):
+                m = keep & (starts == s)
+                parts.setdefault(int(s), []).append((res.batch.take(m), res.table.filter(pa.array(m)), sb))
+            max_t = int(t.max()) if max_t is None else max(max_t, int(t.max()))
+            # close every window whose end the watermark has passed
+            while parts and max_t - self.lateness >= min(parts) + self.length:
+                read_s += time.perf_counter() - t0
+                yield close(min(parts))
+                t0 = time.perf_counter()
+        read_s += time.perf_counter() - t0
+        while parts:  # the source ended: close what is left, in order
+            yield close(min(parts))
