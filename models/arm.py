@@ -34,6 +34,8 @@ class ArmSpec:
 def _sparse_optimizer(config: ModelConfig):
     if config.sparse_optimizer == "adagrad":
         return torch.optim.Adagrad, {"lr": config.sparse_lr, "eps": 1e-8}
+    if config.sparse_optimizer == "sgd":  # exact SGD: used by tests that check gradients
+        return torch.optim.SGD, {"lr": config.sparse_lr}
     if config.sparse_optimizer == "rowwise_adam":
         from torchrec.optim.rowwise_adagrad import RowWiseAdagrad  # noqa: F401  (imports fbgemm ops)
         return torch.optim.Adam, {"lr": config.sparse_lr}

@@ -36,7 +36,7 @@ class SyntheticField:
     cardinality: int  # distinct ids (for numeric: ignored)
     rank: int         # latent rank carrying signal; 0 = pure noise
     kind: str = "categorical"
-    zipf: float = 1.3  # steep enough that the ids carrying most traffic are learnable in hours
+    zipf: float = float(__import__("os").environ.get("DS_ZIPF", 1.5))  # steep enough that the ids carrying most traffic are learnable in hours
     string_ids: bool = False
 
 
@@ -72,6 +72,7 @@ DEFAULT_FIELDS = (
     SyntheticField("num_random", 0, 0, kind="numeric"),
 )
 NUMERIC_BUCKETS = 64
+RARE_COUNT = 500  # expected occurrences per 50k rows below which an id's factor shrinks
 
 
 def _rows_for(f: SyntheticField) -> int:
@@ -100,7 +101,10 @@ class _HiddenModel:
         self.latent, self.proj = {}, {}
         for f in fields:
             if f.rank > 0 and f.kind != "numeric":
-                self.latent[f.name] = rng.standard_normal((max(f.cardinality, 1), f.rank)).astype(np.float32)
+                u = rng.standard_normal((max(f.cardinality, 1), f.rank)).astype(np.float32)
+                # rare ids stay near the field's mean: an id seen fewer than ~RARE_COUNT times a
+                # window has its factor shrunk, so the signal lives where there is data to learn it
+                self.latent[f.name] = u * self._shrink(f)[:, None]
                 q, _ = np.linalg.qr(rng.standard_normal((self.K, f.rank)))
                 self.proj[f.name] = q.astype(np.float32)
         self.first = {f.name: rng.standard_normal(f.rank).astype(np.float32) / np.sqrt(f.rank)
@@ -108,6 +112,12 @@ class _HiddenModel:
         self.base_logit = float(np.log(base_ctr / (1 - base_ctr)))
         self.scale = 1.0
         self.logit_std = logit_std
+
+    @staticmethod
+    def _shrink(f) -> np.ndarray:
+        w = np.arange(1, f.cardinality + 1, dtype=np.float64) ** -f.zipf
+        expected = 50_000 * w / w.sum()
+        return np.minimum(1.0, expected / RARE_COUNT).astype(np.float32)
 
     def logit(self, ids: dict, numeric: dict, window: int) -> np.ndarray:
         n = len(next(iter(ids.values())))
@@ -150,7 +160,7 @@ class SyntheticSource:
         self.fields = tuple(fields)
         self.schema = default_schema(self.fields)
         self.max_windows = max_windows
-        self._hidden = _HiddenModel(self.fields, seed, base_ctr, logit_std=1.4)
+        self._hidden = _HiddenModel(self.fields, seed, base_ctr, logit_std=float(__import__("os").environ.get("DS_LOGIT_STD", 1.4)))
         self._cdf = {f.name: self._zipf_cdf(f) for f in self.fields if f.kind != "numeric"}
         self._calibrate()
         self._cache: tuple[int, pa.Table] | None = None
