@@ -19,7 +19,7 @@ class ModelConfig:
     sparse_lr: float = 0.05
     dense_lr: float = 1e-3
     batch_size: int = 512
-    init_std: float = 0.01
+    init_range: float = 0.05  # deep tables start uniform in [-init_range, init_range]
     seed: int = 0
 
     def __post_init__(self):

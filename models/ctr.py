@@ -24,7 +24,8 @@ class CTRModel(nn.Module):
         self.config = config
         self.num_embeddings = dict(num_embeddings)
         self.embedding = MixedEmbedding(dims, num_embeddings, multi_valued,
-                                        wide=USES_WIDE[config.model], device=device)
+                                        wide=USES_WIDE[config.model], device=device,
+                                        init_range=config.init_range)
         widths = [self.embedding.dims[f] for f in self.embedding.feature_names]
         k = config.interaction_dim or max(widths)
         head_cls = HEADS[config.model]

@@ -1,9 +1,12 @@
 """Stable, seed-independent hashing of ids into embedding rows.
 
 The same id maps to the same row in every process and after every restart (no Python
-`hash()`, whose string hashing is salted per process). Vectorised with numpy: integers
-go through splitmix64; strings through FNV-1a computed column-by-column over a padded byte
-matrix, so the Python loop runs over byte positions, never over rows.
+`hash()`, whose string hashing is salted per process). Vectorised with numpy:
+- integer ids in [0, num_embeddings) go through a multiplicative hash (v * A + salt) mod n with
+  A prime and larger than any n, a bijection on [0, n): small vocabularies (gender, weekday,
+  a dense id space) get no collisions at all, which a random hash would give them;
+- other integers go through splitmix64, strings through FNV-1a computed column by column over
+  a padded byte matrix (the Python loop runs over byte positions, never over rows).
 
 >>> import numpy as np, pyarrow as pa
 >>> int(hash_ids(pa.array([1, 2, 1]), "user", 10)[2]) == int(hash_ids(pa.array([1]), "user", 10)[0])
@@ -22,6 +25,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+_KNUTH = np.uint64(2654435761)  # prime > 2^31: coprime with every table size
 MAX_STRING_BYTES = 64  # longer ids are hashed on their first 64 bytes plus their length
 NULL_ID = -(2**63)  # missing integer ids and missing numerics hash as this value
 
@@ -72,7 +76,15 @@ def hash_ids(arr: pa.Array, field_name: str, num_embeddings: int) -> np.ndarray:
         raw = fnv1a_strings(arr)
     elif pa.types.is_integer(t) or pa.types.is_boolean(t):
         # nulls become the reserved NULL_ID, hashed like any other id
-        raw = pc.fill_null(arr.cast(pa.int64()), NULL_ID).to_numpy(zero_copy_only=False).view(np.uint64)
+        v = pc.fill_null(arr.cast(pa.int64()), NULL_ID).to_numpy(zero_copy_only=False)
+        n = np.uint64(num_embeddings)
+        rows = (splitmix64(v.view(np.uint64) ^ field_salt(field_name)) % n).astype(np.int64)
+        small = (v >= 0) & (v < num_embeddings)
+        if small.any() and num_embeddings < 2**31:
+            with np.errstate(over="ignore"):
+                bij = (v[small].astype(np.uint64) * _KNUTH + field_salt(field_name) % n) % n
+            rows[small] = bij.astype(np.int64)
+        return rows
     elif pa.types.is_dictionary(t):
         return hash_ids(arr.cast(t.value_type), field_name, num_embeddings)
     else:
