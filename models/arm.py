@@ -36,9 +36,9 @@ def _sparse_optimizer(config: ModelConfig):
         return torch.optim.Adagrad, {"lr": config.sparse_lr, "eps": 1e-8}
     if config.sparse_optimizer == "sgd":  # exact SGD: used by tests that check gradients
         return torch.optim.SGD, {"lr": config.sparse_lr}
-    if config.sparse_optimizer == "rowwise_adam":
-        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad  # noqa: F401  (imports fbgemm ops)
-        return torch.optim.Adam, {"lr": config.sparse_lr}
+    if config.sparse_optimizer == "rowwise_adam":  # FBGEMM's partial row-wise Adam
+        from torchrec.optim import PartialRowWiseAdam
+        return PartialRowWiseAdam, {"lr": config.sparse_lr}
     raise ValueError(f"unknown sparse optimizer {config.sparse_optimizer!r}")
 
 
