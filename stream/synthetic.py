@@ -36,7 +36,7 @@ class SyntheticField:
     cardinality: int  # distinct ids (for numeric: ignored)
     rank: int         # latent rank carrying signal; 0 = pure noise
     kind: str = "categorical"
-    zipf: float = float(__import__("os").environ.get("DS_ZIPF", 1.5))  # steep enough that the ids carrying most traffic are learnable in hours
+    zipf: float = 1.5  # steep enough that the ids carrying most traffic are learnable in hours
     string_ids: bool = False
 
 
@@ -72,6 +72,9 @@ DEFAULT_FIELDS = (
     SyntheticField("num_random", 0, 0, kind="numeric"),
 )
 NUMERIC_BUCKETS = 64
+# fields with more ids than this carry proportionally weaker signal per id (sqrt law): a
+# streaming model sees each of their ids too rarely to learn a strong per-id effect in hours
+DAMP_CARDINALITY = 1000
 RARE_COUNT = 500  # expected occurrences per 50k rows below which an id's factor shrinks
 
 
@@ -104,7 +107,7 @@ class _HiddenModel:
                 u = rng.standard_normal((max(f.cardinality, 1), f.rank)).astype(np.float32)
                 # rare ids stay near the field's mean: an id seen fewer than ~RARE_COUNT times a
                 # window has its factor shrunk, so the signal lives where there is data to learn it
-                self.latent[f.name] = u * self._shrink(f)[:, None]
+                self.latent[f.name] = u * self._shrink(f)[:, None] * min(1.0, (DAMP_CARDINALITY / f.cardinality) ** 0.5)
                 q, _ = np.linalg.qr(rng.standard_normal((self.K, f.rank)))
                 self.proj[f.name] = q.astype(np.float32)
         self.first = {f.name: rng.standard_normal(f.rank).astype(np.float32) / np.sqrt(f.rank)
@@ -160,7 +163,7 @@ class SyntheticSource:
         self.fields = tuple(fields)
         self.schema = default_schema(self.fields)
         self.max_windows = max_windows
-        self._hidden = _HiddenModel(self.fields, seed, base_ctr, logit_std=float(__import__("os").environ.get("DS_LOGIT_STD", 1.4)))
+        self._hidden = _HiddenModel(self.fields, seed, base_ctr, logit_std=1.4)
         self._cdf = {f.name: self._zipf_cdf(f) for f in self.fields if f.kind != "numeric"}
         self._calibrate()
         self._cache: tuple[int, pa.Table] | None = None
