@@ -1,0 +1,83 @@
+"""SSEDS: single-shot embedding dimension search (Qu et al., Algorithm 1, "Single-shot Pruning").
+
+On the pretrained control arm, put an auxiliary mask alpha = 1 on every (field, column)
+(eq. 8), take one forward-backward pass over a sample of recent rows to get
+g_ij = dL/dalpha_ij at alpha = 1 (eq. 10), normalise |g| into saliency scores (eq. 11), rank
+them and keep columns from the top until the parameter budget is full (eq. 12), then quantise
+every field to a multiple of 4 (search/budget.py). The control arm is not modified: its pooled
+embeddings are computed without gradient and only alpha receives one.
+
+    result = sseds_search(control_arm, recent_rows, Budget("params", kappa=0.25), rows=8192)
+    result.dims          # {field: d}, multiples of 4, 0 = field removed
+    result.kept_columns  # {field: control column indices}: the slim arm's "winning ticket"
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from search.budget import Budget, SearchResult, allocate, params_of
+from search.masks import ctr_model, mask_gradient, ones_masks
+from stream.batch import SparseBatch
+
+
+def sample_recent(batch: SparseBatch, rows: int | None) -> SparseBatch:
+    """The last `rows` rows of `batch` (the most recent; all if None or more than there are)."""
+    n = len(batch)
+    if rows is None or rows >= n:
+        return batch
+    return batch.slice(n - int(rows), n)
+
+
+def minibatches(batch: SparseBatch, batch_size: int) -> list[SparseBatch]:
+    return [batch.slice(s, min(s + batch_size, len(batch))) for s in range(0, len(batch), batch_size)]
+
+
+def saliency_scores(control, batch: SparseBatch, batch_size: int = 4096
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """(g, s, loss): g_ij = dL/dalpha_ij at alpha = 1 (eq. 10), the mean log-loss L being
+    accumulated over mini-batches of `batch`; s_ij = |g_ij| / sum |g| (eq. 11)."""
+    m = ctr_model(control)
+    masks = ones_masks(m.dims, requires_grad=True)
+    g, loss, _ = mask_gradient(m, minibatches(batch, batch_size), masks)
+    g_np = {f: v.detach().double().numpy() for f, v in g.items()}
+    total = float(sum(np.abs(v).sum() for v in g_np.values()))
+    # eq. 11; a zero gradient everywhere (e.g. a constant model) ranks all columns equal
+    s = {f: (np.abs(v) / total if total > 0 else np.full(v.shape, 1.0 / sum(len(x) for x in g_np.values())))
+         for f, v in g_np.items()}
+    return g_np, s, loss
+
+
+def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, rows: int | None = 8192,
+                 batch_size: int = 4096, per_parameter: bool = False) -> SearchResult:
+    """Run SSEDS on `control` (an Arm, its DMP or a CTRModel) with the recent rows `batch`.
+
+    rows:          how many of the most recent rows of `batch` to score on (None = all); they
+                   are processed in mini-batches of `batch_size`, gradients accumulated, so the
+                   result is the gradient of the mean loss over all of them (one "single shot").
+    per_parameter: rank columns by s_ij / rows_i (saliency per parameter spent) instead of s_ij;
+                   the saliency reported is s_ij either way.
+    budget:        Budget("params", kappa) (default kappa 0.25) or Budget("columns", columns=s).
+    The returned dims cover every field the model knows (schema fields it does not hold: 0)."""
+    t0 = time.perf_counter()
+    budget = budget or Budget()
+    m = ctr_model(control)
+    ctrl = m.dims
+    sample = sample_recent(batch, rows)
+    if len(sample) == 0:
+        raise ValueError("SSEDS needs at least one row")
+    g, s, loss = saliency_scores(m, sample, batch_size)
+    rank_by = {f: s[f] / m.num_embeddings[f] for f in s} if per_parameter else None
+    alloc = allocate(s, budget, ctrl, m.num_embeddings, rank_by=rank_by)
+    dims = {f: 0 for f in m.num_embeddings} | alloc.dims
+    kept = {f: [] for f in m.num_embeddings} | alloc.kept_columns
+    return SearchResult(
+        method="sseds", dims=dims, kept_columns=kept,
+        saliency={f: [float(x) for x in v] for f, v in s.items()},
+        budget_kind=budget.kind, budget_asked=alloc.limit, budget_reached=alloc.used,
+        control_params=params_of(ctrl, m.num_embeddings), duration_seconds=time.perf_counter() - t0,
+        rows_used=len(sample), params=params_of(dims, m.num_embeddings),
+        details={"per_parameter": per_parameter, "batch_size": batch_size, "loss": loss,
+                 "kappa": budget.kappa if budget.kind == "params" else None,
+                 "field_saliency": {f: float(v.sum()) for f, v in s.items()}})
