@@ -1,0 +1,25 @@
+"""dimstream.search: embedding-dimension search on the control arm and the plan it produces.
+
+    from search import Budget, sseds_search, ham_search, Plan, write_plan, read_plan, validate_plan
+
+    result = sseds_search(control_arm, recent_rows, Budget("params", kappa=0.25))
+    plan = Plan.from_result(result, schema.fingerprint(), checkpoint="ckpt-000011")
+    write_plan(state_dir / "plan.json", plan)          # the cron job
+    plan = read_plan(state_dir / "plan.json")           # the daemon
+    validate_plan(plan, schema.fingerprint(), schema.num_embeddings, control.dims, kappa=0.25)
+
+Modules: budget (Budget, allocate: SSEDS eqs. 4/8/12 + quantisation to multiples of 4),
+masks (auxiliary masks alpha on no-grad pooled embeddings), sseds (SSEDS eqs. 10-12),
+ham (HAM eqs. 1-3, Algorithm 1), plan (the plan file). Imports models and stream, never ops.
+"""
+from search.budget import (Allocation, Budget, BudgetError, SearchResult, allocate, greedy_select, params_of,
+                           quantise, rank_columns)
+from search.ham import ham_search, orthogonal_regulariser, split_holdout
+from search.masks import masked_logits, masked_loss, ones_masks, pooled_embeddings
+from search.plan import Plan, PlanError, read_plan, validate_plan, write_plan
+from search.sseds import saliency_scores, sseds_search
+
+__all__ = ["Allocation", "Budget", "BudgetError", "SearchResult", "allocate", "greedy_select", "params_of",
+           "quantise", "rank_columns", "ham_search", "orthogonal_regulariser", "split_holdout", "masked_logits",
+           "masked_loss", "ones_masks", "pooled_embeddings", "Plan", "PlanError", "read_plan", "validate_plan",
+           "write_plan", "saliency_scores", "sseds_search"]

@@ -1,0 +1,193 @@
+"""The allocation plan: written by `dimstream search` (the cron job), applied by the daemon.
+
+A plan is one JSON object (format 1):
+
+    {"format": 1, "method": "sseds", "dims": {"user_id": 16, "noise_flag": 0, ...},
+     "kept_columns": {"user_id": [0, 3, ...], "noise_flag": [], ...},
+     "saliency": {"user_id": [0.0012, ...], ...}, "budget_kind": "params",
+     "budget_asked": 5054976, "budget_reached": 5041200, "schema_fingerprint": "9f2c...",
+     "checkpoint": "ckpt-000011", "created_at": "2026-01-01T12:00:03Z", "duration_seconds": 0.41}
+
+dims lists every field of the control arm (0 = the field leaves the slim arm); kept_columns[f]
+are the control arm's column indices the slim field starts from (sorted, len == dims[f]).
+`write_plan` replaces the file atomically (temporary file, fsync, rename, fsync of the
+directory), so the daemon reads the old plan or the new one, never half of one. `read_plan`
+checks structure and types; `validate_plan` checks the plan against the running schema,
+table sizes, control widths and budget. Both raise PlanError(reason, detail).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from search.budget import KINDS, QUANTUM, SearchResult, params_of
+
+FORMAT = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied. `reason` is a short fixed phrase
+    ("malformed", "missing key", "bad type", "another schema", "unknown field", "missing field",
+    "width not a multiple of 4", "wider than the control", "bad kept columns", "over budget",
+    "keeps no field"), `detail` says what exactly."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass
+class Plan:
+    dims: dict[str, int]
+    kept_columns: dict[str, list[int]]
+    saliency: dict[str, list[float]]
+    method: str
+    budget_kind: str
+    budget_asked: int
+    budget_reached: int
+    schema_fingerprint: str
+    checkpoint: str | None          # name of the checkpoint the control arm was read from
+    created_at: str                 # ISO 8601, UTC
+    duration_seconds: float
+
+    @classmethod
+    def from_result(cls, result: SearchResult, schema_fingerprint: str, checkpoint: str | None,
+                    created_at: str | None = None) -> "Plan":
+        return cls(dims=dict(result.dims), kept_columns={f: list(c) for f, c in result.kept_columns.items()},
+                   saliency={f: list(s) for f, s in result.saliency.items()}, method=result.method,
+                   budget_kind=result.budget_kind, budget_asked=int(result.budget_asked),
+                   budget_reached=int(result.budget_reached), schema_fingerprint=schema_fingerprint,
+                   checkpoint=checkpoint, created_at=created_at or utc_now(),
+                   duration_seconds=float(result.duration_seconds))
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT} | asdict(self)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename over `path`, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plan(path: str | Path, plan: Plan) -> None:
+    """Write `plan` as JSON to `path`, atomically."""
+    _atomic_write(Path(path), json.dumps(plan.to_dict(), indent=1).encode())
+
+
+# --- reading: structure and types ---------------------------------------------------------------
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _check(ok: bool, detail: str) -> None:
+    if not ok:
+        raise PlanError("bad type", detail)
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Read and type-check a plan file. Raises PlanError("malformed" | "missing key" |
+    "bad type", detail) for an unreadable or non-JSON file, a missing key or a wrong type."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise PlanError("malformed", f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        d = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError("malformed", f"{path} is not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise PlanError("malformed", f"{path} holds a JSON {type(d).__name__}, not an object")
+    if d.get("format", FORMAT) != FORMAT:
+        raise PlanError("malformed", f"plan format {d.get('format')!r}, this version reads {FORMAT}")
+    names = [k for k in Plan.__dataclass_fields__]
+    missing = [k for k in names if k not in d]
+    if missing:
+        raise PlanError("missing key", f"{path} lacks {', '.join(missing)}")
+    _check(isinstance(d["dims"], dict) and all(isinstance(f, str) and _is_int(v) for f, v in d["dims"].items()),
+           "dims must map field names to integers")
+    _check(isinstance(d["kept_columns"], dict) and all(
+        isinstance(c, list) and all(_is_int(j) for j in c) for c in d["kept_columns"].values()),
+        "kept_columns must map field names to lists of integers")
+    _check(isinstance(d["saliency"], dict) and all(
+        isinstance(s, list) and all(_is_num(x) for x in s) for s in d["saliency"].values()),
+        "saliency must map field names to lists of finite numbers")
+    _check(isinstance(d["method"], str) and d["method"] != "", "method must be a non-empty string")
+    _check(d["budget_kind"] in KINDS, f"budget_kind must be one of {KINDS}")
+    _check(_is_num(d["budget_asked"]) and _is_num(d["budget_reached"]), "budget_asked/budget_reached must be numbers")
+    _check(isinstance(d["schema_fingerprint"], str), "schema_fingerprint must be a string")
+    _check(d["checkpoint"] is None or isinstance(d["checkpoint"], str), "checkpoint must be a string or null")
+    _check(isinstance(d["created_at"], str), "created_at must be an ISO 8601 string")
+    _check(_is_num(d["duration_seconds"]) and d["duration_seconds"] >= 0, "duration_seconds must be a number >= 0")
+    return Plan(**{k: d[k] for k in names})
+
+
+# --- validation against the running daemon -------------------------------------------------------
+
+def validate_plan(plan: Plan, schema_fingerprint: str, num_embeddings: dict[str, int],
+                  control_dims: dict[str, int], kappa: float) -> None:
+    """Raise PlanError unless `plan` can shape the slim arm of this daemon:
+    same schema, only known fields and every control field, widths multiples of 4 and no
+    wider than the control, kept columns consistent with the widths, and
+    sum_i rows_i * d_i <= kappa * control params (SSEDS eq. 4; whatever the plan's budget
+    kind, the slim arm's budget is in parameters). A columns-kind plan must also keep
+    sum_i d_i <= its budget_asked."""
+    if plan.schema_fingerprint != schema_fingerprint:
+        raise PlanError("another schema", f"plan made for schema {plan.schema_fingerprint}, "
+                                          f"the daemon runs {schema_fingerprint}")
+    unknown = sorted(set(plan.dims) - set(num_embeddings)) + sorted(set(plan.kept_columns) - set(num_embeddings))
+    if unknown:
+        raise PlanError("unknown field", f"the schema has no field {', '.join(sorted(set(unknown)))}")
+    ctrl = {f: d for f, d in control_dims.items() if d > 0}
+    missing = sorted(set(ctrl) - set(plan.dims))
+    if missing:
+        raise PlanError("missing field", f"the plan gives no width for {', '.join(missing)}")
+    bad = {f: d for f, d in plan.dims.items() if d < 0 or d % QUANTUM}
+    if bad:
+        raise PlanError("width not a multiple of 4", f"{bad}")
+    wide = {f: d for f, d in plan.dims.items() if d > control_dims.get(f, 0)}
+    if wide:
+        raise PlanError("wider than the control", f"{wide} (control: { {f: control_dims.get(f, 0) for f in wide} })")
+    for f, d in plan.dims.items():
+        cols = plan.kept_columns.get(f, [])
+        if len(cols) != d or len(set(cols)) != len(cols) or any(j < 0 or j >= control_dims.get(f, 0) for j in cols):
+            raise PlanError("bad kept columns", f"field {f}: width {d} but kept columns {cols} "
+                                                f"(must be {d} distinct indices < {control_dims.get(f, 0)})")
+    if not any(plan.dims.values()):
+        raise PlanError("keeps no field", "every field has width 0")
+    used = params_of(plan.dims, num_embeddings)
+    limit = math.floor(kappa * params_of(ctrl, num_embeddings))
+    if used > limit:
+        raise PlanError("over budget", f"{used:,} embedding parameters > kappa {kappa} x control "
+                                       f"= {limit:,}")
+    if plan.budget_kind == "columns" and sum(plan.dims.values()) > plan.budget_asked:
+        raise PlanError("over budget", f"{sum(plan.dims.values())} columns > target {plan.budget_asked}")
