@@ -78,10 +78,14 @@ class Arm:
         self.model.train()
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-    def train_step(self, batch: SparseBatch) -> float:
+    def train_step(self, batch: SparseBatch) -> np.ndarray:
+        """One update on `batch`; returns the click probabilities predicted *before* the update.
+
+        Those predictions are progressive validation at mini-batch grain: every row is scored by
+        the model that has not yet trained on it (test-then-train), at no extra forward pass."""
         logits = self.model(self.kjt(batch))
         loss = self.loss_fn(logits, batch.labels_tensor())
         self.dense_optimizer.zero_grad(set_to_none=True)
         loss.backward()  # also applies the fused sparse update
         self.dense_optimizer.step()
-        return float(loss.detach())
+        return torch.sigmoid(logits.detach()).numpy()

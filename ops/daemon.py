@@ -172,24 +172,24 @@ class Runner:
                   "rejected": dict(window.rejected_counts), "replayed_rows": window.replayed_rows, "arms": {}}
         if window.table is not None and TRUTH_COLUMN in window.table.column_names:
             record["bayes_auc"] = auc(batch.labels, window.table.column(TRUTH_COLUMN).to_numpy())
-        # test: every arm predicts the window before any arm trains on it
-        for arm in self.arms:
-            m = window_metrics(batch.labels, arm.predict(batch)) if len(batch) else {}
-            record["arms"][arm.name] = m | {"embedding_params": arm.embedding_params, "dims": arm.dims}
-        # then train
+        # test-then-train: each mini-batch is scored by every arm before that arm trains on it
+        # (progressive validation); the scores come from the training forward pass itself
         bs = self.cfg.model.batch_size
         steps = (len(batch) + bs - 1) // bs
         for arm in self.arms:
             t0 = time.perf_counter()
+            probs = np.empty(len(batch), np.float32)
             bar = tqdm(total=len(batch), unit="row", unit_scale=True, leave=False, file=sys.stderr,
                        desc=f"window {index} {arm.name}", disable=not self.cfg.progress)
             for s in range(steps):
-                part = batch.slice(s * bs, min((s + 1) * bs, len(batch)))
-                arm.train_step(part)
-                bar.update(len(part))
+                lo, hi = s * bs, min((s + 1) * bs, len(batch))
+                probs[lo:hi] = arm.train_step(batch.slice(lo, hi))
+                bar.update(hi - lo)
             bar.close()
             dt = time.perf_counter() - t0
-            record["arms"][arm.name]["train_rows_per_s"] = len(batch) / dt if dt > 0 else 0.0
+            m = window_metrics(batch.labels, probs) if len(batch) else {}
+            record["arms"][arm.name] = m | {"embedding_params": arm.embedding_params, "dims": arm.dims,
+                                            "train_rows_per_s": len(batch) / dt if dt > 0 else 0.0}
             metrics.ARM_ROWS_TRAINED.labels(arm.name).inc(len(batch))
         record["read_seconds"] = window.read_seconds
         return record
@@ -204,12 +204,16 @@ class Runner:
             write_bytes(self.state_dir / "recent" / "rows.arrow", deadletter.to_ipc_bytes(recent))
         self.history.append(record)
         self.position, self.watermark, self.read_upto = window.resume, window.end, window.read_upto
+        t0 = time.perf_counter()
         checkpoint.save(self.state_dir, index, self.meta(), self.arms)
+        record["checkpoint_seconds"] = time.perf_counter() - t0
         commit = getattr(self.source, "commit", None)
         if commit is not None and window.resume is not None:
             commit(window.resume)  # only now: the checkpoint covering it is durable
+        t0 = time.perf_counter()
         write_json(self.state_dir / "summary.json", self.summary())
         plot_summary(self.summary(), self.state_dir / "summary.png")
+        record["summary_seconds"] = time.perf_counter() - t0
         self._export_window(window, record)
         self._log_window(record)
 

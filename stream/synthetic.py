@@ -17,6 +17,7 @@ restart at any row without replaying earlier windows.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -167,6 +168,7 @@ class SyntheticSource:
         self._cdf = {f.name: self._zipf_cdf(f) for f in self.fields if f.kind != "numeric"}
         self._calibrate()
         self._cache: tuple[int, pa.Table] | None = None
+        self.generate_seconds = 0.0  # time spent generating rows (benchmarks subtract it)
 
     @property
     def field_rank(self) -> dict[str, int]:
@@ -213,6 +215,7 @@ class SyntheticSource:
         """All rows of window `window` (cached: batches of a window are slices of it)."""
         if self._cache is not None and self._cache[0] == window:
             return self._cache[1]
+        t0 = time.perf_counter()
         rng = np.random.default_rng([self.seed, window])
         n = self.rows_per_window
         ids, numeric, _ = self._draw(rng, n)
@@ -238,6 +241,7 @@ class SyntheticSource:
         cols[TRUTH_COLUMN] = pa.array(p.astype(np.float32))
         table = pa.table(cols)
         self._cache = (window, table)
+        self.generate_seconds += time.perf_counter() - t0
         return table
 
     def read(self, position: dict | None) -> Iterator[SourceBatch]:
