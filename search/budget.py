@@ -124,7 +124,8 @@ class SearchResult:
 
 def rank_columns(scores: dict[str, np.ndarray], eligible: dict[str, np.ndarray] | None = None
                  ) -> list[tuple[str, int]]:
-    """(field, column) pairs, best score first (ties: field order, then column index).
+    """(field, column) pairs, best score first (ties: field order, then column index): the
+    descending ranking of saliency scores that SSEDS eq. 12 thresholds (Algorithm 1, "Rank").
 
     `eligible[f]` (bool per column) leaves the other columns out of the ranking."""
     fields = list(scores)

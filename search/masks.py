@@ -39,8 +39,9 @@ def ones_masks(dims: dict[str, int], requires_grad: bool = False, dtype=torch.fl
 
 
 def pooled_embeddings(model, kjt: KeyedJaggedTensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Pooled field embeddings (list in the model's field order) and the first-order sum,
-    computed under no_grad so that nothing can backpropagate into the (fused) tables."""
+    """Pooled field embeddings e_i = V_i^T x_i (SSEDS eq. 2 / HAM section 3.2; list in the
+    model's field order) and the first-order sum, computed under no_grad so that nothing can
+    backpropagate into the (fused) tables."""
     m = ctr_model(model)
     with torch.no_grad():
         embs, wide = m.embedding(kjt)

@@ -34,7 +34,7 @@ def minibatches(batch: SparseBatch, batch_size: int) -> list[SparseBatch]:
     return [batch.slice(s, min(s + batch_size, len(batch))) for s in range(0, len(batch), batch_size)]
 
 
-def saliency_scores(control, batch: SparseBatch, batch_size: int = 4096
+def saliency_scores(control, batch: SparseBatch, batch_size: int = 2048
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
     """(g, s, loss): g_ij = dL/dalpha_ij at alpha = 1 (eq. 10), the mean log-loss L being
     accumulated over mini-batches of `batch`; s_ij = |g_ij| / sum |g| (eq. 11)."""
@@ -50,12 +50,13 @@ def saliency_scores(control, batch: SparseBatch, batch_size: int = 4096
 
 
 def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, rows: int | None = 8192,
-                 batch_size: int = 4096, per_parameter: bool = False) -> SearchResult:
+                 batch_size: int = 2048, per_parameter: bool = False) -> SearchResult:
     """Run SSEDS on `control` (an Arm, its DMP or a CTRModel) with the recent rows `batch`.
 
     rows:          how many of the most recent rows of `batch` to score on (None = all); they
-                   are processed in mini-batches of `batch_size`, gradients accumulated, so the
-                   result is the gradient of the mean loss over all of them (one "single shot").
+                   are processed in mini-batches of `batch_size` (the paper's 2048), gradients
+                   accumulated, so the result is the gradient of the mean loss over all of them
+                   (one "single shot"). rows <= batch_size is the paper's single mini-batch D_b.
     per_parameter: rank columns by s_ij / rows_i (saliency per parameter spent) instead of s_ij;
                    the saliency reported is s_ij either way.
     budget:        Budget("params", kappa) (default kappa 0.25) or Budget("columns", columns=s).
