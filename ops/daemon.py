@@ -35,6 +35,7 @@ from stream.synthetic import TRUTH_COLUMN
 from stream.window import Window, Windower
 
 log = logging.getLogger("dimstream")
+PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
 
 
 def open_source(cfg: RunConfig):
@@ -77,6 +78,7 @@ class Runner:
         self.readiness = Readiness()
         self.readiness.window_seconds = self.window_seconds
         self.stop_requested = False
+        self._last_plot = -float("inf")
         self.hooks: list = []  # callables(runner, window_record) run after training, before the checkpoint
         self._restore_or_init()
 
@@ -143,6 +145,8 @@ class Runner:
             else:
                 self._loop()
         finally:
+            if self.history:
+                self._plot()
             server.shutdown()
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
@@ -212,12 +216,17 @@ class Runner:
             commit(window.resume)  # only now: the checkpoint covering it is durable
         t0 = time.perf_counter()
         write_json(self.state_dir / "summary.json", self.summary())
-        plot_summary(self.summary(), self.state_dir / "summary.png")
+        if time.monotonic() - self._last_plot >= PLOT_EVERY_SECONDS:  # many short windows: throttle
+            self._plot()
         record["summary_seconds"] = time.perf_counter() - t0
         self._export_window(window, record)
         self._log_window(record)
 
     # --- output ---
+    def _plot(self) -> None:
+        plot_summary(self.summary(), self.state_dir / "summary.png")
+        self._last_plot = time.monotonic()
+
     def summary(self) -> dict:
         out = {"source": self.cfg.source, "model": self.cfg.model.model, "window_seconds": self.window_seconds,
                "windows": self.history}
