@@ -68,6 +68,9 @@ def initial_specs(cfg: RunConfig, fields: list[str]) -> list[ArmSpec]:
 
 class Runner:
     def __init__(self, cfg: RunConfig):
+        if cfg.model.interaction_dim is None:
+            # one interaction width for every arm: a slim arm then starts as the masked control
+            cfg.model.interaction_dim = cfg.control_dim
         self.cfg = cfg
         self.state_dir = Path(cfg.state_dir)
         self.source = open_source(cfg)

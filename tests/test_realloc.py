@@ -1,0 +1,69 @@
+"""Re-allocation: the winning ticket is exact, kept columns keep values and optimizer state."""
+import pytest
+import torch
+
+from models.arm import Arm, ArmSpec
+from models.config import ModelConfig
+from models.realloc import reallocate
+from stream.decode import Decoder
+from tests.helpers import tiny_batch, tiny_schema
+
+DIMS = {"user": 8, "item": 8, "tags": 8, "price": 8}
+
+
+def _arms(model):
+    schema = tiny_schema()
+    cfg = ModelConfig(model, mlp=(16,), interaction_dim=8, batch_size=32)
+    build = lambda spec: Arm(spec, schema.num_embeddings, {"tags"}, cfg)  # noqa: E731
+    control = build(ArmSpec("control", dict(DIMS)))
+    batch = Decoder(schema).decode(tiny_batch(256, 3)).batch
+    for s in range(0, 256, 32):
+        control.train_step(batch.slice(s, s + 32))
+    return control, build, batch
+
+
+@pytest.mark.parametrize("model", ["deepfm", "fm", "wdl", "dcnv2"])
+def test_slim_cut_from_the_control_is_the_masked_control(model):
+    control, build, batch = _arms(model)
+    kept = {"user": [1, 2, 5, 7], "item": [0, 1, 2, 3, 4, 5, 6, 7], "tags": [], "price": [3, 4, 6, 0]}
+    spec = ArmSpec("slim", {f: len(c) for f, c in kept.items()}, {f: sorted(c) for f, c in kept.items()})
+    slim = reallocate(control, control, spec, build)
+    mask = {f: torch.zeros(d) for f, d in DIMS.items()}
+    for f, cols in kept.items():
+        mask[f][cols] = 1.0
+    kjt = batch.slice(0, 64)
+    with torch.no_grad():
+        want = control.model(kjt.to_kjt(control.feature_names), mask)
+        if model != "dcnv2":  # a pruned field also loses its first-order weight
+            wide = control.model.module.embedding.wide(kjt.to_kjt(control.feature_names)).to_dict()
+            want = want - wide["tags"].sum(1)
+        got = slim.model(kjt.to_kjt(slim.feature_names))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert slim.feature_names == ["user", "item", "price"]
+
+
+def test_kept_columns_keep_values_and_state_granted_columns_come_from_control():
+    control, build, batch = _arms("deepfm")
+    spec1 = ArmSpec("slim", {"user": 4, "item": 4, "tags": 4, "price": 4},
+                    {"user": [0, 1, 2, 3], "item": [4, 5, 6, 7], "tags": [0, 1, 2, 3], "price": [0, 1, 2, 3]})
+    slim = reallocate(control, control, spec1, build)
+    for s in range(0, 256, 32):  # the slim arm trains on its own
+        slim.train_step(batch.slice(s, s + 32))
+    spec2 = ArmSpec("slim", {"user": 8, "item": 4, "tags": 4, "price": 4},
+                    {"user": [0, 1, 2, 3, 4, 5, 6, 7], "item": [4, 5, 6, 7], "tags": [0, 1, 2, 3],
+                     "price": [0, 1, 2, 3]})
+    slim2 = reallocate(slim, control, spec2, build)
+
+    def table(arm, f):
+        return arm.model.state_dict()[f"embedding.deep.embedding_bags.emb_{f}.weight"].local_shards()[0].tensor
+
+    def state(arm, f):
+        st = arm.model.fused_optimizer.state_dict()["state"][f"embedding.deep.embedding_bags.emb_{f}.weight"]
+        return next(iter(st.values())).local_shards()[0].tensor
+
+    torch.testing.assert_close(table(slim2, "user")[:, :4], table(slim, "user"))
+    torch.testing.assert_close(table(slim2, "user")[:, 4:], table(control, "user")[:, 4:])
+    torch.testing.assert_close(state(slim2, "user")[:, :4], state(slim, "user"))
+    torch.testing.assert_close(state(slim2, "user")[:, 4:], state(control, "user")[:, 4:])
+    torch.testing.assert_close(table(slim2, "item"), table(slim, "item"))
+    assert not torch.equal(table(slim, "user"), table(control, "user")[:, :4])  # slim really trained
