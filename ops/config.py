@@ -44,7 +44,7 @@ class RunConfig:
     metrics_addr: str = "127.0.0.1:9100"
     seed: int = 0
     arms: tuple[str, ...] = ("control",)
-    control_dim: int = 16
+    control_dim: int | None = None    # None: 32 when searching (0, 4, ..., 32 per field), else 16
     search: str = "none"              # sseds | ham | none
     budget: float = 0.25              # kappa: slim embedding params <= kappa x control's
     search_every: int = 1             # windows between searches (0: only apply cron plans)
@@ -57,6 +57,9 @@ class RunConfig:
     schema: dict | None = None        # for files:DIR (and kafka): the declared schema
     kafka: dict = field(default_factory=dict)  # kafka-python security options pass through
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        self.validate()
 
     @classmethod
     def from_mapping(cls, d: dict) -> "RunConfig":
@@ -77,11 +80,11 @@ class RunConfig:
             d["arms"] = tuple(a.strip() for a in d["arms"].split(",") if a.strip())
         try:
             model_cfg = ModelConfig(**model, seed=int(d.get("seed", 0)))
-            cfg = cls(**d, model=model_cfg)
+            return cls(**d, model=model_cfg)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
-        cfg.validate()
-        return cfg
 
     @classmethod
     def from_toml(cls, path: Path, overrides: dict | None = None) -> "RunConfig":
@@ -96,6 +99,8 @@ class RunConfig:
         return cls.from_mapping(data)
 
     def validate(self) -> None:
+        if self.control_dim is None:
+            self.control_dim = 32 if (self.search != "none" or "slim" in self.arms) else 16
         if self.windows < 1:
             raise ConfigError("windows must be >= 1")
         if self.control_dim <= 0 or self.control_dim % 4:

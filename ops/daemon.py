@@ -82,7 +82,7 @@ class Runner:
         self.readiness.window_seconds = self.window_seconds
         self.stop_requested = False
         self._last_plot = -float("inf")
-        self.hooks: list = []  # callables(runner, window_record) run after training, before the checkpoint
+        self.hooks: list = []  # callables(runner, window, record): after training, before the checkpoint
         self._restore_or_init()
 
     # --- state ---
@@ -166,7 +166,7 @@ class Runner:
         for window in windower.windows():
             record = self.process(window)
             for hook in self.hooks:
-                hook(self, record)
+                hook(self, window, record)
             self.close_window(window, record)
             if self.stop_requested or len(self.history) >= self.cfg.windows:
                 break
@@ -236,7 +236,7 @@ class Runner:
         rank = getattr(self.source, "field_rank", None)
         if rank is not None:
             out["truth"] = {"field_rank": rank}
-        out.update({k: v for k, v in self.extra.items() if k.startswith("summary_")})
+        out["reallocations"] = reallocation_costs(self.history)
         return out
 
     def _export_arms(self) -> None:
@@ -275,6 +275,21 @@ class Runner:
         bayes = f" bayes {r['bayes_auc']:.4f}" if "bayes_auc" in r else ""
         log.info("window %d [%s .. %s] rows %d rejected %d%s | %s", r["index"], r["start"], r["end"],
                  r["rows"], r["rejected_rows"], bayes, arms)
+
+
+def reallocation_costs(history: list[dict]) -> list[dict]:
+    """The cost of each re-allocation: the slim arm's AUC on the window after it against the
+    window before it (the window whose close triggered the change)."""
+    out = []
+    for before, after in zip(history, history[1:]):
+        change = before.get("reallocation")
+        if not change or "slim" not in before["arms"] or "slim" not in after["arms"]:
+            continue
+        a0, a1 = before["arms"]["slim"].get("auc"), after["arms"]["slim"].get("auc")
+        out.append({"window": before["index"], "source": change.get("source"), "method": change.get("method"),
+                    "auc_before": a0, "auc_after": a1,
+                    "auc_change": (a1 - a0) if a0 is not None and a1 is not None else None})
+    return out
 
 
 def _iso(t: int) -> str:
