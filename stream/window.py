@@ -130,9 +130,13 @@ class Windower:
                                int(old.sum()))
                     keep &= ~old
             starts = self._window_of(t)
-            for s in np.unique(starts[keep]):
-                m = keep & (starts == s)
-                parts.setdefault(int(s), []).append((res.batch.take(m), res.table.filter(pa.array(m)), sb))
+            if keep.all() and starts[0] == starts[-1] and (starts == starts[0]).all():
+                # the common case: the whole batch lies in one window, nothing to split
+                parts.setdefault(int(starts[0]), []).append((res.batch, res.table, sb))
+            else:
+                for s in np.unique(starts[keep]):
+                    m = keep & (starts == s)
+                    parts.setdefault(int(s), []).append((res.batch.take(m), res.table.filter(pa.array(m)), sb))
             max_t = int(t.max()) if max_t is None else max(max_t, int(t.max()))
             # close every window whose end the watermark has passed
             while parts and max_t - self.lateness >= min(parts) + self.length:

@@ -1,0 +1,92 @@
+"""`dimstream search`: the hourly re-pruning job (cron, systemd timer or Kubernetes CronJob).
+
+Reads the daemon's latest checkpoint (the control arm) and its recent-rows buffer, runs the
+search and writes STATE/plans/pending.json atomically; the daemon applies it at its next window
+boundary. A lock file keeps two searches from running at once; the daemon claims a plan by an
+atomic rename, so cron and daemon never see each other's partial files. Killing the job
+mid-way leaves no partial plan (only a temporary file that the next run removes).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from ops.config import ConfigError
+
+log = logging.getLogger("dimstream.search")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="the re-pruning job: search on the latest checkpoint, write a plan")
+    p.add_argument("--state-dir", type=Path, default=Path("dimstream-state"))
+    p.add_argument("--method", choices=["sseds", "ham"], default="sseds")
+    p.add_argument("--budget", type=float, default=0.25, help="kappa (default 0.25)")
+    p.add_argument("--rows", type=int, default=8192, help="recent rows to score on (default 8192)")
+    p.set_defaults(func=cmd_search)
+
+
+def load_control(state_dir: Path):
+    """(control Arm, schema, checkpoint path) from the latest checkpoint."""
+    from models.arm import Arm, ArmSpec
+    from models.config import ModelConfig
+    from ops import checkpoint
+    from stream.schema import Schema
+
+    ckpt = checkpoint.latest(state_dir)
+    if ckpt is None:
+        raise ConfigError(f"no checkpoint in {state_dir}: run the daemon first")
+    meta = checkpoint.read_meta(ckpt)
+    schema = Schema.from_dict(meta["schema"])
+    spec = next(a for a in meta["arms"] if a["name"] == "control")
+    model_cfg = ModelConfig(**(meta["model"] | {"mlp": tuple(meta["model"]["mlp"])}))
+    multi = {f.name for f in schema.fields if f.kind == "multi"}
+    arm = Arm(ArmSpec("control", spec["dims"], spec["column_ids"]), schema.num_embeddings, multi, model_cfg)
+    checkpoint.load_arm_state(arm, checkpoint.read_tensors(ckpt)["control"])
+    return arm, schema, ckpt
+
+
+def recent_rows(state_dir: Path, schema):
+    from stream.decode import Decoder
+    path = Path(state_dir) / "recent" / "rows.arrow"
+    try:
+        with pa.memory_map(str(path)) as f:
+            table = pa.ipc.open_file(f).read_all()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ConfigError(f"cannot read the recent rows {path}: {e}") from None
+    return Decoder(schema).decode(table).batch
+
+
+def cmd_search(args) -> int:
+    from ops.searching import plans_dir, run_search
+    from search.plan import Plan, write_plan
+
+    state = Path(args.state_dir)
+    if not state.is_dir():
+        raise ConfigError(f"{state} is not a state dir")
+    if not 0 < args.budget <= 1:
+        raise ConfigError("--budget (kappa) must be in (0, 1]")
+    d = plans_dir(state)
+    with open(d / ".search.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("dimstream search: another search is running; nothing to do", file=sys.stderr)
+            return 0
+        for stale in d.glob(".pending.json.*"):  # temporaries of a killed run
+            stale.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        control, schema, ckpt = load_control(state)
+        batch = recent_rows(state, schema)
+        result = run_search(args.method, control, batch, args.budget, args.rows)
+        plan = Plan.from_result(result, schema.fingerprint(), ckpt.name)
+        write_plan(d / "pending.json", plan)
+    kept = sum(1 for v in plan.dims.values() if v)
+    print(f"dimstream search: {args.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept, "
+          f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}) "
+          f"in {time.perf_counter() - t0:.1f}s -> {d / 'pending.json'}")
+    return 0

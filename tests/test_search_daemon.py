@@ -1,0 +1,103 @@
+"""The re-pruning job and the daemon together: plans applied, bad plans rejected, crashes harmless."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import REPO
+
+CLI = [sys.executable, "-m", "ops.cli"]
+RUN = ["run", "--arms", "control,slim", "--search", "none", "--search-every", "0", "--rows-per-window", "4000",
+       "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm"]
+
+
+def _cli(args, check=True):
+    r = subprocess.run(CLI + args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _summary(state: Path) -> dict:
+    return json.loads((state / "summary.json").read_text())
+
+
+def _slim_dims(state: Path, window: int) -> dict:
+    return _summary(state)["windows"][window]["arms"]["slim"]["dims"]
+
+
+def test_cron_plan_is_applied_at_the_next_window_boundary(tmp_path):
+    _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "2"])
+    r = _cli(["search", "--state-dir", str(tmp_path), "--method", "sseds", "--budget", "0.25"])
+    assert "pending.json" in r.stdout
+    plan = json.loads((tmp_path / "plans" / "pending.json").read_text())
+    assert plan["method"] == "sseds" and plan["checkpoint"] == "ckpt-000001"
+    assert plan["budget_reached"] <= plan["budget_asked"]
+    assert all(d % 4 == 0 for d in plan["dims"].values())
+    _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "4"])
+    assert (tmp_path / "plans" / "applied" / "000002.json").exists()
+    assert not (tmp_path / "plans" / "pending.json").exists()
+    s = _summary(tmp_path)
+    assert s["windows"][2]["reallocation"]["source"] == "plan"
+    assert _slim_dims(tmp_path, 3) == plan["dims"]
+    assert set(_slim_dims(tmp_path, 2).values()) == {32}
+    assert s["windows"][3]["arms"]["slim"]["embedding_params"] <= 0.25 * s["windows"][3]["arms"]["control"]["embedding_params"]
+    assert s["reallocations"][0]["window"] == 2
+
+
+def test_bad_plans_are_rejected_and_the_run_goes_on(tmp_path):
+    _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "1"])
+    _cli(["search", "--state-dir", str(tmp_path)])
+    good = json.loads((tmp_path / "plans" / "pending.json").read_text())
+    over = dict(good, dims={f: 32 for f in good["dims"]},
+                kept_columns={f: list(range(32)) for f in good["dims"]})
+    other = dict(good, schema_fingerprint="0123456789abcdef")
+    bad_plans = ["{ not json", json.dumps(over), json.dumps(other)]
+    for i, text in enumerate(bad_plans):
+        (tmp_path / "plans" / "pending.json").write_text(text)
+        _cli(RUN + ["--state-dir", str(tmp_path), "--windows", str(2 + i)])
+        assert (tmp_path / "plans" / "rejected" / f"{1 + i:06d}.json").exists()
+    s = _summary(tmp_path)
+    reasons = [w.get("plan_rejected", "") for w in s["windows"][1:4]]
+    assert "malformed" in reasons[0] or "JSON" in reasons[0], reasons
+    assert reasons[1].startswith("over budget") and reasons[2].startswith("another schema")
+    assert all(set(w["arms"]["slim"]["dims"].values()) == {32} for w in s["windows"])
+    assert [w["index"] for w in s["windows"]] == [0, 1, 2, 3]
+
+
+def test_killing_the_search_leaves_the_state_dir_valid(tmp_path):
+    _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "1"])
+    p = subprocess.Popen(CLI + ["search", "--state-dir", str(tmp_path), "--method", "ham"], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    pending = tmp_path / "plans" / "pending.json"
+    if pending.exists():  # finished before the kill: then it is complete
+        json.loads(pending.read_text())
+    _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "2"])
+    assert [w["index"] for w in _summary(tmp_path)["windows"]] == [0, 1]
+    _cli(["search", "--state-dir", str(tmp_path)])  # and the next search works
+    assert not list((tmp_path / "plans").glob(".pending.json.*"))
+
+
+def test_cron_and_daemon_running_at_once(tmp_path):
+    _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "1"])
+    daemon = subprocess.Popen(CLI + RUN + ["--state-dir", str(tmp_path), "--windows", "7"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    searches = 0
+    while daemon.poll() is None and searches < 4:
+        r = _cli(["search", "--state-dir", str(tmp_path)], check=False)
+        assert r.returncode == 0, r.stderr[-2000:]
+        searches += 1
+    _, err = daemon.communicate(timeout=600)
+    assert daemon.returncode == 0, err[-3000:]
+    s = _summary(tmp_path)
+    assert [w["index"] for w in s["windows"]] == list(range(7))
+    for f in (tmp_path / "plans").rglob("*.json"):
+        json.loads(f.read_text())  # every plan file is whole
+    applied = list((tmp_path / "plans" / "applied").glob("*.json"))
+    assert applied and not list((tmp_path / "plans").glob(".claimed-*"))
