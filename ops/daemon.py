@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from models.arm import Arm, ArmSpec
-from models.evaluation import auc, window_metrics
+from models.evaluation import auc, auc_difference, window_metrics
 from ops import checkpoint, metrics
 from ops.atomic import write_bytes, write_json
 from ops.config import ConfigError, RunConfig, parse_addr
@@ -66,6 +66,10 @@ def initial_specs(cfg: RunConfig, fields: list[str]) -> list[ArmSpec]:
     return specs
 
 
+class WindowAbandoned(Exception):
+    """SIGTERM arrived and the window's training would not finish within the grace period."""
+
+
 class Runner:
     def __init__(self, cfg: RunConfig):
         if cfg.model.interaction_dim is None:
@@ -81,6 +85,7 @@ class Runner:
         self.readiness = Readiness()
         self.readiness.window_seconds = self.window_seconds
         self.stop_requested = False
+        self.stop_deadline = float("inf")
         self._last_plot = -float("inf")
         self.hooks: list = []  # callables(runner, window, record): after training, before the checkpoint
         self._restore_or_init()
@@ -157,14 +162,23 @@ class Runner:
         return self.summary()
 
     def _on_sigterm(self, *_):
-        log.warning("SIGTERM: stopping after the current window's checkpoint")
+        log.warning("SIGTERM: finishing the current window if it fits in %.0fs, else abandoning it",
+                    self.cfg.grace_seconds)
         self.stop_requested = True
+        self.stop_deadline = time.monotonic() + self.cfg.grace_seconds
 
     def _loop(self) -> None:
         windower = Windower(self.source, self.decoder, self.window_seconds, self.cfg.allowed_lateness,
-                            self.cfg.idle_timeout, self.position, self.watermark, self.read_upto)
+                            self.cfg.idle_timeout, self.position, self.watermark, self.read_upto,
+                            stop=lambda: self.stop_requested)
         for window in windower.windows():
-            record = self.process(window)
+            try:
+                record = self.process(window)
+            except WindowAbandoned:
+                # nothing of this window is saved: the last checkpoint (and what it committed)
+                # stays the resume point, so the window is trained once, after the restart
+                log.warning("window abandoned on SIGTERM; resuming will train it from its start")
+                break
             for hook in self.hooks:
                 hook(self, window, record)
             self.close_window(window, record)
@@ -183,23 +197,37 @@ class Runner:
         # (progressive validation); the scores come from the training forward pass itself
         bs = self.cfg.model.batch_size
         steps = (len(batch) + bs - 1) // bs
-        for arm in self.arms:
+        scores = {}
+        for i, arm in enumerate(self.arms):
             t0 = time.perf_counter()
-            probs = np.empty(len(batch), np.float32)
+            probs = scores[arm.name] = np.empty(len(batch), np.float32)
             bar = tqdm(total=len(batch), unit="row", unit_scale=True, leave=False, file=sys.stderr,
                        desc=f"window {index} {arm.name}", disable=not self.cfg.progress)
             for s in range(steps):
                 lo, hi = s * bs, min((s + 1) * bs, len(batch))
                 probs[lo:hi] = arm.train_step(batch.slice(lo, hi))
                 bar.update(hi - lo)
+                if self.stop_requested:
+                    self._finish_or_abandon(t0, len(self.arms) - 1 - i, hi, len(batch))
             bar.close()
             dt = time.perf_counter() - t0
             m = window_metrics(batch.labels, probs) if len(batch) else {}
             record["arms"][arm.name] = m | {"embedding_params": arm.embedding_params, "dims": arm.dims,
                                             "train_rows_per_s": len(batch) / dt if dt > 0 else 0.0}
             metrics.ARM_ROWS_TRAINED.labels(arm.name).inc(len(batch))
+        # the A/B view: each arm against control on the same rows, with DeLong's 95% interval
+        for name, probs in scores.items():
+            if name != "control" and "control" in scores and len(batch):
+                record["arms"][name]["auc_diff_vs_control"] = auc_difference(batch.labels, probs, scores["control"])
         record["read_seconds"] = window.read_seconds
         return record
+
+    def _finish_or_abandon(self, t0: float, arms_after: int, done: int, rows: int) -> None:
+        """After SIGTERM: keep going only if the window's remaining training fits the grace period."""
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        remaining = ((rows - done) + arms_after * rows) / rate
+        if time.monotonic() + remaining + 5.0 > self.stop_deadline:  # 5 s for the checkpoint
+            raise WindowAbandoned()
 
     def close_window(self, window: Window, record: dict) -> None:
         index = record["index"]
@@ -265,6 +293,11 @@ class Runner:
             if m["ctr_obs"] > 0:
                 metrics.ARM_CTR_CALIBRATION.labels(name).set(m["ctr_pred"] / m["ctr_obs"])
             metrics.ARM_TRAIN_ROWS_PER_SECOND.labels(name).set(m["train_rows_per_s"])
+            d = m.get("auc_diff_vs_control")
+            if d is not None:
+                metrics.ARM_AUC_DIFF.labels(name).set(d["diff"])
+                metrics.ARM_AUC_DIFF_LOW.labels(name).set(d["ci_low"])
+                metrics.ARM_AUC_DIFF_HIGH.labels(name).set(d["ci_high"])
         self._export_arms()
         self.readiness.last_close = time.time()
 

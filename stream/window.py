@@ -57,7 +57,8 @@ def _is_before(position: dict, limit: dict | None) -> bool:
 class Windower:
     def __init__(self, source: Source, decoder: Decoder, window_seconds: int,
                  allowed_lateness: int = 0, idle_timeout: float | None = None,
-                 start: dict | None = None, watermark: int | None = None, read_upto: dict | None = None):
+                 start: dict | None = None, watermark: int | None = None, read_upto: dict | None = None,
+                 stop=None):
         if window_seconds <= 0:
             raise ValueError("window length must be positive")
         self.source, self.decoder = source, decoder
@@ -65,6 +66,7 @@ class Windower:
         self.lateness = int(allowed_lateness)
         self.idle_timeout = idle_timeout
         self.start_position, self.watermark, self.read_upto = start, watermark, read_upto
+        self.stop = stop or (lambda: False)  # checked at every batch and heartbeat: a clean way out
 
     def _window_of(self, t: np.ndarray) -> np.ndarray:
         return (t // self.length) * self.length
@@ -101,6 +103,8 @@ class Windower:
 
         t0 = time.perf_counter()
         for sb in self.source.read(self.start_position):
+            if self.stop():
+                return  # open windows are abandoned: the last checkpoint stays the resume point
             if sb.batch is None and sb.error is None:  # heartbeat of a live source
                 if parts and self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout:
                     read_s += time.perf_counter() - t0
@@ -144,5 +148,5 @@ class Windower:
                 yield close(min(parts))
                 t0 = time.perf_counter()
         read_s += time.perf_counter() - t0
-        while parts:  # the source ended: close what is left, in order
+        while parts and not self.stop():  # the source ended: close what is left, in order
             yield close(min(parts))

@@ -94,3 +94,29 @@ def test_sigkill_mid_window_then_resume_trains_every_window_exactly_once(tmp_pat
     for g, w in zip(got, want):
         assert g["arms"]["control"]["auc"] == pytest.approx(w["arms"]["control"]["auc"], abs=2e-4)
         assert g["arms"]["control"]["logloss"] == pytest.approx(w["arms"]["control"]["logloss"], abs=2e-4)
+
+
+def test_sigterm_mid_window_exits_0_within_the_grace_period_and_resumes(tmp_path):
+    state = tmp_path / "state"
+    base = ["run", "--rows-per-window", "20000", "--windows", "4", "--metrics-addr", "127.0.0.1:0",
+            "--model", "fm", "--no-progress", "--state-dir", str(state), "--grace-seconds", "0.5"]
+    log = open(tmp_path / "stderr.log", "w+")  # a file, not a pipe: a full pipe would block the daemon
+    proc = subprocess.Popen(DIMSTREAM + base, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.time() + 300
+    while not (state / "checkpoints" / "ckpt-000000").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # into window 1's training
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    err = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.time() - t0 < 10
+    assert "SIGTERM" in err
+    done = [w["index"] for w in _summary(state)["windows"]]
+    assert done in ([0], [0, 1])  # window 1 abandoned (or finished) whole, never half-saved
+    r = _run(base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [w["index"] for w in _summary(state)["windows"]] == [0, 1, 2, 3]
+    assert [w["rows"] for w in _summary(state)["windows"]] == [20000] * 4
