@@ -57,10 +57,6 @@ def cmd_run(args) -> int:
     cfg = _run_config(args)
     from ops.daemon import Runner  # heavy imports only once the options are valid
     runner = Runner(cfg)
-    import importlib.util
-    if importlib.util.find_spec("ops.searching") is not None:
-        from ops.searching import install as install_search
-        install_search(runner)
     summary = runner.run()
     done = len(summary["windows"])
     print(f"dimstream: {done} windows in {cfg.state_dir} (summary.json, summary.png)")

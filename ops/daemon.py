@@ -89,6 +89,9 @@ class Runner:
         self._last_plot = -float("inf")
         self.hooks: list = []  # callables(runner, window, record): after training, before the checkpoint
         self._restore_or_init()
+        if "slim" in cfg.arms:
+            from ops.searching import install
+            install(self)
 
     # --- state ---
     def _restore_or_init(self) -> None:

@@ -1,0 +1,110 @@
+"""`dimstream export` (an arm of the last checkpoint, for serving) and `dimstream predict`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
+import torch
+
+from ops.atomic import fsync_dir
+from ops.config import ConfigError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write an arm of the last checkpoint in a self-contained serving form")
+    p.add_argument("--state-dir", type=Path, default=Path("dimstream-state"))
+    p.add_argument("--arm", default="slim")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_export)
+    q = sub.add_parser("predict", help="score Arrow IPC or JSON-lines rows with an exported model")
+    q.add_argument("--model", type=Path, required=True, help="directory written by dimstream export")
+    q.add_argument("--input", type=Path, required=True, help="rows: .arrow (IPC file/stream) or .jsonl")
+    q.add_argument("--output", type=Path, help="write probabilities here (one per line); default stdout")
+    q.set_defaults(func=cmd_predict)
+
+
+def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
+    """Write `arm` of the latest checkpoint to directory `out` (atomically replaced)."""
+    from models.serving import FORMAT, serving_weights
+    from ops import checkpoint
+
+    ckpt = checkpoint.latest(state_dir)
+    if ckpt is None:
+        raise ConfigError(f"no checkpoint in {state_dir}")
+    meta = checkpoint.read_meta(ckpt)
+    spec = next((a for a in meta["arms"] if a["name"] == arm), None)
+    if spec is None:
+        raise ConfigError(f"checkpoint {ckpt.name} has no arm {arm!r} (it has "
+                          f"{', '.join(a['name'] for a in meta['arms'])})")
+    weights = serving_weights(checkpoint.read_tensors(ckpt)[arm]["model"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    torch.save(weights, tmp / "weights.pt")
+    (tmp / "model.json").write_text(json.dumps({
+        "format": FORMAT, "arm": arm, "checkpoint": ckpt.name, "window": len(meta["history"]) - 1,
+        "schema": meta["schema"], "hashing": "stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)",
+        "dims": spec["dims"], "model": meta["model"]}, indent=1))
+    fsync_dir(tmp)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def read_rows(path: Path) -> pa.Table:
+    if path.suffix in (".jsonl", ".json"):
+        return pajson.read_json(path)  # bulk, not row by row
+    with pa.memory_map(str(path)) as f:
+        try:
+            return pa.ipc.open_file(f).read_all()
+        except pa.ArrowInvalid:
+            f.seek(0)
+            return pa.ipc.open_stream(f).read_all()
+
+
+def predict(model_dir: Path, table: pa.Table) -> np.ndarray:
+    """Probabilities for every row the decoder accepts (label and event time may be absent)."""
+    from models.serving import ServingModel
+    from stream.decode import Decoder
+
+    model = ServingModel.load(model_dir)
+    schema = model.schema
+    n = table.num_rows
+    if schema.label not in table.column_names:
+        table = table.append_column(schema.label, pa.array(np.zeros(n, np.int8)))
+    if schema.event_time not in table.column_names:
+        table = table.append_column(schema.event_time, pa.array(np.zeros(n, np.int64)))
+    result = Decoder(schema).decode(table)
+    if result.rejected_counts:
+        raise ConfigError(f"rows refused: {result.rejected_counts} ({result.rejected[0].detail})")
+    return model(result.batch).numpy()
+
+
+def cmd_export(args) -> int:
+    out = export_arm(args.state_dir, args.arm, args.out)
+    print(f"dimstream export: arm {args.arm} -> {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    try:
+        table = read_rows(args.input)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ConfigError(f"cannot read {args.input}: {e}") from None
+    probs = predict(args.model, table)
+    text = "\n".join(f"{p:.6f}" for p in probs) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
