@@ -54,6 +54,7 @@ class RunConfig:
     idle_timeout: float | None = None
     recent_rows: int = 50_000         # bounded buffer of recent rows kept for `dimstream search`
     progress: bool = True
+    linger_seconds: float = 0.0       # keep serving /metrics this long after a finite run ends
     grace_seconds: float = 30.0       # on SIGTERM: finish the window if it fits, else abandon it
     schema: dict | None = None        # for files:DIR (and kafka): the declared schema
     kafka: dict = field(default_factory=dict)  # kafka-python security options pass through

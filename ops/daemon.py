@@ -155,6 +155,11 @@ class Runner:
                 log.info("%d windows already done (asked for %d)", len(self.history), self.cfg.windows)
             else:
                 self._loop()
+            if self.cfg.linger_seconds > 0 and not self.stop_requested:
+                log.info("run done; serving metrics for %.0fs more", self.cfg.linger_seconds)
+                deadline = time.monotonic() + self.cfg.linger_seconds
+                while time.monotonic() < deadline and not self.stop_requested:
+                    time.sleep(0.2)
         finally:
             if self.history:
                 self._plot()
