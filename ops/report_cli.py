@@ -1,0 +1,26 @@
+"""`dimstream report`: an HTML page with PNG plots of a state dir's history."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ops.config import ConfigError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write an HTML report with plots of the metrics history")
+    p.add_argument("--state-dir", type=Path, default=Path("dimstream-state"))
+    p.add_argument("--out", type=Path, help="directory (default STATE_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from ops.report import write_report
+    path = Path(args.state_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    page = write_report(summary, args.out or Path(args.state_dir) / "report")
+    print(f"dimstream report: {page}")
+    return 0
