@@ -65,7 +65,9 @@ def test_run_writes_summary_plot_and_continues_in_the_same_state_dir(tmp_path):
     r = _run(base + ["--windows", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [w["index"] for w in _summary(tmp_path)["windows"]] == [0, 1, 2]
-    assert _summary(tmp_path)["windows"][:2] == s["windows"]
+    # the history continues unchanged (wall-clock timings aside: they are measured after the checkpoint)
+    untimed = lambda ws: [{k: v for k, v in w.items() if not k.endswith("_seconds")} for w in ws]  # noqa: E731
+    assert untimed(_summary(tmp_path)["windows"][:2]) == untimed(s["windows"])
 
 
 def test_sigkill_mid_window_then_resume_trains_every_window_exactly_once(tmp_path):
