@@ -7,7 +7,6 @@ STAMP := .venv/.installed
 
 $(STAMP): requirements-cpu.txt requirements-torchrec.txt requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-cpu.txt
 	# never let pip resolve torchrec's own dependencies (CUDA fbgemm-gpu, newest torch)
 	$(PY) -m pip install -q --no-deps -r requirements-torchrec.txt

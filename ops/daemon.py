@@ -142,7 +142,11 @@ class Runner:
     # --- the loop ---
     def run(self) -> dict:
         host, port = parse_addr(self.cfg.metrics_addr)
-        server = serve(host, port, self.readiness)
+        try:
+            server = serve(host, port, self.readiness)
+        except OSError as e:
+            raise ConfigError(f"cannot serve metrics on {self.cfg.metrics_addr}: {e.strerror} "
+                              "(use --metrics-addr HOST:PORT; port 0 picks a free one)") from None
         log.info("metrics on http://%s:%d/metrics", host, server.server_port)
         self.metrics_port = server.server_port
         self.readiness.model_loaded = True
