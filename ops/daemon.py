@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models.arm import Arm, ArmSpec
 from models.evaluation import auc, auc_difference, window_metrics
 from ops import checkpoint, metrics
-from ops.atomic import write_bytes, write_json
+from stream.atomic import write_bytes, write_json
 from ops.config import ConfigError, RunConfig, parse_addr
 from ops.http import Readiness, serve
 from ops.report import plot_summary

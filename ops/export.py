@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import torch
 
-from ops.atomic import fsync_dir
+from stream.atomic import fsync_dir
 from ops.config import ConfigError
 
 
@@ -62,14 +62,10 @@ def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
 
 
 def read_rows(path: Path) -> pa.Table:
+    from stream.sources.files import read_ipc
     if path.suffix in (".jsonl", ".json"):
         return pajson.read_json(path)  # bulk, not row by row
-    with pa.memory_map(str(path)) as f:
-        try:
-            return pa.ipc.open_file(f).read_all()
-        except pa.ArrowInvalid:
-            f.seek(0)
-            return pa.ipc.open_stream(f).read_all()
+    return read_ipc(path)
 
 
 def predict(model_dir: Path, table: pa.Table) -> np.ndarray:

@@ -52,10 +52,10 @@ def load_control(state_dir: Path):
 
 def recent_rows(state_dir: Path, schema):
     from stream.decode import Decoder
+    from stream.sources.files import read_ipc
     path = Path(state_dir) / "recent" / "rows.arrow"
     try:
-        with pa.memory_map(str(path)) as f:
-            table = pa.ipc.open_file(f).read_all()
+        table = read_ipc(path)
     except (OSError, pa.ArrowInvalid) as e:
         raise ConfigError(f"cannot read the recent rows {path}: {e}") from None
     return Decoder(schema).decode(table).batch

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from search.budget import KINDS, QUANTUM, SearchResult, params_of
+from stream.atomic import write_bytes
 
 FORMAT = 1
 
@@ -73,30 +72,9 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename over `path`, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_plan(path: str | Path, plan: Plan) -> None:
     """Write `plan` as JSON to `path`, atomically."""
-    _atomic_write(Path(path), json.dumps(plan.to_dict(), indent=1).encode())
+    write_bytes(Path(path), json.dumps(plan.to_dict(), indent=1).encode())
 
 
 # --- reading: structure and types ---------------------------------------------------------------

@@ -34,15 +34,18 @@ def schema_from_config(d: dict | None) -> Schema:
     return Schema(fields, label=d.get("label", "label"), event_time=d.get("event_time", "event_time"))
 
 
-def _read_table(path: Path) -> pa.Table:
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
+def read_ipc(path: Path) -> pa.Table:
+    """An Arrow IPC file, in the file or the stream format."""
     with pa.memory_map(str(path)) as src:
         try:
             return pa.ipc.open_file(src).read_all()
         except pa.ArrowInvalid:
             src.seek(0)
             return pa.ipc.open_stream(src).read_all()
+
+
+def _read_table(path: Path) -> pa.Table:
+    return pq.read_table(path) if path.suffix == ".parquet" else read_ipc(path)
 
 
 class FilesSource:
