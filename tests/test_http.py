@@ -3,6 +3,7 @@ import time
 import urllib.error
 import urllib.request
 
+import ops.metrics  # noqa: F401  (registers the metrics, as the daemon does)
 from ops.http import Readiness, serve
 
 
