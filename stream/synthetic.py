@@ -73,9 +73,6 @@ DEFAULT_FIELDS = (
     SyntheticField("num_random", 0, 0, kind="numeric"),
 )
 NUMERIC_BUCKETS = 64
-# fields with more ids than this carry proportionally weaker signal per id (sqrt law): a
-# streaming model sees each of their ids too rarely to learn a strong per-id effect in hours
-DAMP_CARDINALITY = 1000
 RARE_COUNT = 500  # expected occurrences per 50k rows below which an id's factor shrinks
 
 
@@ -108,7 +105,7 @@ class _HiddenModel:
                 u = rng.standard_normal((max(f.cardinality, 1), f.rank)).astype(np.float32)
                 # rare ids stay near the field's mean: an id seen fewer than ~RARE_COUNT times a
                 # window has its factor shrunk, so the signal lives where there is data to learn it
-                self.latent[f.name] = u * self._shrink(f)[:, None] * min(1.0, (DAMP_CARDINALITY / f.cardinality) ** 0.5)
+                self.latent[f.name] = u * self._shrink(f)[:, None]
                 q, _ = np.linalg.qr(rng.standard_normal((self.K, f.rank)))
                 self.proj[f.name] = q.astype(np.float32)
         self.first = {f.name: rng.standard_normal(f.rank).astype(np.float32) / np.sqrt(f.rank)
