@@ -64,15 +64,25 @@ def cmd_run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dimstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _run_parser(sub)
     for extra in _extra_commands():
         extra(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def subcommands() -> list[str]:
+    """The names of every `dimstream` sub-command."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args) if hasattr(args, "func") else cmd_run(args)
     except ConfigError as e:

@@ -1,0 +1,1 @@
+"""Kafka wire format (Arrow IPC messages)."""
