@@ -311,7 +311,20 @@ class Runner:
                 metrics.ARM_AUC_DIFF_LOW.labels(name).set(d["ci_low"])
                 metrics.ARM_AUC_DIFF_HIGH.labels(name).set(d["ci_high"])
         self._export_arms()
+        self._export_source()
         self.readiness.last_close = time.time()
+
+    def _export_source(self) -> None:
+        """Broker status of a live source (Kafka): up, lag, time since the last message."""
+        up = getattr(self.source, "kafka_up", None)
+        if up is None:
+            return
+        metrics.KAFKA_UP.set(1 if up else 0)
+        last = getattr(self.source, "last_message_time", None)
+        if last is not None:
+            metrics.SECONDS_SINCE_LAST_MESSAGE.set(time.time() - last)
+        for partition, lag in getattr(self.source, "lag", {}).items():
+            metrics.KAFKA_LAG.labels(partition).set(lag)
 
     def _log_window(self, r: dict) -> None:
         arms = " | ".join(f"{n} auc {m.get('auc', float('nan')):.4f} logloss {m.get('logloss', float('nan')):.4f} "

@@ -1,0 +1,165 @@
+"""Kafka as a source of the window loop, with offsets tied to checkpoints.
+
+The consumer never auto-commits. A position is `{"offsets": {"<partition>": offset}}`: per
+partition, the first message not yet fully trained. The daemon checkpoints it at each window's
+close and only then calls `commit`; on start the source seeks every assigned partition to the
+checkpointed offset (else the group's committed offset, else `auto_offset_reset`). Rows of a
+message that were trained before a crash are skipped by the window loop (they are older than
+the checkpointed watermark), so a message holding rows of two windows is handled exactly once.
+
+Undecodable messages become error batches (dead-lettered by the loop) and are copied to
+`TOPIC.dlq` with headers reason, partition and offset. A broker that is down or hangs never
+raises out of `read`: the source backs off, reports `kafka_up = False` and keeps yielding
+heartbeats so the daemon keeps serving metrics.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator
+from urllib.parse import parse_qs, urlparse
+
+from stream.kafka.wire import WireError, decode_message
+from stream.schema import Schema
+from stream.sources.base import SourceBatch
+
+log = logging.getLogger(__name__)
+
+
+class KafkaSource:
+    default_window_seconds = None
+
+    def __init__(self, bootstrap: str, topic: str, schema: Schema, group: str = "dimstream",
+                 poll_timeout_ms: int = 500, security: dict | None = None, auto_offset_reset: str = "earliest",
+                 dlq: bool = True):
+        self.bootstrap, self.topic, self.schema, self.group = bootstrap, topic, schema, group
+        self.name = f"kafka://{bootstrap}/{topic}"
+        self.poll_timeout_ms, self.security = poll_timeout_ms, dict(security or {})
+        self.auto_offset_reset, self.dlq = auto_offset_reset, dlq
+        self.kafka_up = False
+        self.last_message_time: float | None = None
+        self.lag: dict[str, int] = {}
+        self._next: dict[str, int] = {}   # per partition: offset after the last message read
+        self._consumer = self._producer = None
+
+    @classmethod
+    def from_url(cls, url: str, schema_config: dict | None = None, **kw) -> "KafkaSource":
+        u = urlparse(url)
+        if u.scheme != "kafka" or not u.hostname or not u.port or not u.path.strip("/"):
+            raise ValueError(f"bad Kafka URL {url!r}: use kafka://HOST:PORT/TOPIC[?group=NAME]")
+        if schema_config is None:
+            from stream.synthetic import default_schema
+            schema = default_schema()
+        else:
+            from stream.sources.files import schema_from_config
+            schema = schema_from_config(schema_config)
+        group = parse_qs(u.query).get("group", ["dimstream"])[0]
+        return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, **kw)
+
+    # --- reading ---
+    def _connect(self, position: dict | None):
+        from kafka import KafkaConsumer
+        from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+        source = self
+        wanted = {int(p): int(o) for p, o in ((position or {}).get("offsets") or {}).items()}
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                pass  # nothing is committed beyond the last durable checkpoint
+
+            def on_partitions_assigned(self, assigned):
+                for tp in assigned:
+                    if tp.partition in wanted:
+                        source._consumer.seek(tp, wanted[tp.partition])
+
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset, session_timeout_ms=6000, heartbeat_interval_ms=1000,
+            request_timeout_ms=15000, **self.security)
+        self._consumer.subscribe([self.topic], listener=Listener())
+
+    def read(self, position: dict | None) -> Iterator[SourceBatch]:
+        backoff = 0.5
+        here = {"offsets": dict((position or {}).get("offsets") or {})}
+        while True:
+            try:
+                if self._consumer is None:
+                    self._connect(position)
+                records = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
+                self.kafka_up, backoff = True, 0.5
+            except Exception as e:  # broker down or hanging: stay up, back off, keep heart-beating
+                if self.kafka_up or backoff == 0.5:
+                    log.warning("Kafka %s unreachable (%s); retrying", self.bootstrap, e)
+                self.kafka_up = False
+                self._drop_consumer()
+                yield SourceBatch(None, here, here)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if not records:
+                yield SourceBatch(None, here, here)  # heartbeat: lets the loop close idle windows
+                continue
+            for tp, messages in records.items():
+                p = str(tp.partition)
+                for msg in messages:
+                    pos, nxt = {"offsets": {p: msg.offset}}, {"offsets": {p: msg.offset + 1}}
+                    self._next[p] = msg.offset + 1
+                    self.last_message_time = time.time()
+                    try:
+                        rb = decode_message(msg.value, msg.headers, self.schema.fingerprint())
+                    except WireError as e:
+                        self._dead_letter(msg, e.reason)
+                        yield SourceBatch(None, pos, nxt, error=e.reason, detail=f"partition {p} offset {msg.offset}: {e.detail}")
+                        continue
+                    yield SourceBatch(rb, pos, nxt)
+
+    def _dead_letter(self, msg, reason: str) -> None:
+        if not self.dlq:
+            return
+        try:
+            if self._producer is None:
+                from kafka import KafkaProducer
+                self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, **self.security)
+            self._producer.send(f"{self.topic}.dlq", value=msg.value, key=msg.key, headers=[
+                ("reason", reason.encode()), ("partition", str(msg.partition).encode()),
+                ("offset", str(msg.offset).encode())])
+        except Exception as e:  # the dead-letter file of the window still holds it
+            log.warning("could not write to %s.dlq: %s", self.topic, e)
+
+    # --- positions and commits ---
+    def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None) -> dict:
+        offsets = dict((start or {}).get("offsets") or {})
+        offsets.update(self._next)
+        first: dict[str, int] = {}
+        for sb in unfinished:
+            for p, o in sb.position.get("offsets", {}).items():
+                first[p] = min(first.get(p, o), o)
+        offsets.update(first)
+        return {"offsets": offsets}
+
+    def commit(self, position: dict) -> None:
+        """Commit `position` to the group: called only once the checkpoint holding it is durable."""
+        if self._consumer is None:
+            return
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+        offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(int(o), "", -1)
+                   for p, o in position.get("offsets", {}).items()}
+        try:
+            self._consumer.commit(offsets)
+        except Exception as e:  # the checkpoint still holds the position; the next commit catches up
+            log.warning("offset commit failed: %s", e)
+
+    def _drop_consumer(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except Exception:
+                pass
+            self._consumer = None
+
+    def close(self) -> None:
+        self._drop_consumer()
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
