@@ -49,6 +49,8 @@ def test_kafka_run_equals_the_file_run_window_by_window(broker, tmp_path):
     import json
     meta = json.loads((tmp_path / "kafka" / "checkpoints" / "ckpt-000039" / "meta.json").read_text())
     assert committed == meta["position"]["offsets"]["0"]
+    lag = runner.source.lag  # measured at most 10 s before the end of the run
+    assert set(lag) == {"0"} and 0 <= lag["0"] <= 143
 
 
 def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_path):
@@ -78,4 +80,4 @@ def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_
                       consumer_timeout_ms=10_000)
     reasons = [dict(m.headers)["reason"] for _, m in zip(range(2), c)]
     c.close()
-    assert reasons == [b"corrupt_input", b"unknown_schema"]
+    assert sorted(reasons) == [b"corrupt_input", b"unknown_schema"]  # the .dlq topic may have several partitions

@@ -97,6 +97,7 @@ class KafkaSource:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            self._update_lag()
             if not records:
                 yield SourceBatch(None, here, here)  # heartbeat: lets the loop close idle windows
                 continue
@@ -113,6 +114,22 @@ class KafkaSource:
                         yield SourceBatch(None, pos, nxt, error=e.reason, detail=f"partition {p} offset {msg.offset}: {e.detail}")
                         continue
                     yield SourceBatch(rb, pos, nxt)
+
+    def _update_lag(self, every_seconds: float = 10.0) -> None:
+        """Messages behind the end of each assigned partition (a broker round trip, so throttled)."""
+        now = time.monotonic()
+        if now - getattr(self, "_lag_at", 0.0) < every_seconds:
+            return
+        try:
+            parts = list(self._consumer.assignment())
+            if not parts:
+                return  # not assigned yet: try again at the next poll
+            self._lag_at = now
+            ends = self._consumer.end_offsets(parts)
+            self.lag = {str(tp.partition): max(0, int(end) - int(self._consumer.position(tp)))
+                        for tp, end in ends.items()}
+        except Exception as e:
+            log.debug("lag unavailable: %s", e)
 
     def _dead_letter(self, msg, reason: str) -> None:
         if not self.dlq:
