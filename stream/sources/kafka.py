@@ -19,6 +19,8 @@ import time
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 
+import pyarrow as pa
+
 from stream.kafka.wire import WireError, decode_message
 from stream.schema import Schema
 from stream.sources.base import SourceBatch
@@ -76,7 +78,8 @@ class KafkaSource:
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset=self.auto_offset_reset, session_timeout_ms=6000, heartbeat_interval_ms=1000,
-            request_timeout_ms=15000, **self.security)
+            request_timeout_ms=15000, max_partition_fetch_bytes=64 << 20, fetch_max_bytes=128 << 20,
+            max_poll_records=10_000, **self.security)
         self._consumer.subscribe([self.topic], listener=Listener())
 
     def read(self, position: dict | None) -> Iterator[SourceBatch]:
@@ -102,18 +105,41 @@ class KafkaSource:
                 yield SourceBatch(None, here, here)  # heartbeat: lets the loop close idle windows
                 continue
             for tp, messages in records.items():
-                p = str(tp.partition)
-                for msg in messages:
-                    pos, nxt = {"offsets": {p: msg.offset}}, {"offsets": {p: msg.offset + 1}}
-                    self._next[p] = msg.offset + 1
-                    self.last_message_time = time.time()
-                    try:
-                        rb = decode_message(msg.value, msg.headers, self.schema.fingerprint())
-                    except WireError as e:
-                        self._dead_letter(msg, e.reason)
-                        yield SourceBatch(None, pos, nxt, error=e.reason, detail=f"partition {p} offset {msg.offset}: {e.detail}")
-                        continue
-                    yield SourceBatch(rb, pos, nxt)
+                yield from self._batches(str(tp.partition), messages)
+
+    def _batches(self, p: str, messages) -> Iterator[SourceBatch]:
+        """One SourceBatch per run of decodable messages of a partition (small messages are
+        concatenated: per-message overhead would dominate), one error batch per bad message."""
+        run, first = [], None
+
+        def flush():
+            if not run:
+                return None
+            try:
+                rb = pa.Table.from_batches(run).combine_chunks().to_batches()[0] if len(run) > 1 else run[0]
+            except pa.ArrowInvalid:  # messages of different Arrow schemas: keep them apart
+                return [SourceBatch(b, {"offsets": {p: first + i}}, {"offsets": {p: first + i + 1}})
+                        for i, b in enumerate(run)]
+            return [SourceBatch(rb, {"offsets": {p: first}}, {"offsets": {p: first + len(run)}})]
+
+        for msg in messages:
+            self._next[p] = msg.offset + 1
+            self.last_message_time = time.time()
+            try:
+                rb = decode_message(msg.value, msg.headers, self.schema.fingerprint())
+            except WireError as e:
+                yield from flush() or []
+                run, first = [], None
+                self._dead_letter(msg, e.reason)
+                yield SourceBatch(None, {"offsets": {p: msg.offset}}, {"offsets": {p: msg.offset + 1}},
+                                  error=e.reason, detail=f"partition {p} offset {msg.offset}: {e.detail}")
+                continue
+            if first is not None and msg.offset != first + len(run):  # a gap (compaction): new run
+                yield from flush() or []
+                run, first = [], None
+            first = msg.offset if first is None else first
+            run.append(rb)
+        yield from flush() or []
 
     def _update_lag(self, every_seconds: float = 10.0) -> None:
         """Messages behind the end of each assigned partition (a broker round trip, so throttled)."""
