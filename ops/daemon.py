@@ -45,7 +45,7 @@ def open_source(cfg: RunConfig):
                                window_seconds=cfg.window_seconds or 3600)
     from stream.sources.registry import open_source as open_spec
     try:
-        return open_spec(cfg.source, schema_config=cfg.schema, seed=cfg.seed)
+        return open_spec(cfg.source, schema_config=cfg.schema, seed=cfg.seed, kafka=cfg.kafka)
     except (ValueError, OSError) as e:
         raise ConfigError(f"--source {cfg.source}: {e}") from None
 
@@ -244,8 +244,11 @@ class Runner:
     def close_window(self, window: Window, record: dict) -> None:
         index = record["index"]
         if window.rejected:
-            path = self.state_dir / "deadletter" / f"window-{index:06d}.arrow"
-            write_bytes(path, deadletter.to_ipc_bytes(deadletter.to_table(window.rejected)))
+            table = deadletter.to_table(window.rejected)
+            write_bytes(self.state_dir / "deadletter" / f"window-{index:06d}.arrow", deadletter.to_ipc_bytes(table))
+            send = getattr(self.source, "dead_letter_rows", None)
+            if send is not None:  # a Kafka source also puts them on TOPIC.dlq
+                send(table)
         if window.table is not None and window.table.num_rows:
             recent = window.table.slice(max(0, window.table.num_rows - self.cfg.recent_rows))
             write_bytes(self.state_dir / "recent" / "rows.arrow", deadletter.to_ipc_bytes(recent))

@@ -1,5 +1,7 @@
 """The Kafka source against a real broker: same windows and AUC as the file source, dead
 letters, commits tied to checkpoints."""
+import time
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,68 @@ def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_
     reasons = [dict(m.headers)["reason"] for _, m in zip(range(2), c)]
     c.close()
     assert sorted(reasons) == [b"corrupt_input", b"unknown_schema"]  # the .dlq topic may have several partitions
+
+
+def test_jsonl_messages_are_decoded_in_bulk(broker):
+    from kafka import KafkaProducer
+    from stream.kafka.wire import encode_jsonl
+    from tests.helpers import tiny_schema
+    schema = tiny_schema()
+    rows = [{"user": i, "item": str(i % 7), "tags": [i % 3, 4], "price": 1.5 * i, "label": i % 2, "event_time": 100 + i}
+            for i in range(40)]
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    value, headers = encode_jsonl(rows, schema.fingerprint())
+    p.send("jsonl", value=value, headers=headers)
+    p.flush()
+    src = KafkaSource(broker.bootstrap, "jsonl", schema, group="j")
+    from stream.decode import Decoder
+    for sb in src.read(None):
+        if sb.batch is not None:
+            r = Decoder(schema).decode(sb.batch)
+            break
+    src.close()
+    assert len(r.batch) == 40 and not r.rejected_counts
+    assert r.batch.labels.sum() == 20
+
+
+def test_two_consumers_in_one_group_split_the_partitions(broker):
+    import threading
+    from ops.replay import ensure_topic
+    from kafka import KafkaProducer
+    from stream.kafka.wire import encode_arrow
+    from tests.helpers import tiny_batch, tiny_schema
+    schema = tiny_schema()
+    ensure_topic(broker.bootstrap, "split", 2)
+    seen = {0: [], 1: []}
+    done = threading.Event()
+
+    def consume(k):
+        src = KafkaSource(broker.bootstrap, "split", schema, group="pair")
+        deadline = time.time() + 90
+        for sb in src.read(None):
+            if sb.batch is not None:
+                seen[k].append((next(iter(sb.position["offsets"])), sb.batch.num_rows))
+            if done.is_set() or time.time() > deadline:
+                break
+        src.close()
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    time.sleep(10)  # both members joined and the group rebalanced (session 6 s, heartbeat 1 s)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for i in range(20):
+        value, headers = encode_arrow(tiny_batch(10, i, t0=i * 60), schema.fingerprint())
+        p.send("split", value=value, headers=headers, partition=i % 2)
+    p.flush()
+    deadline = time.time() + 60
+    while sum(n for k in seen for _, n in seen[k]) < 200 and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    done.set()
+    for t in threads:
+        t.join(timeout=30)
+    parts = {k: {p for p, _ in seen[k]} for k in seen}
+    assert sum(n for k in seen for _, n in seen[k]) == 200  # everything, nothing twice
+    assert parts[0] and parts[1] and not parts[0] & parts[1]  # one partition each
+    assert parts[0] | parts[1] == {"0", "1"}

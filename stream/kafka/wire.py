@@ -1,6 +1,7 @@
 """One Kafka message = one Arrow IPC stream (schema + one record batch) of many rows.
 
-Headers: `format` (b"arrow") and `schema_version` (the Schema fingerprint the rows follow).
+Headers: `format` (b"arrow", or b"jsonl" for producers that cannot write Arrow: one JSON object
+per line, decoded in bulk by pyarrow.json) and `schema_version` (the Schema fingerprint).
 
 >>> import pyarrow as pa
 >>> value, headers = encode_arrow(pa.record_batch({"x": [1, 2]}), "abc")
@@ -10,6 +11,7 @@ Headers: `format` (b"arrow") and `schema_version` (the Schema fingerprint the ro
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.json as pajson
 
 
 class WireError(ValueError):
@@ -25,13 +27,26 @@ def encode_arrow(rb: pa.RecordBatch, schema_version: str) -> tuple[bytes, list[t
     return sink.getvalue().to_pybytes(), [("format", b"arrow"), ("schema_version", schema_version.encode())]
 
 
+def encode_jsonl(rows: list[dict], schema_version: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    import json
+    value = "\n".join(json.dumps(r) for r in rows).encode()
+    return value, [("format", b"jsonl"), ("schema_version", schema_version.encode())]
+
+
 def decode_message(value: bytes, headers, expected_version: str | None) -> pa.RecordBatch:
     h = {k: v for k, v in (headers or [])}
     version = h.get("schema_version", b"").decode(errors="replace")
     if expected_version is not None and version != expected_version:
         raise WireError("unknown_schema", f"schema version {version!r}, expected {expected_version!r}")
-    if h.get("format", b"arrow") != b"arrow":
-        raise WireError("corrupt_input", f"unsupported format {h.get('format')!r}")
+    fmt = h.get("format", b"arrow")
+    if fmt == b"jsonl":
+        try:
+            table = pajson.read_json(pa.BufferReader(value))  # bulk, not row by row
+        except (pa.ArrowInvalid, OSError) as e:
+            raise WireError("corrupt_input", f"not JSON lines: {e}") from None
+        return table.combine_chunks().to_batches()[0]
+    if fmt != b"arrow":
+        raise WireError("corrupt_input", f"unsupported format {fmt!r}")
     try:
         table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
     except (pa.ArrowInvalid, OSError) as e:

@@ -157,18 +157,29 @@ class KafkaSource:
         except Exception as e:
             log.debug("lag unavailable: %s", e)
 
-    def _dead_letter(self, msg, reason: str) -> None:
+    def _dlq_send(self, value: bytes, key, headers: list) -> None:
         if not self.dlq:
             return
         try:
             if self._producer is None:
                 from kafka import KafkaProducer
                 self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, **self.security)
-            self._producer.send(f"{self.topic}.dlq", value=msg.value, key=msg.key, headers=[
-                ("reason", reason.encode()), ("partition", str(msg.partition).encode()),
-                ("offset", str(msg.offset).encode())])
-        except Exception as e:  # the dead-letter file of the window still holds it
+            self._producer.send(f"{self.topic}.dlq", value=value, key=key, headers=headers)
+        except Exception as e:  # the window's dead-letter file still holds it
             log.warning("could not write to %s.dlq: %s", self.topic, e)
+
+    def _dead_letter(self, msg, reason: str) -> None:
+        self._dlq_send(msg.value, msg.key, [("reason", reason.encode()), ("partition", str(msg.partition).encode()),
+                                             ("offset", str(msg.offset).encode())])
+
+    def dead_letter_rows(self, table: pa.Table) -> None:
+        """Rows the window loop rejected (late, bad label, ...): one Arrow message per reason."""
+        from stream.kafka.wire import encode_arrow
+        import pyarrow.compute as pc
+        for reason in pc.unique(table.column("reason")).to_pylist():
+            part = table.filter(pc.equal(table.column("reason"), reason))
+            value, _ = encode_arrow(part.combine_chunks().to_batches()[0], self.schema.fingerprint())
+            self._dlq_send(value, None, [("reason", str(reason).encode()), ("format", b"arrow-deadletter")])
 
     # --- positions and commits ---
     def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None) -> dict:

@@ -4,14 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def open_source(spec: str, *, schema_config: dict | None = None, seed: int = 0, **kw):
+def open_source(spec: str, *, schema_config: dict | None = None, seed: int = 0, kafka: dict | None = None, **kw):
     """synthetic | files:DIR | ml-100k:DIR | criteo:FILE | avazu:FILE | kafka://HOST:PORT/TOPIC[?group=G]"""
     if spec == "synthetic":
         from stream.synthetic import SyntheticSource
         return SyntheticSource(seed=seed, **kw)
     if spec.startswith("kafka://"):
         from stream.sources.kafka import KafkaSource
-        return KafkaSource.from_url(spec, schema_config=schema_config)
+        # security (SASL, SSL) and other kafka-python options pass through from the TOML [kafka] table
+        return KafkaSource.from_url(spec, schema_config=schema_config, security=kafka or None)
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
         raise ValueError(f"unknown source {spec!r}: use synthetic, files:DIR, ml-100k:DIR, criteo:FILE, "
