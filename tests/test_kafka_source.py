@@ -148,3 +148,44 @@ def test_two_consumers_in_one_group_split_the_partitions(broker):
     assert sum(n for k in seen for _, n in seen[k]) == 200  # everything, nothing twice
     assert parts[0] and parts[1] and not parts[0] & parts[1]  # one partition each
     assert parts[0] | parts[1] == {"0", "1"}
+
+
+def _toml(schema: dict, **keys) -> str:
+    value = lambda v: f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)  # noqa
+    lines = [f"{k} = {value(v)}" for k, v in keys.items()]
+    lines += ["[schema]", f'label = "{schema["label"]}"', f'event_time = "{schema["event_time"]}"', "fields = ["]
+    lines += [f'  {{name = "{f["name"]}", kind = "{f["kind"]}", num_embeddings = {f["num_embeddings"]}}},'
+              for f in schema["fields"]]
+    return "\n".join(lines + ["]"]) + "\n"
+
+
+@needs_ml100k
+def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    src = MovieLensSource(ML100K)
+    replay(src, f"kafka://{broker.bootstrap}/killed", rows_per_message=300, progress=False)
+    windows = 60
+    files = Runner(_cfg(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()["windows"]
+    state = tmp_path / "kafka"
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(_toml(movielens_schema().to_dict(), source=f"kafka://{broker.bootstrap}/killed?group=k",
+                         window="1d", windows=windows, idle_timeout=5.0, model="fm", state_dir=str(state),
+                         metrics_addr="127.0.0.1:0", progress=False))
+    cmd = [sys.executable, "-m", "ops.cli", "run", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log1", "w"))
+    deadline = time.time() + 300
+    while not (state / "checkpoints" / "ckpt-000020").exists():
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "log1").read_text()[-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((state / "summary.json").read_text())["windows"]
+    assert [w["index"] for w in got] == list(range(windows))
+    assert [w["rows"] for w in got] == [w["rows"] for w in files]  # every produced row trained once
