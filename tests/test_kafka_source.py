@@ -189,3 +189,45 @@ def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker
     got = json.loads((state / "summary.json").read_text())["windows"]
     assert [w["index"] for w in got] == list(range(windows))
     assert [w["rows"] for w in got] == [w["rows"] for w in files]  # every produced row trained once
+
+
+def test_broker_paused_mid_read_then_resumed_reads_everything_once(broker):
+    import os
+    import signal
+    from kafka import KafkaProducer
+    from stream.kafka.wire import encode_arrow
+    from tests.helpers import tiny_batch, tiny_schema
+    from ops.replay import ensure_topic
+    schema = tiny_schema()
+    ensure_topic(broker.bootstrap, "pause", 1)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for i in range(10):
+        value, headers = encode_arrow(tiny_batch(10, i, t0=i * 60), schema.fingerprint())
+        p.send("pause", value=value, headers=headers)
+    p.flush()
+    src = KafkaSource(broker.bootstrap, "pause", schema, group="pause")
+    offsets, ups, paused_at, resumed = [], [], None, False
+    deadline = time.time() + 120
+    for sb in src.read(None):
+        assert time.time() < deadline
+        if sb.batch is not None:
+            offsets.append((sb.position["offsets"]["0"], sb.next_position["offsets"]["0"]))
+        if paused_at is None and offsets:
+            os.kill(broker.proc.pid, signal.SIGSTOP)  # the broker hangs mid-read
+            paused_at = time.time()
+            p.send("pause", value=value, headers=headers)  # buffered by the producer meanwhile
+        elif paused_at and not resumed:
+            ups.append(src.kafka_up)
+            if time.time() - paused_at > 25:
+                os.kill(broker.proc.pid, signal.SIGCONT)
+                resumed = True
+        elif resumed and sum(b - a for a, b in offsets) >= 11:
+            break
+    src.close()
+    p.flush()
+    p.close()
+    covered = sorted(o for a, b in offsets for o in range(a, b))
+    assert covered == list(range(11))  # every message once, none twice
+    assert ups and len(ups) > 5  # heartbeats kept coming while the broker hung (the daemon stays up)
+    # known gap: kafka-python keeps reporting the hung (SIGSTOPped) broker's connection as open,
+    # so kafka_up does not fall to 0 for a hanging broker (it does for a refused connection)

@@ -26,6 +26,7 @@ from stream.schema import Schema
 from stream.sources.base import SourceBatch
 
 log = logging.getLogger(__name__)
+METADATA_AGE_MS = 5000  # metadata refresh period: also the broker liveness probe
 
 
 class KafkaSource:
@@ -79,7 +80,7 @@ class KafkaSource:
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
             auto_offset_reset=self.auto_offset_reset, session_timeout_ms=6000, heartbeat_interval_ms=1000,
             request_timeout_ms=15000, max_partition_fetch_bytes=64 << 20, fetch_max_bytes=128 << 20,
-            max_poll_records=10_000, **self.security)
+            max_poll_records=10_000, metadata_max_age_ms=METADATA_AGE_MS, **self.security)
         self._consumer.subscribe([self.topic], listener=Listener())
 
     def read(self, position: dict | None) -> Iterator[SourceBatch]:
@@ -90,7 +91,7 @@ class KafkaSource:
                 if self._consumer is None:
                     self._connect(position)
                 records = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
-                self.kafka_up, backoff = True, 0.5
+                self.kafka_up, backoff = bool(records) or self._broker_connected(), 0.5
             except Exception as e:  # broker down or hanging: stay up, back off, keep heart-beating
                 if self.kafka_up or backoff == 0.5:
                     log.warning("Kafka %s unreachable (%s); retrying", self.bootstrap, e)
@@ -140,6 +141,17 @@ class KafkaSource:
             first = msg.offset if first is None else first
             run.append(rb)
         yield from flush() or []
+
+    def _broker_connected(self) -> bool:
+        """kafka-python does not raise while a broker is down or hangs: ask its connections, and
+        whether metadata (refreshed every METADATA_AGE_MS) still arrives."""
+        try:
+            client = self._consumer._client
+            fresh = time.monotonic() * 1000 - client.cluster._last_successful_refresh_ms < 2.5 * METADATA_AGE_MS
+            return fresh and any(client.connected(getattr(b, "node_id", getattr(b, "nodeId", None)))
+                                 for b in client.cluster.brokers())
+        except Exception:
+            return True  # unknown: poll itself did not fail
 
     def _update_lag(self, every_seconds: float = 10.0) -> None:
         """Messages behind the end of each assigned partition (a broker round trip, so throttled)."""
