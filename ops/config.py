@@ -54,6 +54,8 @@ class RunConfig:
     idle_timeout: float | None = None
     recent_rows: int = 50_000         # bounded buffer of recent rows kept for `dimstream search`
     progress: bool = True
+    export_dir: Path | None = None    # if set: after each window, the slim arm (else control) is
+                                      # exported to EXPORT_DIR/window-<n>, EXPORT_DIR/latest names it
     linger_seconds: float = 0.0       # keep serving /metrics this long after a finite run ends
     grace_seconds: float = 30.0       # on SIGTERM: finish the window if it fits, else abandon it
     schema: dict | None = None        # for files:DIR (and kafka): the declared schema
@@ -76,8 +78,9 @@ class RunConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        if "state_dir" in d:
-            d["state_dir"] = Path(d["state_dir"])
+        for key in ("state_dir", "export_dir"):
+            if d.get(key) is not None:
+                d[key] = Path(d[key])
         if isinstance(d.get("arms"), str):
             d["arms"] = tuple(a.strip() for a in d["arms"].split(",") if a.strip())
         try:

@@ -234,6 +234,15 @@ class Runner:
         record["read_seconds"] = window.read_seconds
         return record
 
+    def _publish(self, index: int) -> None:
+        """Export the checkpoint just written for serving and move the `latest` pointer atomically,
+        the way online systems publish a model every hour."""
+        from ops.export import export_arm
+        arm = "slim" if "slim" in self.cfg.arms else "control"
+        root = Path(self.cfg.export_dir)
+        export_arm(self.state_dir, arm, root / f"window-{index:06d}")
+        write_bytes(root / "latest", f"window-{index:06d}\n".encode())
+
     def _finish_or_abandon(self, t0: float, arms_after: int, done: int, rows: int) -> None:
         """After SIGTERM: keep going only if the window's remaining training fits the grace period."""
         rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -257,6 +266,8 @@ class Runner:
         t0 = time.perf_counter()
         checkpoint.save(self.state_dir, index, self.meta(), self.arms)
         record["checkpoint_seconds"] = time.perf_counter() - t0
+        if self.cfg.export_dir is not None:
+            self._publish(index)
         commit = getattr(self.source, "commit", None)
         if commit is not None and window.resume is not None:
             commit(window.resume)  # only now: the checkpoint covering it is durable

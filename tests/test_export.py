@@ -39,3 +39,17 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     got = np.array([float(x) for x in r.stdout.split()])
     assert np.allclose(got, want[:20], atol=1e-5)
+
+
+def test_the_daemon_publishes_every_window_with_an_atomic_latest_pointer(tmp_path):
+    cfg = RunConfig(windows=2, rows_per_window=2000, state_dir=tmp_path / "state", metrics_addr="127.0.0.1:0",
+                    progress=False, export_dir=tmp_path / "served")
+    runner = Runner(cfg)
+    runner.run()
+    served = tmp_path / "served"
+    assert (served / "latest").read_text().strip() == "window-000001"
+    assert (served / "window-000000" / "weights.pt").exists()
+    rows = runner.source.window_table(3).slice(0, 100)
+    latest = served / (served / "latest").read_text().strip()
+    probs = predict(latest, rows)
+    assert probs.shape == (100,) and ((probs > 0) & (probs < 1)).all()
