@@ -39,6 +39,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--control-dim", type=int, help="uniform width of the control arm (multiple of 4)")
     p.add_argument("--rows-per-window", type=int, help="synthetic source: rows per window (default 50000)")
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM: finish the window if it fits, else abandon it (30)")
+    p.add_argument("--allowed-lateness", type=int, help="seconds a row may arrive after its window's end (0)")
+    p.add_argument("--idle-timeout", type=float, help="close the open window after this many seconds without data")
     p.add_argument("--export-dir", type=Path, help="publish the slim arm for serving after every window")
     p.add_argument("--linger-seconds", type=float, help="keep serving /metrics this long after the run ends")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -46,7 +48,7 @@ def _run_parser(sub) -> None:
 
 def _run_config(args) -> RunConfig:
     keys = ["source", "model", "windows", "window", "state_dir", "metrics_addr", "seed", "arms", "search",
-            "budget", "search_every", "control_dim", "rows_per_window", "grace_seconds", "linger_seconds", "export_dir"]
+            "budget", "search_every", "control_dim", "rows_per_window", "grace_seconds", "linger_seconds", "export_dir", "allowed_lateness", "idle_timeout"]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
         given["progress"] = False
