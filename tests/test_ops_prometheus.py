@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 import ops.metrics as m
@@ -48,13 +49,55 @@ def test_config_and_rules_are_valid_and_the_rule_unit_tests_pass():
     assert "SUCCESS" in r.stdout
 
 
+# One wrong edit per alert; the unit tests of rules_test.yml must catch each of them.
+MUTATIONS = {
+    "SlimAUCSignificantlyBelowControl": ("and on(job, instance) changes(dimstream_window_index[90m]) > 0", ""),
+    "NoSuccessfulSearch": ("> 3 * 3600", "> 6 * 3600"),
+    "NoWindowClosed": ("> 2 * dimstream_window_length_seconds", "> 2 * 3600"),
+    "KafkaBrokerDown": ("for: 5m", "for: 1m"),
+    "DeadLetterRateHigh": ("> 0.01", "> 0.5"),
+}
+
+
 @needs_promtool
-def test_a_broken_rule_unit_test_fails(tmp_path):
-    """The rule tests can fail: the same tests against rules with a wrong threshold do."""
-    (tmp_path / "rules.yml").write_text((PROM / "rules.yml").read_text().replace("> 0.01", "> 0.5"))
+@pytest.mark.parametrize("alert", sorted(MUTATIONS))
+def test_a_broken_rule_fails_its_unit_test(tmp_path, alert):
+    """The rule tests can fail: the same tests against a rule with a wrong edit do."""
+    assert PROMTOOL, "promtool must be installed on CI"
+    old, new = MUTATIONS[alert]
+    rules = (PROM / "rules.yml").read_text()
+    assert rules.count(old) == 1, f"mutation for {alert} no longer matches rules.yml"
+    (tmp_path / "rules.yml").write_text(rules.replace(old, new))
     (tmp_path / "rules_test.yml").write_text((PROM / "rules_test.yml").read_text())
-    r = subprocess.run([PROMTOOL, "test", "rules", "rules_test.yml"], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode != 0 and "DeadLetterRateHigh" in r.stdout + r.stderr
+    assert subprocess.run([PROMTOOL, "check", "rules", "rules.yml"], cwd=tmp_path).returncode == 0
+    r = subprocess.run([PROMTOOL, "test", "rules", "rules_test.yml"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and alert in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_every_alert_has_unit_tests_for_firing_and_not_firing():
+    rules = yaml.safe_load((PROM / "rules.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts == {"SlimAUCSignificantlyBelowControl", "NoSuccessfulSearch", "NoWindowClosed",
+                      "KafkaBrokerDown", "DeadLetterRateHigh"}
+    tests = yaml.safe_load((PROM / "rules_test.yml").read_text())
+    fires, silent = set(), set()
+    for t in tests["tests"]:
+        for a in t.get("alert_rule_test", []):
+            (fires if a["exp_alerts"] else silent).add(a["alertname"])
+    assert fires == alerts and silent == alerts, (alerts - fires, alerts - silent)
+
+
+def test_scrape_config_targets_the_daemon_metrics_addr():
+    """prometheus.yml scrapes the CLI's default --metrics-addr; the compose copy scrapes the daemon service."""
+    from ops.config import RunConfig
+    default = RunConfig.metrics_addr
+    for name, target in (("prometheus.yml", default), ("compose.yml", "daemon:9100")):
+        cfg = yaml.safe_load((PROM / name).read_text())
+        assert cfg["rule_files"] == ["rules.yml"]
+        targets = [t for sc in cfg["scrape_configs"] for s in sc["static_configs"] for t in s["targets"]]
+        assert targets == [target], (name, targets)
+        assert all(sc.get("metrics_path", "/metrics") == "/metrics" for sc in cfg["scrape_configs"])
 
 
 def test_every_metric_in_the_rules_is_exported():
