@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from stream.window import Window, Windower
 
 log = logging.getLogger("dimstream")
 PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
+SOURCE_EXPORT_SECONDS = 1.0  # broker status (up, lag, time since the last message) refresh period
 
 
 def open_source(cfg: RunConfig):
@@ -154,6 +156,11 @@ class Runner:
         metrics.WINDOW_SECONDS.set(self.window_seconds)
         self._export_arms()
         old_term = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        # broker status is exported between windows too: a hung broker shows on /metrics at once
+        exported = threading.Event()
+        if getattr(self.source, "kafka_up", None) is not None:
+            threading.Thread(target=self._export_source_until, args=(exported,), daemon=True,
+                             name="dimstream-source-status").start()
         try:
             if len(self.history) >= self.cfg.windows:
                 log.info("%d windows already done (asked for %d)", len(self.history), self.cfg.windows)
@@ -165,6 +172,7 @@ class Runner:
                 while time.monotonic() < deadline and not self.stop_requested:
                     time.sleep(0.2)
         finally:
+            exported.set()
             if self.history:
                 self._plot()
             server.shutdown()
@@ -327,6 +335,13 @@ class Runner:
         self._export_arms()
         self._export_source()
         self.readiness.last_close = time.time()
+
+    def _export_source_until(self, done: threading.Event) -> None:
+        while not done.wait(SOURCE_EXPORT_SECONDS):
+            try:
+                self._export_source()
+            except Exception as e:  # never let the status thread die on a transient error
+                log.debug("source status export failed: %s", e)
 
     def _export_source(self) -> None:
         """Broker status of a live source (Kafka): up, lag, time since the last message."""

@@ -2,10 +2,10 @@
 
 A window [start, start + length) closes when the watermark (largest event time seen minus the
 allowed lateness) passes its end, when the source ends, or after `idle_timeout` seconds of a
-live source with no data. Rows older than the open window are late: rejected with reason
-"late". After a restart, rows older than the checkpointed watermark that come from batches read
-before the crash are skipped as already handled (trained or dead-lettered): see
-stream.sources.base for the position contract.
+live source with no data (time while the source reports itself down does not count). Rows
+older than the open window are late: rejected with reason "late". After a restart, rows older
+than the checkpointed watermark that come from batches read before the crash are skipped as
+already handled (trained or dead-lettered): see stream.sources.base for the position contract.
 
 >>> from stream.synthetic import SyntheticSource
 >>> from stream.decode import Decoder
@@ -106,6 +106,9 @@ class Windower:
             if self.stop():
                 return  # open windows are abandoned: the last checkpoint stays the resume point
             if sb.batch is None and sb.error is None:  # heartbeat of a live source
+                if sb.source_down:  # an outage is not idleness: the idle clock waits for the source
+                    last_data = time.monotonic()
+                    continue
                 if parts and self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout:
                     read_s += time.perf_counter() - t0
                     yield close(min(parts))

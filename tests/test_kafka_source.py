@@ -229,5 +229,104 @@ def test_broker_paused_mid_read_then_resumed_reads_everything_once(broker):
     covered = sorted(o for a, b in offsets for o in range(a, b))
     assert covered == list(range(11))  # every message once, none twice
     assert ups and len(ups) > 5  # heartbeats kept coming while the broker hung (the daemon stays up)
-    # known gap: kafka-python keeps reporting the hung (SIGSTOPped) broker's connection as open,
-    # so kafka_up does not fall to 0 for a hanging broker (it does for a refused connection)
+    # the liveness probe (ApiVersions with its own 2 s timeout) notices the hang within seconds
+    # and, before that, the broker was up: kafka_up went 1 -> 0 while the broker was stopped
+    assert ups[0] is True and ups.count(False) >= 5, ups
+
+
+def _rows(n: int, first_rid: int, t_lo: int, t_hi: int):
+    """n rows of the tiny schema with event times spread over [t_lo, t_hi) and ids first_rid.."""
+    import pyarrow as pa
+    from tests.helpers import tiny_batch
+    rb = tiny_batch(n, first_rid, t0=0)
+    t = pa.array(np.linspace(t_lo, t_hi - 1, n).astype(np.int64))
+    rb = rb.set_column(rb.schema.get_field_index("event_time"), "event_time", t)
+    return rb.append_column("rid", pa.array(np.arange(first_rid, first_rid + n, dtype=np.int64)))
+
+
+def _scrape(port: int) -> dict:
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("dimstream_") and " " in line}
+
+
+def _kafka_runner(broker, topic, group, state, windows, **kw):
+    from tests.helpers import tiny_schema
+    cfg = RunConfig(source=f"kafka://{broker.bootstrap}/{topic}?group={group}", window_seconds=60, windows=windows,
+                    state_dir=state, seed=0, metrics_addr="127.0.0.1:0", progress=False, model=ModelConfig("fm"),
+                    schema=tiny_schema().to_dict(), **kw)
+    runner = Runner(cfg)
+    trained = []  # (window start, row ids) of every window this daemon trained
+    runner.hooks.append(lambda r, w, rec: trained.append((w.start, w.table.column("rid").to_numpy())))
+    return runner, trained
+
+
+def test_daemon_survives_a_hung_broker_mid_window_exports_kafka_up_0_and_trains_every_row_once(broker, tmp_path):
+    """The broker is SIGSTOPped while a window is open (rows of it buffered, earlier windows
+    trained): /metrics keeps answering, kafka_up goes to 0 and the time since the last message
+    grows; after SIGCONT the run finishes and every produced row is trained exactly once."""
+    import os
+    import signal
+    import threading
+    from kafka import KafkaProducer
+    from ops.replay import ensure_topic
+    from stream.kafka.wire import encode_arrow
+    from tests.helpers import tiny_schema
+    version = tiny_schema().fingerprint()
+    ensure_topic(broker.bootstrap, "hung", 1)
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    msgs = [encode_arrow(_rows(20, 20 * k, 20 * k, 20 * k + 20), version) for k in range(21)]  # 3 per 60 s window
+    for value, headers in msgs[:14]:  # windows 0-3, and 2 of window 4's 3 messages
+        p.send("hung", value=value, headers=headers)
+    p.flush()
+    runner, trained = _kafka_runner(broker, "hung", "hung", tmp_path / "state", 7, idle_timeout=3.0,
+                                    linger_seconds=60)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(runner.run()))
+    thread.start()
+    stopped = False
+    try:
+        deadline = time.time() + 60
+        while len(runner.history) < 4 or runner.source._next.get("0") != 14:
+            assert thread.is_alive() and time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        port = runner.metrics_port
+        before = _scrape(port)
+        assert before["dimstream_kafka_up"] == 1.0
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # window 4 is open, 40 of its rows buffered
+        stopped, paused_at = True, time.time()
+        for value, headers in msgs[14:]:
+            p.send("hung", value=value, headers=headers)  # buffered by the producer meanwhile
+        down = None
+        while time.time() - paused_at < 15:
+            m = _scrape(port)  # the daemon keeps serving metrics while the broker hangs
+            if m["dimstream_kafka_up"] == 0.0 and down is None:
+                down = time.time() - paused_at
+                since = m["dimstream_seconds_since_last_message"]
+            time.sleep(0.25)
+        assert down is not None and down < 6, "kafka_up never fell to 0 while the broker was stopped"
+        assert since >= down - 1.5  # no message since the pause (exported every second)
+        assert len(runner.history) == 4  # nothing was closed or trained while the broker hung
+        os.kill(broker.proc.pid, signal.SIGCONT)
+        stopped = False
+        p.flush()
+        deadline = time.time() + 60
+        while len(runner.history) < 7:
+            assert thread.is_alive() and time.time() < deadline, "the run did not resume"
+            time.sleep(0.2)
+        time.sleep(1.5)
+        assert _scrape(port)["dimstream_kafka_up"] == 1.0  # the broker answers again
+    finally:
+        if stopped:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        runner.stop_requested = True  # ends the linger
+        thread.join(timeout=30)
+        p.close()
+    windows = out["windows"]
+    assert [w["rows"] for w in windows] == [60] * 7 and [w["rejected_rows"] for w in windows] == [0] * 7
+    starts = [s for s, _ in trained]
+    assert starts == [60 * i for i in range(7)]
+    rids = np.sort(np.concatenate([r for _, r in trained]))
+    assert np.array_equal(rids, np.arange(420))  # every produced row trained, none twice

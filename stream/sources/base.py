@@ -34,6 +34,9 @@ class SourceBatch:
     error: str | None = None
     detail: str = ""
     schema: Schema | None = None  # a per-message schema version (Kafka), else the source's
+    # heartbeats only (batch None, no error): the source cannot tell whether data is waiting
+    # (its broker is down or hangs), so the time without data must not close windows as idle
+    source_down: bool = False
 
 
 class Source(Protocol):

@@ -11,10 +11,18 @@ Undecodable messages become error batches (dead-lettered by the loop) and are co
 `TOPIC.dlq` with headers reason, partition and offset. A broker that is down or hangs never
 raises out of `read`: the source backs off, reports `kafka_up = False` and keeps yielding
 heartbeats so the daemon keeps serving metrics.
+
+Liveness: kafka-python neither raises nor drops its connections while a broker hangs (a
+stopped process still accepts TCP connections in the kernel), so `kafka_up` comes from a probe
+of its own: a thread sends an ApiVersions request to the bootstrap brokers every
+PROBE_INTERVAL_S and calls the broker up only if an answer arrives within PROBE_TIMEOUT_S.
 """
 from __future__ import annotations
 
 import logging
+import socket
+import struct
+import threading
 import time
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
@@ -26,7 +34,66 @@ from stream.schema import Schema
 from stream.sources.base import SourceBatch
 
 log = logging.getLogger(__name__)
-METADATA_AGE_MS = 5000  # metadata refresh period: also the broker liveness probe
+METADATA_AGE_MS = 5000  # metadata refresh period
+PROBE_INTERVAL_S = 1.0  # liveness probe period
+PROBE_TIMEOUT_S = 2.0   # a broker that has not answered the probe within this is down
+
+
+def probe_broker(host: str, port: int, timeout: float = PROBE_TIMEOUT_S, ssl_context=None) -> bool:
+    """True if the broker answers an ApiVersions (v0) request within `timeout` seconds.
+    ApiVersions needs no authentication (SASL allows it before the handshake)."""
+    client_id = b"dimstream-probe"
+    request = struct.pack(">hhih", 18, 0, 0x5EED, len(client_id)) + client_id
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            conn = ssl_context.wrap_socket(raw, server_hostname=host) if ssl_context is not None else raw
+            conn.sendall(struct.pack(">i", len(request)) + request)
+            header = b""
+            while len(header) < 8:  # response size, correlation id
+                conn.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = conn.recv(8 - len(header))
+                if not chunk:
+                    return False
+                header += chunk
+            return struct.unpack(">ii", header)[1] == 0x5EED
+    except (OSError, ValueError):
+        return False
+
+
+class Liveness(threading.Thread):
+    """Probes the bootstrap brokers every `interval` seconds; `up` is the last probe's answer."""
+
+    def __init__(self, bootstrap: str, security: dict, interval: float = PROBE_INTERVAL_S,
+                 timeout: float = PROBE_TIMEOUT_S):
+        super().__init__(name="dimstream-kafka-liveness", daemon=True)
+        self.targets = []
+        for hp in bootstrap.split(","):
+            host, _, port = hp.strip().rpartition(":")
+            self.targets.append((host.strip("[]"), int(port)))
+        self.interval, self.timeout = interval, timeout
+        self.ssl_context = _ssl_context(security)
+        self.up: bool | None = None  # None until the first probe
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.up = any(probe_broker(h, p, self.timeout, self.ssl_context) for h, p in self.targets)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _ssl_context(security: dict):
+    if "SSL" not in str(security.get("security_protocol", "PLAINTEXT")).upper():
+        return None
+    import ssl
+    ctx = ssl.create_default_context(cafile=security.get("ssl_cafile"))
+    if security.get("ssl_certfile"):
+        ctx.load_cert_chain(security["ssl_certfile"], security.get("ssl_keyfile"), security.get("ssl_password"))
+    ctx.check_hostname = bool(security.get("ssl_check_hostname", True))
+    return ctx
 
 
 class KafkaSource:
@@ -39,7 +106,8 @@ class KafkaSource:
         self.name = f"kafka://{bootstrap}/{topic}"
         self.poll_timeout_ms, self.security = poll_timeout_ms, dict(security or {})
         self.auto_offset_reset, self.dlq = auto_offset_reset, dlq
-        self.kafka_up = False
+        self._poll_ok = False
+        self._liveness: Liveness | None = None
         self.last_message_time: float | None = None
         self.lag: dict[str, int] = {}
         self._next: dict[str, int] = {}   # per partition: offset after the last message read
@@ -58,6 +126,12 @@ class KafkaSource:
             schema = schema_from_config(schema_config)
         group = parse_qs(u.query).get("group", ["dimstream"])[0]
         return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, **kw)
+
+    @property
+    def kafka_up(self) -> bool:
+        """The last poll did not fail and the broker answered the last liveness probe."""
+        probe = self._liveness.up if self._liveness is not None else None
+        return self._poll_ok and probe is not False
 
     # --- reading ---
     def _connect(self, position: dict | None):
@@ -86,24 +160,34 @@ class KafkaSource:
     def read(self, position: dict | None) -> Iterator[SourceBatch]:
         backoff = 0.5
         here = {"offsets": dict((position or {}).get("offsets") or {})}
+        if self._liveness is None:
+            self._liveness = Liveness(self.bootstrap, self.security)
+            self._liveness.start()
+        was_up = None
         while True:
             try:
                 if self._consumer is None:
                     self._connect(position)
                 records = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
-                self.kafka_up, backoff = bool(records) or self._broker_connected(), 0.5
+                self._poll_ok, backoff = True, 0.5
             except Exception as e:  # broker down or hanging: stay up, back off, keep heart-beating
                 if self.kafka_up or backoff == 0.5:
                     log.warning("Kafka %s unreachable (%s); retrying", self.bootstrap, e)
-                self.kafka_up = False
+                self._poll_ok = was_up = False
                 self._drop_consumer()
-                yield SourceBatch(None, here, here)
+                yield SourceBatch(None, here, here, source_down=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            if self.kafka_up != was_up:
+                if was_up is not None:
+                    log.warning("Kafka %s is %s", self.bootstrap, "answering again" if self.kafka_up else
+                                f"not answering (no reply to a probe within {PROBE_TIMEOUT_S:.0f}s)")
+                was_up = self.kafka_up
             self._update_lag()
             if not records:
-                yield SourceBatch(None, here, here)  # heartbeat: lets the loop close idle windows
+                # heartbeat: lets the loop close idle windows, unless the broker is not answering
+                yield SourceBatch(None, here, here, source_down=not self.kafka_up)
                 continue
             for tp, messages in records.items():
                 yield from self._batches(str(tp.partition), messages)
@@ -141,17 +225,6 @@ class KafkaSource:
             first = msg.offset if first is None else first
             run.append(rb)
         yield from flush() or []
-
-    def _broker_connected(self) -> bool:
-        """kafka-python does not raise while a broker is down or hangs: ask its connections, and
-        whether metadata (refreshed every METADATA_AGE_MS) still arrives."""
-        try:
-            client = self._consumer._client
-            fresh = time.monotonic() * 1000 - client.cluster._last_successful_refresh_ms < 2.5 * METADATA_AGE_MS
-            return fresh and any(client.connected(getattr(b, "node_id", getattr(b, "nodeId", None)))
-                                 for b in client.cluster.brokers())
-        except Exception:
-            return True  # unknown: poll itself did not fail
 
     def _update_lag(self, every_seconds: float = 10.0) -> None:
         """Messages behind the end of each assigned partition (a broker round trip, so throttled)."""
@@ -225,6 +298,9 @@ class KafkaSource:
             self._consumer = None
 
     def close(self) -> None:
+        if self._liveness is not None:
+            self._liveness.stop()
+            self._liveness = None
         self._drop_consumer()
         if self._producer is not None:
             self._producer.close()
