@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from stream.batch import SparseBatch
 from stream.decode import Decoder, Rejected
-from stream.sources.base import Source, SourceBatch, resume_position
+from stream.sources.base import Source, SourceBatch, read_upto_position, resume_position
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Windower:
         self.idle_timeout = idle_timeout
         self.start_position, self.watermark, self.read_upto = start, watermark, read_upto
         self.stop = stop or (lambda: False)  # checked at every batch and heartbeat: a clean way out
+        self.rewinds = 0  # times the source went back to the last window boundary (rebalances)
 
     def _window_of(self, t: np.ndarray) -> np.ndarray:
         return (t // self.length) * self.length
@@ -82,13 +83,14 @@ class Windower:
         last: SourceBatch | None = None
         last_data = time.monotonic()
         read_s = 0.0
+        restart = (self.start_position, self.read_upto)  # the last window boundary (a checkpoint)
 
         def reject(rej: Rejected, n: int):
             pending_rejects.append(rej)
             counts[rej.reason] = counts.get(rej.reason, 0) + n
 
         def close(start: int) -> Window:
-            nonlocal pending_rejects, counts, rows_read, replayed, closed_end, read_s
+            nonlocal pending_rejects, counts, rows_read, replayed, closed_end, read_s, restart
             mine = parts.pop(start, [])
             unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]]
             batch = SparseBatch.concat([p for p, _, _ in mine]) if mine else SparseBatch.empty(self.decoder.schema.feature_names)
@@ -96,15 +98,23 @@ class Windower:
             w = Window(start, start + self.length, batch,
                        pa.concat_tables(tables) if tables else None, pending_rejects, counts, rows_read,
                        replayed, resume_position(self.source, unfinished, last, self.start_position),
-                       last.next_position if last is not None else self.read_upto, read_s)
+                       read_upto_position(self.source, last, self.read_upto), read_s)
             pending_rejects, counts, rows_read, replayed, read_s = [], {}, 0, 0, 0.0
             closed_end = w.end
+            restart = (w.resume, w.read_upto)
             return w
 
         t0 = time.perf_counter()
         for sb in self.source.read(self.start_position):
             if self.stop():
                 return  # open windows are abandoned: the last checkpoint stays the resume point
+            if sb.rewind:  # back to the last window boundary: drop what open windows buffered
+                parts.clear()
+                pending_rejects, counts, rows_read, replayed, max_t, last = [], {}, 0, 0, None, None
+                self.start_position, self.read_upto = restart
+                self.rewinds += 1
+                last_data = time.monotonic()
+                continue
             if sb.batch is None and sb.error is None:  # heartbeat of a live source
                 if sb.source_down:  # an outage is not idleness: the idle clock waits for the source
                     last_data = time.monotonic()

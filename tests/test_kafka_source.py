@@ -280,7 +280,8 @@ def test_daemon_survives_a_hung_broker_mid_window_exports_kafka_up_0_and_trains_
     for value, headers in msgs[:14]:  # windows 0-3, and 2 of window 4's 3 messages
         p.send("hung", value=value, headers=headers)
     p.flush()
-    runner, trained = _kafka_runner(broker, "hung", "hung", tmp_path / "state", 7, idle_timeout=3.0,
+    # idle timeout above the probe's detection time (1 s period + 2 s timeout): an outage is not idleness
+    runner, trained = _kafka_runner(broker, "hung", "hung", tmp_path / "state", 7, idle_timeout=8.0,
                                     linger_seconds=60)
     out = {}
     thread = threading.Thread(target=lambda: out.update(runner.run()))
@@ -330,3 +331,79 @@ def test_daemon_survives_a_hung_broker_mid_window_exports_kafka_up_0_and_trains_
     assert starts == [60 * i for i in range(7)]
     rids = np.sort(np.concatenate([r for _, r in trained]))
     assert np.array_equal(rids, np.arange(420))  # every produced row trained, none twice
+
+
+def test_rebalance_mid_window_gives_partitions_up_at_the_last_checkpoint_and_trains_every_row_once(broker, tmp_path):
+    """Daemon A trains a 2-partition topic alone; daemon B joins its group while A has rows of an
+    open window buffered. A gives both partitions up at its last checkpoint (eager rebalance),
+    keeps one, B takes the other from A's committed offset. Summed over both daemons every
+    window has exactly the rows produced, and every (partition, offset, row) is trained once."""
+    import threading
+    from kafka import KafkaProducer
+    from ops.replay import ensure_topic
+    from stream.kafka.wire import encode_arrow
+    from tests.helpers import tiny_schema
+    version = tiny_schema().fingerprint()
+    ensure_topic(broker.bootstrap, "rebal", 2)
+    messages, per_message, span = 36, 20, 20  # per partition; 20 s of event time per message
+    total = 2 * messages * per_message
+    producing = threading.Event()
+
+    def produce():
+        p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
+        for k in range(messages):
+            for part in (0, 1):  # row id = partition * 100000 + offset * 20 + row
+                value, headers = encode_arrow(_rows(per_message, part * 100_000 + k * per_message,
+                                                    span * k, span * k + span), version)
+                p.send("rebal", value=value, headers=headers, partition=part)
+            p.flush()
+            time.sleep(0.6)  # about 22 s in all: the rebalance lands while messages keep coming
+        p.close()
+        producing.set()
+
+    kw = dict(idle_timeout=4.0, allowed_lateness=40, linger_seconds=120)
+    a, trained_a = _kafka_runner(broker, "rebal", "rg", tmp_path / "a", 1000, **kw)
+    b, trained_b = _kafka_runner(broker, "rebal", "rg", tmp_path / "b", 1000, **kw)
+    out_a, out_b = {}, {}
+    ta = threading.Thread(target=lambda: out_a.update(a.run()))
+    tb = threading.Thread(target=lambda: out_b.update(b.run()))
+    producer = threading.Thread(target=produce)
+    ta.start()
+    try:
+        deadline = time.time() + 60
+        while a.source.rebalances == 0:  # A joined the group and was assigned both partitions
+            assert ta.is_alive() and time.time() < deadline
+            time.sleep(0.1)
+        producer.start()
+        while len(a.history) < 2:  # A has trained windows 0 and 1 on its own
+            assert ta.is_alive() and time.time() < deadline
+            time.sleep(0.1)
+        tb.start()  # B joins: the group rebalances (first assignment after ~3 s)
+        deadline = time.time() + 90
+        done = lambda: sum(len(r) for _, r in trained_a + trained_b)  # noqa: E731
+        while done() < total:
+            assert ta.is_alive() and tb.is_alive() and time.time() < deadline, (done(), total)
+            time.sleep(0.2)
+        time.sleep(2)  # anything trained twice would show up by now
+    finally:
+        a.stop_requested = b.stop_requested = True
+        for t in (ta, tb, producer):
+            if t.ident is not None:
+                t.join(timeout=60)
+    assert producing.is_set()
+    # the rebalance happened mid-window: A had read rows it had not trained when it gave them up
+    assert a.source.rebalances >= 2 and a.source.revoked_unfinished >= 1
+    assert a.source._assigned and b.source._assigned and not a.source._assigned & b.source._assigned
+    rids = np.concatenate([r for _, r in trained_a + trained_b])
+    assert len(rids) == total and np.array_equal(np.sort(rids), np.sort(np.unique(rids)))  # none twice
+    expect = np.sort(np.concatenate([part * 100_000 + np.arange(messages * per_message) for part in (0, 1)]))
+    assert np.array_equal(np.sort(rids), expect)  # none lost
+    per_window: dict[str, int] = {}
+    for w in out_a["windows"] + out_b["windows"]:
+        per_window[w["start"]] = per_window.get(w["start"], 0) + w["rows"]
+        assert w["rejected_rows"] == 0
+    t = np.concatenate([_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy()
+                        for k in range(messages)])
+    starts, counts = np.unique(t // 60 * 60, return_counts=True)
+    from ops.daemon import _iso
+    assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}  # what was produced, per window

@@ -37,6 +37,9 @@ class SourceBatch:
     # heartbeats only (batch None, no error): the source cannot tell whether data is waiting
     # (its broker is down or hangs), so the time without data must not close windows as idle
     source_down: bool = False
+    # heartbeats only: the source went back to its last durable position (a Kafka rebalance);
+    # what was read since must be dropped by the window loop and will be read again
+    rewind: bool = False
 
 
 class Source(Protocol):
@@ -74,3 +77,13 @@ def resume_position(source: Source, unfinished: list[SourceBatch], last: SourceB
     if unfinished:
         return unfinished[0].position
     return last.next_position if last is not None else start
+
+
+def read_upto_position(source: Source, last: SourceBatch | None, previous: dict | None) -> dict | None:
+    """How far reading had got when a window closed (checkpointed as `read_upto`). Sources that
+    interleave several sequences report it per sequence (`read_upto_position`); a single
+    sequence is read up to the end of the last batch."""
+    own = getattr(source, "read_upto_position", None)
+    if own is not None:
+        return own(previous)
+    return last.next_position if last is not None else previous

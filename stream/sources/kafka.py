@@ -7,6 +7,18 @@ checkpointed offset (else the group's committed offset, else `auto_offset_reset`
 message that were trained before a crash are skipped by the window loop (they are older than
 the checkpointed watermark), so a message holding rows of two windows is handled exactly once.
 
+Rebalances give partitions up at the last window boundary. Every window's close is
+checkpointed and then committed (with metadata: the checkpoint's watermark and, per partition,
+how far reading had got), so the committed offsets always describe a safe point. When the group
+rebalances, the revoke callback commits that durable position again for the partitions being
+given up (in case the last commit failed), before they go; after the assignment every assigned
+partition is sought to the later of this daemon's durable offset and the group's committed one,
+the records of that poll are dropped, and the source yields a `rewind` heartbeat: the window
+loop drops what it buffered of open windows and re-reads it from there. A partition taken over
+from another member starts at that member's committed offset; rows of its split messages that
+the member already trained (older than its committed watermark, in messages it had read) are
+skipped here. No row is lost and none is trained twice across the group.
+
 Undecodable messages become error batches (dead-lettered by the loop) and are copied to
 `TOPIC.dlq` with headers reason, partition and offset. A broker that is down or hangs never
 raises out of `read`: the source backs off, reports `kafka_up = False` and keeps yielding
@@ -19,6 +31,7 @@ PROBE_INTERVAL_S and calls the broker up only if an answer arrives within PROBE_
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import struct
@@ -112,6 +125,14 @@ class KafkaSource:
         self.lag: dict[str, int] = {}
         self._next: dict[str, int] = {}   # per partition: offset after the last message read
         self._consumer = self._producer = None
+        self._durable: dict[str, int] = {}       # per partition: offset of the last durable checkpoint
+        self._durable_meta: dict[str, str] = {}  # per partition: commit metadata of that checkpoint
+        self._assigned: set[int] | None = None   # partitions this member owns (None: not yet known)
+        self._rebalanced = False                 # set by the listener, handled after poll returns
+        self._skip: dict[str, tuple[int, int]] = {}  # partition -> (read_upto, watermark) of its last owner
+        self.rebalances = 0                      # assignments received
+        self.revoked_unfinished = 0              # revocations that found read-but-untrained messages
+        self.handed_over_rows = 0                # rows skipped as trained by a partition's previous owner
 
     @classmethod
     def from_url(cls, url: str, schema_config: dict | None = None, **kw) -> "KafkaSource":
@@ -134,21 +155,22 @@ class KafkaSource:
         return self._poll_ok and probe is not False
 
     # --- reading ---
-    def _connect(self, position: dict | None):
+    def _connect(self):
         from kafka import KafkaConsumer
-        from kafka.consumer.subscription_state import ConsumerRebalanceListener
+        from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
         source = self
-        wanted = {int(p): int(o) for p, o in ((position or {}).get("offsets") or {}).items()}
 
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):
-                pass  # nothing is committed beyond the last durable checkpoint
+        class Listener(AsyncConsumerRebalanceListener):  # runs on kafka-python's IO thread
+            async def on_partitions_revoked(self, revoked):
+                await source._give_up(revoked, commit=True)
 
-            def on_partitions_assigned(self, assigned):
-                for tp in assigned:
-                    if tp.partition in wanted:
-                        source._consumer.seek(tp, wanted[tp.partition])
+            async def on_partitions_lost(self, lost):  # evicted: the group no longer takes our commits
+                await source._give_up(lost, commit=False)
+
+            async def on_partitions_assigned(self, assigned):
+                source._assigned = {tp.partition for tp in assigned}
+                source._rebalanced = True  # seeks and the rewind happen after poll returns
 
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
@@ -164,11 +186,18 @@ class KafkaSource:
             self._liveness = Liveness(self.bootstrap, self.security)
             self._liveness.start()
         was_up = None
+        self._durable = {str(p): int(o) for p, o in here["offsets"].items()}
         while True:
             try:
                 if self._consumer is None:
-                    self._connect(position)
+                    self._connect()
                 records = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
+                if self._rebalanced:  # records fetched before our seeks: read them again from there
+                    self._rebalanced, records = False, {}
+                    self._seek_assigned()
+                    self._poll_ok = True
+                    yield SourceBatch(None, here, here, rewind=True)
+                    continue
                 self._poll_ok, backoff = True, 0.5
             except Exception as e:  # broker down or hanging: stay up, back off, keep heart-beating
                 if self.kafka_up or backoff == 0.5:
@@ -192,6 +221,72 @@ class KafkaSource:
             for tp, messages in records.items():
                 yield from self._batches(str(tp.partition), messages)
 
+    async def _give_up(self, partitions, commit: bool) -> None:
+        """Partitions are leaving this member: they go at the last durable checkpoint, whose
+        position is committed (again) before they do; nothing read after it counts."""
+        mine = {str(tp.partition) for tp in partitions}
+        if any(self._next.get(p, -1) > self._durable.get(p, -1) for p in mine):
+            self.revoked_unfinished += 1
+        log.info("rebalance: giving up partitions %s at the last checkpoint %s", sorted(mine),
+                 {p: self._durable.get(p) for p in sorted(mine)})
+        if not commit or self._consumer is None:
+            return
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+        offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(self._durable[p], self._durable_meta.get(p, ""), -1)
+                   for p in mine if p in self._durable}
+        if not offsets:
+            return
+        try:  # async form: a blocking commit is refused on kafka-python's IO thread
+            await self._consumer._coordinator._commit_offsets_sync_async(offsets, timeout_ms=5000)
+        except Exception as e:  # the commit made after that checkpoint still stands
+            log.warning("commit on revocation failed (%s); the last commit stands", e)
+
+    def _seek_assigned(self) -> None:
+        """After an assignment: every owned partition restarts at the later of this member's durable
+        offset and the group's committed offset (then with its previous owner's skip rule)."""
+        from kafka.structs import TopicPartition
+        self.rebalances += 1
+        self._next, self.lag, self._skip = {}, {}, {}
+        for part in sorted(self._assigned or ()):
+            tp, p = TopicPartition(self.topic, part), str(part)
+            committed = self._consumer.committed(tp, metadata=True)
+            mine = self._durable.get(p)
+            ours = committed is not None and committed.offset == mine and \
+                (committed.metadata or "") == self._durable_meta.get(p, "")
+            if mine is not None and (committed is None or mine > committed.offset or ours):
+                self._consumer.seek(tp, mine)  # the window loop knows what of it was trained
+            elif committed is not None and committed.offset is not None and committed.offset >= 0:
+                self._consumer.seek(tp, committed.offset)
+                self._durable[p] = committed.offset
+                self._durable_meta[p] = committed.metadata or ""
+                try:
+                    meta = json.loads(committed.metadata or "{}")
+                    self._skip[p] = (int(meta["read_upto"]), int(meta["watermark"]))
+                except (ValueError, KeyError, TypeError):
+                    pass  # no metadata (another writer): nothing to skip
+            elif self.auto_offset_reset == "latest":
+                self._consumer.seek_to_end(tp)
+            else:
+                self._consumer.seek_to_beginning(tp)
+        log.info("rebalance: assigned partitions %s; restarting them at %s", sorted(self._assigned or ()),
+                 {p: self._consumer.position(TopicPartition(self.topic, int(p))) for p in map(str, sorted(self._assigned or ()))})
+
+    def _handed_over(self, p: str, offset: int, rb: pa.RecordBatch) -> pa.RecordBatch:
+        """Drop the rows the partition's previous owner trained: older than its watermark, in a
+        message it had read (vectorised)."""
+        upto, watermark = self._skip[p]
+        if offset >= upto:
+            del self._skip[p]
+            return rb
+        t = self.schema.event_time
+        if t not in rb.schema.names:
+            return rb
+        import pyarrow.compute as pc
+        keep = pc.fill_null(pc.greater_equal(rb.column(t), watermark), True)
+        out = rb.filter(keep)
+        self.handed_over_rows += rb.num_rows - out.num_rows
+        return out
+
     def _batches(self, p: str, messages) -> Iterator[SourceBatch]:
         """One SourceBatch per run of decodable messages of a partition (small messages are
         concatenated: per-message overhead would dominate), one error batch per bad message."""
@@ -212,6 +307,8 @@ class KafkaSource:
             self.last_message_time = time.time()
             try:
                 rb = decode_message(msg.value, msg.headers, self.schema.fingerprint())
+                if p in self._skip:
+                    rb = self._handed_over(p, msg.offset, rb)
             except WireError as e:
                 yield from flush() or []
                 run, first = [], None
@@ -267,6 +364,12 @@ class KafkaSource:
             self._dlq_send(value, None, [("reason", str(reason).encode()), ("format", b"arrow-deadletter")])
 
     # --- positions and commits ---
+    def _owned(self, offsets: dict) -> dict:
+        """Only partitions this member owns (all of them until the first assignment)."""
+        if self._assigned is None:
+            return offsets
+        return {p: o for p, o in offsets.items() if int(p) in self._assigned}
+
     def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None) -> dict:
         offsets = dict((start or {}).get("offsets") or {})
         offsets.update(self._next)
@@ -275,15 +378,28 @@ class KafkaSource:
             for p, o in sb.position.get("offsets", {}).items():
                 first[p] = min(first.get(p, o), o)
         offsets.update(first)
-        return {"offsets": offsets}
+        return {"offsets": self._owned(offsets)}
 
-    def commit(self, position: dict) -> None:
-        """Commit `position` to the group: called only once the checkpoint holding it is durable."""
+    def read_upto_position(self, previous: dict | None) -> dict:
+        """Per owned partition, the offset after the last message read (the window loop's test for
+        rows read, and handled, before a restart or a rebalance)."""
+        offsets = dict((previous or {}).get("offsets") or {})
+        offsets.update(self._next)
+        return {"offsets": self._owned(offsets)}
+
+    def commit(self, position: dict, watermark: int | None = None, read_upto: dict | None = None) -> None:
+        """Commit `position` to the group: called only once the checkpoint holding it is durable.
+        The metadata of each partition's commit holds the checkpoint's watermark and how far that
+        partition had been read, so a member that takes the partition over skips what was trained."""
+        upto = (read_upto or {}).get("offsets") or {}
+        self._durable = {p: int(o) for p, o in self._owned(position.get("offsets", {})).items()}
+        self._durable_meta = {p: json.dumps({"watermark": int(watermark), "read_upto": int(upto[p])})
+                              for p in self._durable if watermark is not None and p in upto}
         if self._consumer is None:
             return
         from kafka.structs import OffsetAndMetadata, TopicPartition
-        offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(int(o), "", -1)
-                   for p, o in position.get("offsets", {}).items()}
+        offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(o, self._durable_meta.get(p, ""), -1)
+                   for p, o in self._durable.items()}
         try:
             self._consumer.commit(offsets)
         except Exception as e:  # the checkpoint still holds the position; the next commit catches up
