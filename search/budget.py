@@ -1,4 +1,4 @@
-"""The parameter budget of the slim arm and the greedy, quantised choice of kept columns.
+"""The parameter budget of the slim arm and the choice of kept columns, in blocks of 4.
 
 A column j of field i costs rows_i = num_embeddings[i] parameters, so an allocation {d_i}
 costs sum_i rows_i * d_i (SSEDS eq. 4). The slim arm may hold at most kappa times the
@@ -6,30 +6,33 @@ control arm's parameters (SSEDS eqs. 4 and 8, default kappa = 0.25): `Budget("pa
 HAM's alternative is a target number s of kept columns over all fields (HAM section 3.3):
 `Budget("columns", columns=s)`, every column costing 1.
 
-Selection (SSEDS eq. 12): rank the single (field, column) pairs by score, best first, and keep
-them from the top while the next one still fits; the first that does not fit is the quantile
-s~ of eq. 12 and everything ranked below it is pruned (a prefix of the ranking, as in the paper;
-a cheap low-ranked column is never kept in place of a better one that did not fit). Fields
-whose 4 columns alone exceed the budget cannot be kept at all and are left out of the ranking.
-
-Quantisation (ours: FBGEMM's fused kernels need widths that are multiples of 4):
-  1. every field's kept count is rounded DOWN to a multiple of 4;
-  2. the budget this frees is spent rounding fields back UP: each field that lost columns in
-     step 1 is a candidate to go to the next multiple of 4, i.e. to add its next 4 columns
-     (its best-scored columns beyond the rounded-down count). Candidates are taken in
-     decreasing order of the total score of those 4 columns, each only if it still fits;
-     a candidate that does not fit is skipped and the next one tried.
-A field is never rounded up from 0 kept columns, and never beyond its control width. The
-columns a field keeps are always its top-scored ones. A field left with 0 columns leaves the
-model (allocation 0).
+Selection (SSEDS eq. 12) at the granularity the kernels allow (ours: FBGEMM's fused kernels
+need widths that are multiples of 4). The search scores single columns; then
+  1. each field's columns are sorted by score, best first, and cut into blocks of 4 (a field of
+     width 32 has 8 blocks); a block's score is the MEAN score of its 4 columns;
+  2. blocks of all fields are ranked by that score, best first (SSEDS Algorithm 1, "Rank"), and
+     kept from the top while the next one still fits in the budget; the first that does not fit
+     is the quantile s~ of eq. 12 and every block ranked below it is pruned (a prefix of the
+     ranking, as in the paper: a cheap low-ranked block is never kept in place of a better one
+     that did not fit). Blocks of a field whose 4 columns alone exceed the whole budget are left
+     out of the ranking (they could never be kept and would end the prefix for everyone);
+  3. `min_score`, if given, also drops blocks scoring at or below it (HAM: a block whose mean
+     alpha is <= 0 is "off" by the indicator 1[alpha > 0] of HAM eq. 2).
+Because a field's blocks are in decreasing score order, a field always keeps its top-scored
+columns, its width is 4 x (blocks kept), and a field with no block kept leaves the model
+(allocation 0). Why the mean of 4 and not rounding single-column counts: a field that owns one
+lucky high-scoring column among 31 unimportant ones (typical of a noise field scored on a
+sample) would otherwise be rounded up to 4 columns; measured on the synthetic stream, the block
+rule prunes 6/6 noise fields where per-column greedy selection and rounding pruned 3/6
+(benchmarks/search.py).
 
 >>> b = Budget("params", kappa=0.5)
 >>> rows, ctrl = {"a": 10, "b": 1000}, {"a": 8, "b": 8}
 >>> b.limit(ctrl, rows)
 4040
 >>> alloc = allocate({"a": [5, 4, 3, 2, 1, 1, 1, 1], "b": [9, 0, 0, 0, 0, 0, 0, 0]}, b, ctrl, rows)
->>> alloc.dims, alloc.used
-({'a': 8, 'b': 0}, 80)
+>>> alloc.dims, alloc.used   # blocks: a[:4] 3.5, b[:4] 2.25 (fits exactly), a[4:] 1.0 overflows
+({'a': 4, 'b': 4}, 4040)
 """
 from __future__ import annotations
 
@@ -141,58 +144,53 @@ def rank_columns(scores: dict[str, np.ndarray], eligible: dict[str, np.ndarray] 
     return [(fields[fid[k]], int(col[k])) for k in order]
 
 
-def greedy_select(ranking: list[tuple[str, int]], cost: dict[str, int], limit: int) -> dict[str, list[int]]:
-    """SSEDS eq. 12: keep columns from the top of `ranking` while the next one fits in `limit`.
+def rank_blocks(scores: dict[str, np.ndarray], eligible: dict[str, bool] | None = None,
+                min_score: float | None = None) -> tuple[list[tuple[str, int]], dict[str, np.ndarray]]:
+    """Blocks of 4 columns, best mean score first (rule 1-3 of the module docstring).
 
-    Stops at the first column that does not fit (the quantile s~): the kept set is a prefix
-    of the ranking. Returns {field: kept columns in ranking order} (fields with none omitted)."""
+    Returns ([(field, block index)], {field: its columns best first}); block b of field f is
+    columns order[f][4b:4b+4]. Ties: field order, then block index. `eligible[f]` False leaves
+    every block of f out."""
+    order = {f: np.lexsort((np.arange(len(np.ravel(s))), -np.asarray(s, np.float64).ravel()))
+             for f, s in scores.items()}
+    rows = []
+    for i, (f, s) in enumerate(scores.items()):
+        if eligible is not None and not eligible.get(f, True):
+            continue
+        s = np.asarray(s, np.float64).ravel()
+        for b in range(len(s) // QUANTUM):
+            mean = float(s[order[f][QUANTUM * b:QUANTUM * (b + 1)]].mean())
+            if min_score is None or mean > min_score:
+                rows.append((-mean, i, b, f))
+    rows.sort()
+    return [(f, b) for _, _, b, f in rows], order
+
+
+def select_blocks(ranking: list[tuple[str, int]], cost: dict[str, int], limit: int) -> dict[str, int]:
+    """SSEDS eq. 12 over blocks: keep blocks from the top of `ranking` while the next one fits.
+
+    Stops at the first block that does not fit (the quantile s~): the kept set is a prefix of
+    the ranking. Returns {field: number of blocks kept} (fields with none omitted)."""
     if not ranking:
         return {}
-    c = np.array([cost[f] for f, _ in ranking], np.int64)
+    c = np.array([QUANTUM * cost[f] for f, _ in ranking], np.int64)
     fits = np.cumsum(c) <= limit
     n = len(ranking) if fits.all() else int(np.argmin(fits))  # first index that overflows
-    kept: dict[str, list[int]] = {}
-    for f, j in ranking[:n]:
-        kept.setdefault(f, []).append(j)
+    kept: dict[str, int] = {}
+    for f, _ in ranking[:n]:
+        kept[f] = kept.get(f, 0) + 1
     return kept
-
-
-def quantise(kept: dict[str, list[int]], scores: dict[str, np.ndarray], cost: dict[str, int],
-             limit: int, control_dims: dict[str, int]) -> dict[str, list[int]]:
-    """Round every field's kept count to a multiple of 4 within `limit` (rule: module docstring).
-
-    `kept[f]` is the field's greedy count; the field keeps its top-scored columns. Returns
-    {field: kept columns (sorted)} for every field of `control_dims` ([] = pruned)."""
-    order = {f: np.lexsort((np.arange(len(np.ravel(s))), -np.asarray(s, np.float64).ravel()))
-             for f, s in scores.items()}  # each field's columns, best first
-    count = {f: len(kept.get(f, [])) for f in control_dims}
-    down = {f: n // QUANTUM * QUANTUM for f, n in count.items()}
-    spent = sum(cost[f] * d for f, d in down.items())
-    # candidates: fields that lost columns when rounded down, by total score of the next 4
-    cands = []
-    for f, n in count.items():
-        up = down[f] + QUANTUM
-        if n > down[f] and up <= control_dims[f]:
-            gain = float(np.asarray(scores[f], np.float64).ravel()[order[f][down[f]:up]].sum())
-            cands.append((-gain, list(control_dims).index(f), f))
-    final = dict(down)
-    for _, _, f in sorted(cands):
-        extra = cost[f] * QUANTUM
-        if spent + extra <= limit:
-            final[f] += QUANTUM
-            spent += extra
-    return {f: sorted(int(j) for j in order[f][:d]) if d else [] for f, d in final.items()}
 
 
 def allocate(scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[str, int],
              num_embeddings: dict[str, int], rank_by: dict[str, np.ndarray] | None = None,
-             eligible: dict[str, np.ndarray] | None = None) -> Allocation:
-    """Greedy selection (SSEDS eq. 12) then quantisation to multiples of 4, within `budget`.
+             min_score: float | None = None) -> Allocation:
+    """Blocks of 4 columns kept by SSEDS eq. 12 within `budget` (rule: module docstring).
 
     scores[f]: one score per control column of field f (higher = keep first). `rank_by`, if
-    given, replaces the scores for the global ranking only (e.g. saliency per parameter); the
-    columns a field keeps and its round-up order still follow `rank_by` so that a field keeps
-    exactly the columns the ranking chose. `eligible[f]` excludes columns from selection.
+    given, replaces the scores for ranking (e.g. saliency per parameter), both across fields and
+    within a field, so that a field keeps exactly the columns the ranking chose. `min_score`
+    drops blocks whose mean score is not above it (HAM's 1[alpha > 0] at block level).
     Raises BudgetError if no field can keep 4 columns."""
     fields = [f for f, d in control_dims.items() if d > 0]
     for f in fields:
@@ -201,14 +199,11 @@ def allocate(scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[s
     key = {f: np.asarray((rank_by or scores)[f], np.float64).ravel() for f in fields}
     cost = budget.cost({f: num_embeddings[f] for f in fields})
     limit = budget.limit(control_dims, num_embeddings)
-    # a field whose 4 cheapest-possible columns exceed the whole budget can never be kept:
-    # leave it out of the ranking, or its first column would end the prefix for everyone
-    eligible = {f: (np.asarray(eligible[f], bool) if eligible is not None and f in eligible
-                    else np.ones(control_dims[f], bool)) & (QUANTUM * cost[f] <= limit) for f in fields}
-    kept = greedy_select(rank_columns(key, eligible), cost, limit)
-    cols = quantise(kept, key, cost, limit, {f: control_dims[f] for f in fields})
-    dims = {f: 0 for f in control_dims} | {f: len(c) for f, c in cols.items()}
+    affordable = {f: QUANTUM * cost[f] <= limit for f in fields}
+    ranking, order = rank_blocks(key, affordable, min_score)
+    blocks = select_blocks(ranking, cost, limit)
+    dims = {f: 0 for f in control_dims} | {f: QUANTUM * n for f, n in blocks.items()}
     if not any(dims.values()):
         raise BudgetError(f"the {budget.kind} budget {limit} is too small to keep {QUANTUM} columns of any field")
-    kept_columns = {f: cols.get(f, []) for f in control_dims}
+    kept_columns = {f: sorted(int(j) for j in order[f][:dims[f]]) if f in order else [] for f in control_dims}
     return Allocation(dims, kept_columns, budget.spent(dims, num_embeddings), limit)

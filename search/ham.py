@@ -13,9 +13,9 @@ Search stage on a COPY of the pretrained control arm (the control arm itself is 
     training rows with the current hard mask (the bi-level problem of section 3.3).
 Masked columns still receive the STE gradient, so they may come back. The search stops after
 `steps` steps, or earlier once the spend has settled at the budget and validation AUC has not
-improved for `patience` evaluations (the early stopper of section 3.3). The allocation keeps
-the columns with alpha > 0, ranked by alpha, within the budget and quantised to multiples of 4
-exactly as SSEDS's (search/budget.py).
+improved for `patience` evaluations (the early stopper of section 3.3). The allocation ranks
+blocks of 4 columns by their mean alpha within the budget exactly as SSEDS's (search/budget.py),
+keeping only blocks whose mean alpha is > 0 (the indicator 1[alpha > 0] of eq. 2 at block level).
 
 `orthogonal_regulariser` is the soft orthogonality penalty of eq. 1 for pretraining the control
 arm; it is not applied by the search itself.
@@ -204,7 +204,7 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
     if train_weights:
         work.dense_optimizer.zero_grad(set_to_none=True)
     a_np = {f: a.numpy().astype(np.float64) for f, a in alpha.items()}
-    alloc = allocate(a_np, budget, ctrl, rows, eligible={f: a > 0 for f, a in a_np.items()})
+    alloc = allocate(a_np, budget, ctrl, rows, min_score=0.0)
     dims = {f: 0 for f in rows} | alloc.dims
     kept = {f: [] for f in rows} | alloc.kept_columns
     return SearchResult(
