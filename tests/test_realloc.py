@@ -67,3 +67,33 @@ def test_kept_columns_keep_values_and_state_granted_columns_come_from_control():
     torch.testing.assert_close(state(slim2, "user")[:, 4:], state(control, "user")[:, 4:])
     torch.testing.assert_close(table(slim2, "item"), table(slim, "item"))
     assert not torch.equal(table(slim, "user"), table(control, "user")[:, :4])  # slim really trained
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2"])
+def test_head_adam_moments_follow_their_columns(model):
+    """Kept columns keep the first layer's (DeepFM) or cross layers' (DCN-V2) Adam moments and
+    their projection's; granted columns take the control's; nothing restarts at zero."""
+    control, build, batch = _arms(model)
+    spec1 = ArmSpec("slim", {"user": 4, "item": 8, "tags": 4, "price": 4},
+                    {"user": [0, 1, 2, 3], "item": list(range(8)), "tags": [0, 1, 2, 3], "price": [4, 5, 6, 7]})
+    slim = reallocate(control, control, spec1, build)
+    for s in range(0, 256, 32):
+        slim.train_step(batch.slice(s, s + 32))
+    spec2 = ArmSpec("slim", {"user": 8, "item": 8, "tags": 4, "price": 4},
+                    {"user": list(range(8)), "item": list(range(8)), "tags": [0, 1, 2, 3], "price": [4, 5, 6, 7]})
+    slim2 = reallocate(slim, control, spec2, build)
+    head1, head2, headc = (a.model.module.head for a in (slim, slim2, control))
+    st = lambda arm, p: arm.dense_optimizer.state[p]["exp_avg_sq"]  # noqa: E731
+    # columns in model order: user 0..3 / 0..7 first, so user's old columns 0-3 sit at 0-3 in both
+    if model == "deepfm":
+        w1, w2, wc = head1.dnn[0].weight, head2.dnn[0].weight, headc.dnn[0].weight
+        torch.testing.assert_close(st(slim2, w2)[:, :4], st(slim, w1)[:, :4])       # kept: user 0-3
+        torch.testing.assert_close(st(slim2, w2)[:, 4:8], st(control, wc)[:, 4:8])  # granted: user 4-7
+        torch.testing.assert_close(st(slim2, w2)[:, 8:], st(slim, w1)[:, 4:])      # item, tags, price
+        i1, i2 = head1.proj.index[0], head2.proj.index[0]
+        if i2 >= 0 and i1 >= 0:
+            torch.testing.assert_close(st(slim2, head2.proj.weights[i2])[:, :4], st(slim, head1.proj.weights[i1]))
+    else:
+        w1, w2 = head1.cross[0].linear.weight, head2.cross[0].linear.weight
+        torch.testing.assert_close(st(slim2, w2)[8:, 8:], st(slim, w1)[4:, 4:])
+    assert all(float(v["exp_avg_sq"].abs().sum()) > 0 for v in slim2.dense_optimizer.state.values())
