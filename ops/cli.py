@@ -43,12 +43,17 @@ def _run_parser(sub) -> None:
     p.add_argument("--idle-timeout", type=float, help="close the open window after this many seconds without data")
     p.add_argument("--export-dir", type=Path, help="publish the slim arm for serving after every window")
     p.add_argument("--linger-seconds", type=float, help="keep serving /metrics this long after the run ends")
+    p.add_argument("--realloc-min-gain", type=float,
+                   help="re-shape the slim arm only if the search's allocation scores this fraction above its current one (0.05)")
+    p.add_argument("--saliency-decay", type=float,
+                   help="moving average of the searches' column scores, s <- decay*s + (1-decay)*s_new (0.8; 0 = latest only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_config(args) -> RunConfig:
     keys = ["source", "model", "windows", "window", "state_dir", "metrics_addr", "seed", "arms", "search",
-            "budget", "search_every", "control_dim", "rows_per_window", "grace_seconds", "linger_seconds", "export_dir", "allowed_lateness", "idle_timeout"]
+            "budget", "search_every", "control_dim", "rows_per_window", "grace_seconds", "linger_seconds", "export_dir", "allowed_lateness", "idle_timeout",
+            "realloc_min_gain", "saliency_decay"]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
         given["progress"] = False

@@ -49,6 +49,10 @@ class RunConfig:
     budget: float = 0.25              # kappa: slim embedding params <= kappa x control's
     search_every: int = 1             # windows between searches (0: only apply cron plans)
     search_rows: int = 8192
+    # re-shape the slim arm only if the searched allocation's total saliency beats the slim arm's
+    # current columns by this fraction (scored on the same rows); 0 = whenever it differs
+    realloc_min_gain: float = 0.05
+    saliency_decay: float = 0.8       # moving average of the searches' column scores (0 = latest only)
     rows_per_window: int = 50_000     # synthetic source
     allowed_lateness: int = 0
     idle_timeout: float | None = None
@@ -122,3 +126,7 @@ class RunConfig:
         parse_addr(self.metrics_addr)
         if self.search_every < 0:
             raise ConfigError("search_every must be >= 0")
+        if not 0 <= self.saliency_decay < 1:
+            raise ConfigError("saliency_decay must be in [0, 1)")
+        if not self.realloc_min_gain >= 0:
+            raise ConfigError("realloc_min_gain must be >= 0")

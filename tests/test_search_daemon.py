@@ -102,3 +102,43 @@ def test_cron_and_daemon_running_at_once(tmp_path):
         json.loads(f.read_text())  # every plan file is whole
     applied = list((tmp_path / "plans" / "applied").glob("*.json"))
     assert applied and not list((tmp_path / "plans").glob(".claimed-*"))
+
+
+def test_slim_is_reshaped_only_when_the_search_gains_enough(tmp_path):
+    """--realloc-min-gain: after the first cut (the control-sized slim arm is over budget) the slim
+    arm keeps its columns unless the searched allocation's total saliency beats them by the
+    threshold; every search records that gain."""
+    base = ["run", "--arms", "control,slim", "--search", "sseds", "--search-every", "1", "--rows-per-window", "4000",
+            "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm", "--windows", "4"]
+    _cli(base + ["--state-dir", str(tmp_path / "sticky"), "--realloc-min-gain", "1000"])
+    _cli(base + ["--state-dir", str(tmp_path / "eager"), "--realloc-min-gain", "0", "--saliency-decay", "0"])
+    sticky, eager = _summary(tmp_path / "sticky")["windows"], _summary(tmp_path / "eager")["windows"]
+    assert [bool(w.get("reallocation")) for w in sticky] == [True, False, False, False]
+    assert all(w["search"]["gain_over_current"] < 1000 for w in sticky[1:])
+    assert all(w["arms"]["slim"]["dims"] == sticky[1]["arms"]["slim"]["dims"] for w in sticky[2:])
+    # single shots (no moving average) and no threshold: re-shaped whenever the shot differs
+    assert sum(bool(w.get("reallocation")) for w in eager) >= 2
+    assert all(w["search"]["gain_over_current"] > 0 for w in eager[1:] if w.get("reallocation"))
+
+
+def test_searches_are_averaged_and_the_average_is_checkpointed_state():
+    from types import SimpleNamespace
+
+    from ops.searching import smoothed_allocation
+    from search.budget import SearchResult
+
+    rows = {"a": 10, "b": 10}
+    runner = SimpleNamespace(cfg=SimpleNamespace(saliency_decay=0.5, budget=0.5), extra={},
+                             schema=SimpleNamespace(num_embeddings=rows))
+    control = SimpleNamespace(dims={"a": 8, "b": 8})
+
+    def result(a, b):
+        return SearchResult("sseds", {}, {}, {"a": a, "b": b}, "params", 80, 80, 160, 0.1, 100, 80)
+
+    s1, dims1, _ = smoothed_allocation(runner, result([1.0] * 8, [0.0] * 8), control)
+    assert dims1 == {"a": 8, "b": 0}
+    # one contrary shot does not flip the allocation: the average still favours a
+    s2, dims2, kept2 = smoothed_allocation(runner, result([0.0] * 8, [0.8] * 8), control)
+    assert list(s2["a"]) == [0.5] * 8 and list(s2["b"]) == [0.4] * 8
+    assert dims2 == {"a": 8, "b": 0} and kept2["a"] == list(range(8))
+    assert runner.extra["search_scores"]["scores"]["b"] == [0.4] * 8  # in the checkpoint's meta
