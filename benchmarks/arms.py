@@ -57,7 +57,8 @@ def run_once(dataset: str, seed: int, search: str, budget: float, log) -> dict:
     idx = list(scored(len(ws)))
     out = {"seed": seed, "windows": len(ws), "scored_windows": [idx[0], idx[-1]], "seconds": seconds, "arms": {}}
     for arm in ARMS:
-        rows = [ws[i]["arms"][arm] for i in idx if arm in ws[i]["arms"] and ws[i]["arms"][arm].get("auc") is not None]
+        rows = [ws[i]["arms"][arm] for i in idx if arm in ws[i]["arms"] and ws[i]["arms"][arm].get("auc") is not None
+                and ws[i]["arms"][arm]["auc"] == ws[i]["arms"][arm]["auc"]]  # a one-class day has no AUC
         out["arms"][arm] = {
             "auc": statistics.fmean(r["auc"] for r in rows),
             "logloss": statistics.fmean(r["logloss"] for r in rows),
