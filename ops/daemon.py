@@ -278,7 +278,7 @@ class Runner:
             self._publish(index)
         commit = getattr(self.source, "commit", None)
         if commit is not None and window.resume is not None:
-            commit(window.resume, window.end, window.read_upto)  # only now: the checkpoint is durable
+            commit(window.resume, window.end, window.read_upto, window=index)  # only now: the checkpoint is durable
         t0 = time.perf_counter()
         write_json(self.state_dir / "summary.json", self.summary())
         if time.monotonic() - self._last_plot >= PLOT_EVERY_SECONDS:  # many short windows: throttle

@@ -37,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 
@@ -109,12 +110,125 @@ def _ssl_context(security: dict):
     return ctx
 
 
+def skip_rules(meta: dict | None) -> list[list[int]]:
+    """The rows a position record (or commit metadata) says were handled in messages at or after
+    its offset: a list of [read_upto, watermark] rules, each meaning "rows older than watermark in
+    messages before read_upto". Its own rule first, then the rules it carried over from earlier
+    owners of the partition. Anything unparsable means nothing to skip."""
+    if not meta:
+        return []
+    try:
+        rules = [[int(meta["read_upto"]), int(meta["watermark"])]] if "read_upto" in meta else []
+        rules += [[int(u), int(w)] for u, w in meta.get("skips") or []]
+        return rules
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+class PositionsTopic:
+    """The positions side topic (`TOPIC.positions`): after each durable checkpoint and before the
+    offsets are committed, one record per owned partition, keyed `GROUP/PARTITION`, saying where
+    the group stands on it and which rows past that offset were already trained (the skip rules
+    above). A member that is assigned a partition reads the latest record of its key: unlike
+    commit metadata (which some brokers, tansu among them, drop) it always survives, and since it
+    is written before the commit it is never older than the committed offset. One partition,
+    compacted where the broker supports it; read incrementally from where the last read stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, group: str, security: dict):
+        self.bootstrap, self.name, self.group, self.security = bootstrap, f"{topic}.positions", group, security
+        self.latest: dict[str, dict] = {}  # partition -> the latest record of this group
+        self._reader = self._producer = None
+        self._created = False
+
+    def _ensure(self) -> None:
+        if self._created:
+            return
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000, **self.security)
+        try:
+            if self.name not in admin.list_topics():
+                try:
+                    admin.create_topics([NewTopic(self.name, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+                except TopicAlreadyExistsError:
+                    pass
+                except Exception as e:  # a broker without compaction: a plain topic (it stays small)
+                    log.info("creating %s compacted failed (%s); creating it plain", self.name, e)
+                    try:
+                        admin.create_topics([NewTopic(self.name, 1, 1)])
+                    except TopicAlreadyExistsError:
+                        pass
+            self._created = True
+        finally:
+            admin.close()
+
+    def write(self, records: list[dict], timeout: float = 10.0) -> bool:
+        """Write the records and wait for the broker to acknowledge all of them."""
+        if not records:
+            return True
+        try:
+            self._ensure()
+            if self._producer is None:
+                from kafka import KafkaProducer
+                self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
+                                               **self.security)
+            futures = [self._producer.send(self.name, key=f"{self.group}/{r['partition']}".encode(),
+                                           value=json.dumps(r, sort_keys=True).encode()) for r in records]
+            self._producer.flush(timeout=timeout)
+            for f in futures:
+                f.get(timeout=timeout)
+            return True
+        except Exception as e:
+            log.warning("could not write positions to %s: %s", self.name, e)
+            return False
+
+    def refresh(self, timeout: float = 10.0) -> dict[str, dict]:
+        """Read the side topic up to its current end and return, per partition, the latest record
+        of this group. Raises if the end cannot be reached within `timeout` seconds."""
+        from kafka import KafkaConsumer
+        from kafka.structs import TopicPartition
+        if self._reader is None:
+            self._reader = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                         auto_offset_reset="earliest", request_timeout_ms=15000, **self.security)
+        parts = self._reader.partitions_for_topic(self.name)
+        if not parts:
+            return self.latest  # nothing written yet
+        tps = [TopicPartition(self.name, q) for q in sorted(parts)]
+        if set(tps) != set(self._reader.assignment()):
+            self._reader.assign(tps)
+        ends = self._reader.end_offsets(tps)
+        prefix = f"{self.group}/".encode()
+        deadline = time.monotonic() + timeout
+        while any(self._reader.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not read to its end within {timeout:.0f}s")
+            for msgs in self._reader.poll(timeout_ms=200).values():
+                for m in msgs:
+                    if m.key is None or not m.key.startswith(prefix) or m.value is None:
+                        continue
+                    try:
+                        rec = json.loads(m.value)
+                        self.latest[str(int(rec["partition"]))] = rec
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("unreadable record at %s offset %d", self.name, m.offset)
+        return self.latest
+
+    def close(self) -> None:
+        for c in (self._reader, self._producer):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+        self._reader = self._producer = None
+
+
 class KafkaSource:
     default_window_seconds = None
 
     def __init__(self, bootstrap: str, topic: str, schema: Schema, group: str = "dimstream",
                  poll_timeout_ms: int = 500, security: dict | None = None, auto_offset_reset: str = "earliest",
-                 dlq: bool = True):
+                 dlq: bool = True, positions: bool = True):
         self.bootstrap, self.topic, self.schema, self.group = bootstrap, topic, schema, group
         self.name = f"kafka://{bootstrap}/{topic}"
         self.poll_timeout_ms, self.security = poll_timeout_ms, dict(security or {})
@@ -127,9 +241,17 @@ class KafkaSource:
         self._consumer = self._producer = None
         self._durable: dict[str, int] = {}       # per partition: offset of the last durable checkpoint
         self._durable_meta: dict[str, str] = {}  # per partition: commit metadata of that checkpoint
+        self._durable_rec: dict[str, dict] = {}  # per partition: its positions record
+        self._side_ok: set[str] = set()          # partitions whose durable record is on the side topic
         self._assigned: set[int] | None = None   # partitions this member owns (None: not yet known)
         self._rebalanced = False                 # set by the listener, handled after poll returns
-        self._skip: dict[str, tuple[int, int]] = {}  # partition -> (read_upto, watermark) of its last owner
+        # per partition, [read_upto, watermark] rules of rows handled by earlier owners: `_skip` is
+        # applied to messages as they are read, `_carry` goes into positions until passed
+        self._skip: dict[str, list[list[int]]] = {}
+        self._carry: dict[str, list[list[int]]] = {}
+        self._read_base: dict[str, int] = {}     # partitions taken over: nothing read before this
+        self._positions = PositionsTopic(bootstrap, topic, group, self.security) if positions else None
+        self.member = uuid.uuid4().hex[:12]
         self.rebalances = 0                      # assignments received
         self.revoked_unfinished = 0              # revocations that found read-but-untrained messages
         self.handed_over_rows = 0                # rows skipped as trained by a partition's previous owner
@@ -187,6 +309,8 @@ class KafkaSource:
             self._liveness.start()
         was_up = None
         self._durable = {str(p): int(o) for p, o in here["offsets"].items()}
+        self._carry = {str(p): [list(map(int, r)) for r in rules]
+                       for p, rules in ((position or {}).get("carry") or {}).items()}
         while True:
             try:
                 if self._consumer is None:
@@ -232,6 +356,12 @@ class KafkaSource:
         if not commit or self._consumer is None:
             return
         from kafka.structs import OffsetAndMetadata, TopicPartition
+        unwritten = [self._durable_rec[p] for p in sorted(mine) if p in self._durable_rec and p not in self._side_ok]
+        if unwritten and self._positions is not None:  # the record goes first: never older than the commit
+            if not self._positions.write(unwritten, timeout=3.0):
+                mine = mine & self._side_ok  # the commit before it stands, with its record
+            else:
+                self._side_ok |= {r["partition"] for r in unwritten}
         offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(self._durable[p], self._durable_meta.get(p, ""), -1)
                    for p in mine if p in self._durable}
         if not offsets:
@@ -242,46 +372,80 @@ class KafkaSource:
             log.warning("commit on revocation failed (%s); the last commit stands", e)
 
     def _seek_assigned(self) -> None:
-        """After an assignment: every owned partition restarts at the later of this member's durable
-        offset and the group's committed offset (then with its previous owner's skip rule)."""
+        """After an assignment, every owned partition restarts at the furthest of three claims, each
+        made only once a checkpoint was durable: this member's own last checkpoint, the latest
+        record of the positions side topic, and the group's committed offset. Rows past that
+        offset that some owner already trained are skipped by the union of the claims' rules (each
+        rule is true on its own); this member's own rule is applied by the window loop."""
         from kafka.structs import TopicPartition
         self.rebalances += 1
-        self._next, self.lag, self._skip = {}, {}, {}
+        self._next, self.lag, self._skip, self._read_base = {}, {}, {}, {}
+        records: dict[str, dict] = {}
+        if self._positions is not None:
+            try:
+                records = dict(self._positions.refresh())
+            except Exception as e:  # then the committed offset (and its metadata, if kept) decides
+                log.warning("could not read %s (%s); using committed offsets only", self._positions.name, e)
         for part in sorted(self._assigned or ()):
             tp, p = TopicPartition(self.topic, part), str(part)
+            claims = []  # (offset, rules, positions record, commit metadata, this member's own)
+            if p in self._durable:
+                claims.append((self._durable[p], self._carry.get(p, []), self._durable_rec.get(p),
+                               self._durable_meta.get(p, ""), True))
+            rec = records.get(p)
+            if rec is not None and isinstance(rec.get("offset"), int) and rec["offset"] >= 0:
+                claims.append((rec["offset"], skip_rules(rec), rec, _metadata(rec), False))
             committed = self._consumer.committed(tp, metadata=True)
-            mine = self._durable.get(p)
-            ours = committed is not None and committed.offset == mine and \
-                (committed.metadata or "") == self._durable_meta.get(p, "")
-            if mine is not None and (committed is None or mine > committed.offset or ours):
-                self._consumer.seek(tp, mine)  # the window loop knows what of it was trained
-            elif committed is not None and committed.offset is not None and committed.offset >= 0:
-                self._consumer.seek(tp, committed.offset)
-                self._durable[p] = committed.offset
-                self._durable_meta[p] = committed.metadata or ""
+            if committed is not None and committed.offset is not None and committed.offset >= 0:
                 try:
                     meta = json.loads(committed.metadata or "{}")
-                    self._skip[p] = (int(meta["read_upto"]), int(meta["watermark"]))
-                except (ValueError, KeyError, TypeError):
-                    pass  # no metadata (another writer): nothing to skip
-            elif self.auto_offset_reset == "latest":
-                self._consumer.seek_to_end(tp)
-            else:
-                self._consumer.seek_to_beginning(tp)
-        log.info("rebalance: assigned partitions %s; restarting them at %s", sorted(self._assigned or ()),
-                 {p: self._consumer.position(TopicPartition(self.topic, int(p))) for p in map(str, sorted(self._assigned or ()))})
+                except ValueError:
+                    meta = {}
+                claims.append((committed.offset, skip_rules(meta if isinstance(meta, dict) else {}), None,
+                               committed.metadata or "", False))
+            if not claims:
+                if self.auto_offset_reset == "latest":
+                    self._consumer.seek_to_end(tp)
+                else:
+                    self._consumer.seek_to_beginning(tp)
+                self._durable.pop(p, None)
+                self._carry.pop(p, None)
+                continue
+            start = max(c[0] for c in claims)
+            rules = sorted({tuple(r) for c in claims for r in c[1] if r[0] > start})
+            best = max((c for c in claims if c[0] == start), key=lambda c: (c[4], c[2] is not None))
+            self._consumer.seek(tp, start)
+            self._skip[p] = self._carry[p] = [list(r) for r in rules]
+            if not self._skip[p]:
+                del self._skip[p], self._carry[p]
+            if not best[4]:  # taken over: the group's position, with its record
+                self._durable[p], self._durable_meta[p] = start, best[3]
+                self._read_base[p] = start
+                if best[2] is not None:
+                    self._durable_rec[p] = best[2]
+                    self._side_ok.add(p)
+                else:
+                    self._durable_rec.pop(p, None)
+        for p in list(self._carry):
+            if int(p) not in (self._assigned or ()):
+                del self._carry[p]
+        log.info("rebalance: assigned partitions %s; restarting them at %s (skipping rows trained by earlier "
+                 "owners: %s)", sorted(self._assigned or ()),
+                 {p: self._consumer.position(TopicPartition(self.topic, int(p))) for p in map(str, sorted(self._assigned or ()))},
+                 self._skip or "none")
 
     def _handed_over(self, p: str, offset: int, rb: pa.RecordBatch) -> pa.RecordBatch:
-        """Drop the rows the partition's previous owner trained: older than its watermark, in a
-        message it had read (vectorised)."""
-        upto, watermark = self._skip[p]
-        if offset >= upto:
-            del self._skip[p]
+        """Drop the rows earlier owners of the partition trained: older than a rule's watermark, in
+        a message before its read_upto (vectorised)."""
+        rules = [r for r in self._skip[p] if offset < r[0]]
+        if not rules:
+            del self._skip[p]  # messages come in offset order: no rule applies any more
             return rb
         t = self.schema.event_time
         if t not in rb.schema.names:
             return rb
         import pyarrow.compute as pc
+        watermark = max(w for _, w in rules)  # every rule covers this message: the widest one decides
         keep = pc.fill_null(pc.greater_equal(rb.column(t), watermark), True)
         out = rb.filter(keep)
         self.handed_over_rows += rb.num_rows - out.num_rows
@@ -371,32 +535,59 @@ class KafkaSource:
         return {p: o for p, o in offsets.items() if int(p) in self._assigned}
 
     def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None) -> dict:
+        """Per owned partition, the first message not fully handled; `carry` keeps the rules of
+        rows past it that earlier owners trained (so a restart, or the next owner, skips them)."""
         offsets = dict((start or {}).get("offsets") or {})
+        offsets.update(self._read_base)  # taken over since `start`: the group's position
         offsets.update(self._next)
         first: dict[str, int] = {}
         for sb in unfinished:
             for p, o in sb.position.get("offsets", {}).items():
                 first[p] = min(first.get(p, o), o)
         offsets.update(first)
-        return {"offsets": self._owned(offsets)}
+        offsets = self._owned(offsets)
+        position: dict = {"offsets": offsets}
+        carry = {p: [r for r in self._carry.get(p, []) if r[0] > o] for p, o in offsets.items()}
+        carry = {p: rules for p, rules in carry.items() if rules}
+        if carry:
+            position["carry"] = carry
+        return position
 
     def read_upto_position(self, previous: dict | None) -> dict:
         """Per owned partition, the offset after the last message read (the window loop's test for
         rows read, and handled, before a restart or a rebalance)."""
         offsets = dict((previous or {}).get("offsets") or {})
+        offsets.update(self._read_base)
         offsets.update(self._next)
         return {"offsets": self._owned(offsets)}
 
-    def commit(self, position: dict, watermark: int | None = None, read_upto: dict | None = None) -> None:
-        """Commit `position` to the group: called only once the checkpoint holding it is durable.
-        The metadata of each partition's commit holds the checkpoint's watermark and how far that
-        partition had been read, so a member that takes the partition over skips what was trained."""
+    def commit(self, position: dict, watermark: int | None = None, read_upto: dict | None = None,
+               window: int | None = None) -> None:
+        """Publish `position`: called only once the checkpoint holding it is durable. First, per
+        owned partition, a record on the positions side topic (offset, how far it was read, the
+        checkpoint's watermark and window, and the rules carried over from earlier owners); only
+        once the broker has acknowledged it, the offsets are committed to the group (with the
+        same facts as commit metadata, for brokers that keep it). A member that takes the
+        partition over skips what was trained."""
         upto = (read_upto or {}).get("offsets") or {}
+        carry = position.get("carry") or {}
         self._durable = {p: int(o) for p, o in self._owned(position.get("offsets", {})).items()}
-        self._durable_meta = {p: json.dumps({"watermark": int(watermark), "read_upto": int(upto[p])})
-                              for p in self._durable if watermark is not None and p in upto}
+        self._durable_meta, self._durable_rec, self._side_ok = {}, {}, set()
+        for p, o in self._durable.items():
+            rec = {"group": self.group, "topic": self.topic, "partition": p, "offset": o, "member": self.member,
+                   "window": window, "written_at": time.time()}
+            if watermark is not None and p in upto:
+                rec |= {"read_upto": int(upto[p]), "watermark": int(watermark)}
+            if carry.get(p):
+                rec["skips"] = carry[p]
+            self._durable_rec[p] = rec
+            self._durable_meta[p] = _metadata(rec)
         if self._consumer is None:
             return
+        if self._positions is not None:
+            if not self._positions.write(list(self._durable_rec.values())):
+                return  # no commit without its record: the checkpoint holds the position; the next one catches up
+            self._side_ok = set(self._durable_rec)
         from kafka.structs import OffsetAndMetadata, TopicPartition
         offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(o, self._durable_meta.get(p, ""), -1)
                    for p, o in self._durable.items()}
@@ -418,6 +609,15 @@ class KafkaSource:
             self._liveness.stop()
             self._liveness = None
         self._drop_consumer()
+        if self._positions is not None:
+            self._positions.close()
         if self._producer is not None:
             self._producer.close()
             self._producer = None
+
+
+def _metadata(rec: dict) -> str:
+    """Commit metadata for a positions record: the facts a new owner needs, compact (brokers cap
+    metadata at a few kB)."""
+    keep = {k: rec[k] for k in ("read_upto", "watermark", "skips") if k in rec}
+    return json.dumps(keep, sort_keys=True, separators=(",", ":")) if keep else ""
