@@ -188,6 +188,10 @@ class Runner:
         self.stop_deadline = time.monotonic() + self.cfg.grace_seconds
 
     def _loop(self) -> None:
+        recover = getattr(self.source, "recover", None)
+        if recover is not None and self.position is not None:
+            # a crash may have come between the checkpoint and telling the source (Kafka): tell it now
+            recover(self.position, self.watermark, self.read_upto, len(self.history) - 1)
         windower = Windower(self.source, self.decoder, self.window_seconds, self.cfg.allowed_lateness,
                             self.cfg.idle_timeout, self.position, self.watermark, self.read_upto,
                             stop=lambda: self.stop_requested)

@@ -8,16 +8,20 @@ message that were trained before a crash are skipped by the window loop (they ar
 the checkpointed watermark), so a message holding rows of two windows is handled exactly once.
 
 Rebalances give partitions up at the last window boundary. Every window's close is
-checkpointed and then committed (with metadata: the checkpoint's watermark and, per partition,
-how far reading had got), so the committed offsets always describe a safe point. When the group
-rebalances, the revoke callback commits that durable position again for the partitions being
-given up (in case the last commit failed), before they go; after the assignment every assigned
-partition is sought to the later of this daemon's durable offset and the group's committed one,
-the records of that poll are dropped, and the source yields a `rewind` heartbeat: the window
-loop drops what it buffered of open windows and re-reads it from there. A partition taken over
-from another member starts at that member's committed offset; rows of its split messages that
-the member already trained (older than its committed watermark, in messages it had read) are
-skipped here. No row is lost and none is trained twice across the group.
+checkpointed, then recorded on the positions side topic (`TOPIC.positions`, see PositionsTopic:
+per partition the offset, how far reading had got, the checkpoint's watermark and the skip rules
+carried over from earlier owners) and only once the broker has acknowledged that record
+committed (with the same facts as commit metadata, which some brokers, tansu among them, drop).
+When the group rebalances, the revoke callback commits that durable position again for the
+partitions being given up (writing its record first if that had failed), before they go; after
+the assignment every assigned partition is sought to the furthest of this daemon's durable
+offset, the partition's latest record and the group's committed offset, the records of that
+poll are dropped, and the source yields a `rewind` heartbeat: the window loop drops what it
+buffered of open windows and re-reads it from there. Rows of split messages that an earlier
+owner already trained (older than its watermark, in messages it had read) are skipped here. No
+row is lost and none is trained twice across the group. A daemon restarting from a checkpoint
+whose record never reached the side topic (it died in between) publishes it before rejoining
+(`recover`).
 
 Undecodable messages become error batches (dead-lettered by the loop) and are copied to
 `TOPIC.dlq` with headers reason, partition and offset. A broker that is down or hangs never
@@ -311,6 +315,7 @@ class KafkaSource:
         self._durable = {str(p): int(o) for p, o in here["offsets"].items()}
         self._carry = {str(p): [list(map(int, r)) for r in rules]
                        for p, rules in ((position or {}).get("carry") or {}).items()}
+        self.member = str((position or {}).get("member") or self.member)
         while True:
             try:
                 if self._consumer is None:
@@ -546,7 +551,7 @@ class KafkaSource:
                 first[p] = min(first.get(p, o), o)
         offsets.update(first)
         offsets = self._owned(offsets)
-        position: dict = {"offsets": offsets}
+        position: dict = {"offsets": offsets, "member": self.member}
         carry = {p: [r for r in self._carry.get(p, []) if r[0] > o] for p, o in offsets.items()}
         carry = {p: rules for p, rules in carry.items() if rules}
         if carry:
@@ -569,19 +574,7 @@ class KafkaSource:
         once the broker has acknowledged it, the offsets are committed to the group (with the
         same facts as commit metadata, for brokers that keep it). A member that takes the
         partition over skips what was trained."""
-        upto = (read_upto or {}).get("offsets") or {}
-        carry = position.get("carry") or {}
-        self._durable = {p: int(o) for p, o in self._owned(position.get("offsets", {})).items()}
-        self._durable_meta, self._durable_rec, self._side_ok = {}, {}, set()
-        for p, o in self._durable.items():
-            rec = {"group": self.group, "topic": self.topic, "partition": p, "offset": o, "member": self.member,
-                   "window": window, "written_at": time.time()}
-            if watermark is not None and p in upto:
-                rec |= {"read_upto": int(upto[p]), "watermark": int(watermark)}
-            if carry.get(p):
-                rec["skips"] = carry[p]
-            self._durable_rec[p] = rec
-            self._durable_meta[p] = _metadata(rec)
+        self._set_durable(position, watermark, read_upto, window)
         if self._consumer is None:
             return
         if self._positions is not None:
@@ -595,6 +588,55 @@ class KafkaSource:
             self._consumer.commit(offsets)
         except Exception as e:  # the checkpoint still holds the position; the next commit catches up
             log.warning("offset commit failed: %s", e)
+
+    def _set_durable(self, position: dict, watermark: int | None, read_upto: dict | None, window: int | None) -> None:
+        """The durable position (a checkpoint's) and, per owned partition, its record."""
+        upto = (read_upto or {}).get("offsets") or {}
+        carry = position.get("carry") or {}
+        self._durable = {p: int(o) for p, o in self._owned(position.get("offsets", {})).items()}
+        self._durable_meta, self._durable_rec, self._side_ok = {}, {}, set()
+        for p, o in self._durable.items():
+            rec = {"group": self.group, "topic": self.topic, "partition": p, "offset": o, "member": self.member,
+                   "window": window, "written_at": time.time()}
+            if watermark is not None and p in upto:
+                rec |= {"read_upto": int(upto[p]), "watermark": int(watermark)}
+            if carry.get(p):
+                rec["skips"] = carry[p]
+            self._durable_rec[p] = rec
+            self._durable_meta[p] = _metadata(rec)
+
+    def recover(self, position: dict, watermark: int | None = None, read_upto: dict | None = None,
+                window: int | None = None) -> None:
+        """Called once at start, before reading, with the checkpoint the daemon resumed from. A
+        daemon that died after writing that checkpoint but before its record reached the
+        positions topic publishes the record now, before it rejoins the group: for each
+        partition whose latest record is its own and older (or that has none), since then nobody
+        else has checkpointed that partition. A member that owns the partition meanwhile takes
+        it at this record at the rebalance this daemon's joining causes, and skips what it
+        covers (unless it has already closed those windows itself)."""
+        self.member = str(position.get("member") or self.member)
+        self._set_durable(position, watermark, read_upto, window)
+        if self._positions is None:
+            return
+        try:
+            latest = self._positions.refresh()
+        except Exception as e:
+            log.warning("could not read %s at start (%s)", self._positions.name, e)
+            return
+        publish = []
+        for p, rec in self._durable_rec.items():
+            last = latest.get(p)
+            if last is not None and last.get("member") != self.member:
+                continue  # another member has checkpointed it since: its record stands
+            if last is not None and (last.get("window") if last.get("window") is not None else -1) >= \
+                    (window if window is not None else -1):
+                self._side_ok.add(p)  # published before the crash
+                continue
+            publish.append(rec)
+        if publish and self._positions.write(publish):
+            self._side_ok |= {r["partition"] for r in publish}
+            log.info("published the positions of checkpoint %s for partitions %s (not published before the "
+                     "restart)", window, [r["partition"] for r in publish])
 
     def _drop_consumer(self) -> None:
         if self._consumer is not None:
