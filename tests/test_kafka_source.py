@@ -423,3 +423,110 @@ def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
     from ops.daemon import _iso
     assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}  # what was produced, per window
     return a, b
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_joins_trains_every_row_once(broker, tmp_path):
+    """Daemon A dies right after writing window 2's checkpoint, before anything of it reached
+    Kafka (no positions record, no commit). It restarts from that checkpoint and daemon B joins
+    the group before A closes another window. A publishes the checkpoint's positions before
+    rejoining, so whichever partition B takes starts where A's checkpoint says, skipping the
+    rows of the split message that A trained: every row is trained once across A, its
+    restart and B, and per-window row counts are what was produced."""
+    import threading
+    from kafka import KafkaProducer
+    from ops.replay import ensure_topic
+    from stream.kafka.wire import encode_arrow
+    from tests.helpers import tiny_schema
+    version = tiny_schema().fingerprint()
+    topic, group = "crashc", "cg"
+    ensure_topic(broker.bootstrap, topic, 2)
+    messages, per_message, span = 24, 20, 25  # 25 s messages: window boundaries fall inside them
+    total = 2 * messages * per_message
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
+
+    def produce(ks, pause=0.0):
+        for k in ks:
+            for part in (0, 1):
+                value, headers = encode_arrow(_rows(per_message, part * 100_000 + k * per_message,
+                                                    span * k, span * k + span), version)
+                p.send(topic, value=value, headers=headers, partition=part)
+            p.flush()
+            time.sleep(pause)  # paced: both partitions are read as they come, none runs ahead
+
+    kw = dict(idle_timeout=12.0, allowed_lateness=40, linger_seconds=120)
+    a, trained_a = _kafka_runner(broker, topic, group, tmp_path / "a", 1000, **kw)
+    commit = a.source.commit
+
+    def dies_before_window_2_reaches_kafka(position, watermark=None, read_upto=None, window=None):
+        if window == 2:
+            raise _Crash()  # window 2's checkpoint is on disk; its record and commit never happen
+        commit(position, watermark, read_upto, window)
+
+    a.source.commit = dies_before_window_2_reaches_kafka
+    crashed = []
+
+    def run_a():
+        try:
+            a.run()
+        except _Crash:
+            crashed.append(True)
+
+    ta = threading.Thread(target=run_a)
+    ta.start()
+    deadline = time.time() + 30
+    while a.source.rebalances == 0:  # A joined the group and was assigned both partitions
+        assert ta.is_alive() and time.time() < deadline
+        time.sleep(0.1)
+    produce(range(10), pause=0.5)  # event time 0-250: A can close windows 0-2 (lateness 40), not 3
+    ta.join(timeout=45)
+    assert crashed and (tmp_path / "a" / "checkpoints" / "ckpt-000002").exists()
+    a2, trained_a2 = _kafka_runner(broker, topic, group, tmp_path / "a", 1000, **kw)
+    b, trained_b = _kafka_runner(broker, topic, group, tmp_path / "b", 1000, **kw)
+    out_a2, out_b = {}, {}
+    ta2 = threading.Thread(target=lambda: out_a2.update(a2.run()))
+    tb = threading.Thread(target=lambda: out_b.update(b.run()))
+    ta2.start()
+    everything = lambda: trained_a + trained_a2 + trained_b  # noqa: E731
+    try:
+        deadline = time.time() + 30
+        while a2.source.rebalances == 0:  # the restarted A owns both partitions again
+            assert ta2.is_alive() and time.time() < deadline
+            time.sleep(0.1)
+        tb.start()  # B joins before A has closed another window
+        while b.source.rebalances == 0 or a2.source.rebalances < 2:
+            assert ta2.is_alive() and tb.is_alive() and time.time() < deadline
+            time.sleep(0.1)
+        assert len(a2.history) == 3  # nothing closed since the restart: A's only record is window 1's
+        produce(range(10, messages))
+        deadline = time.time() + 60
+        while len(np.unique(np.concatenate([r for _, r in everything()]))) < total:
+            assert ta2.is_alive() and tb.is_alive() and time.time() < deadline, \
+                "%d of %d rows trained; A %s, A restarted %s, B %s" % (
+                    len(np.unique(np.concatenate([r for _, r in everything()]))), total,
+                    *[[(s, len(r)) for s, r in x] for x in (trained_a, trained_a2, trained_b)])
+            time.sleep(0.2)
+        time.sleep(2)  # anything trained twice would show up by now
+    finally:
+        a2.stop_requested = b.stop_requested = True
+        for t in (ta2, tb):
+            if t.ident is not None:
+                t.join(timeout=60)
+        p.close()
+    assert a2.source._assigned and b.source._assigned and not a2.source._assigned & b.source._assigned
+    rids = np.concatenate([r for _, r in everything()])
+    assert len(rids) == total, f"{len(rids) - len(np.unique(rids))} rows trained twice"
+    expect = np.sort(np.concatenate([part * 100_000 + np.arange(messages * per_message) for part in (0, 1)]))
+    assert np.array_equal(np.sort(rids), expect)  # none lost, none twice
+    per_window: dict[str, int] = {}
+    for w in out_a2["windows"] + [w for w in out_b["windows"]]:  # A2's summary includes A's windows 0-2
+        per_window[w["start"]] = per_window.get(w["start"], 0) + w["rows"]
+        assert w["rejected_rows"] == 0
+    t = np.concatenate([_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy()
+                        for k in range(messages)])
+    starts, counts = np.unique(t // 60 * 60, return_counts=True)
+    from ops.daemon import _iso
+    assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}
