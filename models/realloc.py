@@ -113,19 +113,19 @@ def _adam_state(arm: Arm, p: torch.Tensor | None) -> dict | None:
     return arm.dense_optimizer.state.get(p) if p is not None else None
 
 
-def _carry_tied(p_new, p_old, p_ctl, new: Arm, old: Arm, control: Arm, gather) -> None:
-    """Copy a column-tied parameter gathered column by column (`gather(old, ctl)`), and its Adam
-    moments the same way: kept columns keep theirs, granted ones take the control's. Resetting
-    the moments instead made Adam's first steps ~lr * sign(g) on every kept column of the layer,
-    the largest part of the AUC dip after a re-allocation (measured on the synthetic stream)."""
-    p_new.copy_(gather(p_old, p_ctl))
-    so, sc = _adam_state(old, p_old), _adam_state(control, p_ctl)
+def _carry_tied(p_new, gather, old_w, ctl_w, p_old, p_ctl, new: Arm, old: Arm, control: Arm) -> None:
+    """Copy a column-tied parameter gathered column by column (`gather(old_w, ctl_w)`), and its
+    Adam moments the same way: kept columns keep theirs, granted ones take the control's (zeros
+    where the control has none, e.g. its identity projection). Resetting the moments instead
+    made Adam's first steps ~lr * sign(g) on every kept column of the layer."""
+    p_new.copy_(gather(old_w, ctl_w))
+    so = _adam_state(old, p_old)
     if not so or "exp_avg" not in so:
         return  # the old arm has not trained this parameter yet: Adam starts afresh
+    sc = _adam_state(control, p_ctl) or {}
     state = {"step": so["step"].clone() if torch.is_tensor(so["step"]) else so["step"]}
     for name in ("exp_avg", "exp_avg_sq"):
-        ctl = sc[name] if sc and name in sc and p_ctl is not None else (torch.zeros_like(p_ctl) if p_ctl is not None else None)
-        state[name] = gather(so[name] if p_old is not None else None, ctl).clone()
+        state[name] = gather(so[name], sc.get(name, torch.zeros_like(ctl_w))).clone()
     new.dense_optimizer.state[p_new] = state
 
 
@@ -147,17 +147,18 @@ def _carry_head(m_new, m_old, m_ctl, cols_new, cols_old, cols_ctl, new: Arm, old
             p_ctl = h_ctl.proj.weights[j_ctl] if j_ctl >= 0 else None
             old_m = _projection(h_old, po, k, len(oc)) if oc else None
             ctl_m = _projection(h_ctl, m_ctl.feature_names.index(f), k, len(cc))
-            _carry_proj(h_new.proj.weights[i], p_old, p_ctl, old_m, ctl_m, fc, oc, cc, new, old, control)
+            _carry_tied(h_new.proj.weights[i], lambda o, c, fc=fc, oc=oc, cc=cc: _gather(fc, oc, cc, o, c, (1,)),
+                        old_m, ctl_m, p_old, p_ctl, new, old, control)
     if hasattr(h_new, "cross"):
         for l_new, l_old, l_ctl in zip(h_new.cross, h_old.cross, h_ctl.cross):
-            _carry_tied(l_new.linear.weight, l_old.linear.weight, l_ctl.linear.weight, new, old, control,
-                        lambda o, c: _gather(cols_new, cols_old, cols_ctl, o, c, (0, 1)))
-            _carry_tied(l_new.linear.bias, l_old.linear.bias, l_ctl.linear.bias, new, old, control,
-                        lambda o, c: _gather(cols_new, cols_old, cols_ctl, o, c, (0,)))
+            for a, b, c, axes in ((l_new.linear.weight, l_old.linear.weight, l_ctl.linear.weight, (0, 1)),
+                                  (l_new.linear.bias, l_old.linear.bias, l_ctl.linear.bias, (0,))):
+                _carry_tied(a, lambda o, c_, axes=axes: _gather(cols_new, cols_old, cols_ctl, o, c_, axes),
+                            b, c, b, c, new, old, control)
     if hasattr(h_new, "dnn"):
         first_new, first_old, first_ctl = h_new.dnn[0], h_old.dnn[0], h_ctl.dnn[0]
-        _carry_tied(first_new.weight, first_old.weight, first_ctl.weight, new, old, control,
-                    lambda o, c: _gather(cols_new, cols_old, cols_ctl, o, c, (1,)))
+        _carry_tied(first_new.weight, lambda o, c: _gather(cols_new, cols_old, cols_ctl, o, c, (1,)),
+                    first_old.weight, first_ctl.weight, first_old.weight, first_ctl.weight, new, old, control)
         for a, b in zip(list(h_new.dnn)[1:], list(h_old.dnn)[1:]):
             for pa_, pb in zip(a.parameters(), b.parameters()):
                 pa_.copy_(pb)
@@ -174,18 +175,3 @@ def _carry_head(m_new, m_old, m_ctl, cols_new, cols_old, cols_ctl, new: Arm, old
             new.dense_optimizer.state[p] = {k: (v.clone() if torch.is_tensor(v) else v)
                                             for k, v in old.dense_optimizer.state[q].items()}
 
-
-def _carry_proj(p_new, p_old, p_ctl, old_m, ctl_m, fc, oc, cc, new, old, control) -> None:
-    """A field's projection M_i (SSEDS eq. 13) and its Adam moments, column by column. An arm
-    without a projection for the field (the control: identity) contributes the identity's
-    columns as weights and zero moments."""
-    p_new.copy_(_gather(fc, oc, cc, old_m, ctl_m, (1,)))
-    so = _adam_state(old, p_old)
-    if not so or "exp_avg" not in so:
-        return
-    sc = _adam_state(control, p_ctl)
-    state = {"step": so["step"].clone() if torch.is_tensor(so["step"]) else so["step"]}
-    for name in ("exp_avg", "exp_avg_sq"):
-        c = sc[name] if sc and name in sc else torch.zeros_like(ctl_m)
-        state[name] = _gather(fc, oc, cc, so[name], c, (1,)).clone()
-    new.dense_optimizer.state[p_new] = state

@@ -125,25 +125,6 @@ class SearchResult:
         return asdict(self)
 
 
-def rank_columns(scores: dict[str, np.ndarray], eligible: dict[str, np.ndarray] | None = None
-                 ) -> list[tuple[str, int]]:
-    """(field, column) pairs, best score first (ties: field order, then column index): the
-    descending ranking of saliency scores that SSEDS eq. 12 thresholds (Algorithm 1, "Rank").
-
-    `eligible[f]` (bool per column) leaves the other columns out of the ranking."""
-    fields = list(scores)
-    s = np.concatenate([np.asarray(scores[f], np.float64).ravel() for f in fields]) if fields else np.zeros(0)
-    fid = np.concatenate([np.full(len(np.ravel(scores[f])), i) for i, f in enumerate(fields)]) if fields else np.zeros(0, int)
-    col = np.concatenate([np.arange(len(np.ravel(scores[f]))) for f in fields]) if fields else np.zeros(0, int)
-    keep = np.ones(len(s), bool)
-    if eligible is not None:
-        keep = np.concatenate([np.asarray(eligible.get(f, np.ones(len(np.ravel(scores[f])), bool)), bool).ravel()
-                               for f in fields]) if fields else keep
-    order = np.lexsort((col, fid, -s))  # last key is primary: score descending
-    order = order[keep[order]]
-    return [(fields[fid[k]], int(col[k])) for k in order]
-
-
 def rank_blocks(scores: dict[str, np.ndarray], eligible: dict[str, bool] | None = None,
                 min_score: float | None = None) -> tuple[list[tuple[str, int]], dict[str, np.ndarray]]:
     """Blocks of 4 columns, best mean score first (rule 1-3 of the module docstring).

@@ -12,7 +12,7 @@ from models.config import ModelConfig
 from models.ctr import CTRModel
 from models.evaluation import _ranks
 from search import (Budget, BudgetError, Plan, PlanError, allocate, select_blocks, ham_search, masked_logits,
-                    masked_loss, ones_masks, orthogonal_regulariser, rank_blocks, rank_columns, read_plan,
+                    masked_loss, ones_masks, orthogonal_regulariser, rank_blocks, read_plan,
                     sseds_search, validate_plan, write_plan)
 from search.budget import params_of
 from search.ham import copy_arm, ham_gradient, ham_update, soft_orthogonality, split_holdout, touched_rows
@@ -240,7 +240,6 @@ def test_selection_stops_at_the_first_block_that_does_not_fit():
     ranking = [("big", 0), ("mid", 0), ("big", 1), ("tiny", 0), ("tiny", 1)]
     kept = select_blocks(ranking, ROWS, limit=4 * 1150)
     assert kept == {"big": 1, "mid": 1}  # big/1 overflows: tiny blocks below it are not kept
-    assert rank_columns({"a": np.array([0.1, 0.3]), "b": np.array([0.3])}) == [("a", 1), ("b", 0), ("a", 0)]
 
 
 def test_blocks_are_ranked_by_the_mean_score_of_four_columns():
