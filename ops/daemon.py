@@ -78,6 +78,8 @@ class Runner:
             # one interaction width for every arm: a slim arm then starts as the masked control
             cfg.model.interaction_dim = cfg.control_dim
         self.cfg = cfg
+        self._export_lock = threading.Lock()
+        self._handed_over_exported = 0  # source rows handed over, already added to the counter
         self.state_dir = Path(cfg.state_dir)
         self.source = open_source(cfg)
         self.schema = self.source.schema
@@ -358,6 +360,10 @@ class Runner:
             metrics.SECONDS_SINCE_LAST_MESSAGE.set(time.time() - last)
         for partition, lag in getattr(self.source, "lag", {}).items():
             metrics.KAFKA_LAG.labels(partition).set(lag)
+        with self._export_lock:  # called from the status thread and at window closes
+            handed = getattr(self.source, "handed_over_rows", 0)
+            metrics.KAFKA_ROWS_HANDED_OVER.inc(max(0, handed - self._handed_over_exported))
+            self._handed_over_exported = max(handed, self._handed_over_exported)
 
     def _log_window(self, r: dict) -> None:
         arms = " | ".join(f"{n} auc {m.get('auc', float('nan')):.4f} logloss {m.get('logloss', float('nan')):.4f} "

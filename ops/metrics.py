@@ -48,6 +48,9 @@ WINDOW_INDEX = Gauge("dimstream_window_index", "Index of the last closed window"
 WINDOW_CLOSE_TIME = Gauge("dimstream_window_close_timestamp_seconds", "Unix time the last window closed")
 WINDOW_SECONDS = Gauge("dimstream_window_length_seconds", "Configured window length (event time)")
 KAFKA_UP = Gauge("dimstream_kafka_up", "1 if the Kafka broker answers, else 0")
+KAFKA_ROWS_HANDED_OVER = Counter("dimstream_kafka_rows_handed_over_total",
+                                 "Rows skipped after a rebalance or restart because an earlier owner of "
+                                 "the partition had already trained them")
 KAFKA_LAG = Gauge("dimstream_kafka_consumer_lag_messages", "Consumer lag per partition", ["partition"])
 SECONDS_SINCE_LAST_MESSAGE = Gauge("dimstream_seconds_since_last_message",
                                    "Seconds since the source last delivered data")

@@ -347,9 +347,15 @@ def test_rebalance_with_messages_split_across_window_boundaries_trains_every_row
     messages: the partition B takes over starts at a message whose first rows A already trained.
     B learns how far A got from A's record on the positions side topic (tansu drops commit
     metadata), skips those rows, and every row is still trained exactly once across the group."""
+    from ops import metrics
+    before = metrics.KAFKA_ROWS_HANDED_OVER._value.get()
     a, b = _rebalance_two_daemons(broker, tmp_path, "rebals", "rgs", span=25)
     # the handover really went through a split message: B skipped rows A had trained
-    assert a.source.handed_over_rows + b.source.handed_over_rows > 0
+    handed = a.source.handed_over_rows + b.source.handed_over_rows
+    assert handed > 0
+    # ... and /metrics counts them, once however often the status is exported
+    a._export_source(), b._export_source(), a._export_source()
+    assert metrics.KAFKA_ROWS_HANDED_OVER._value.get() - before == handed
 
 
 def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
