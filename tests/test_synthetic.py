@@ -65,3 +65,34 @@ def test_deepfm_progressive_auc_is_within_003_of_bayes_over_windows_13_to_24(tmp
     bayes = np.mean([w["bayes_auc"] for w in late])
     print(f"DeepFM progressive AUC {model_auc:.4f}, Bayes {bayes:.4f}")
     assert model_auc >= bayes - 0.03, (model_auc, bayes)
+
+
+def test_a_fields_true_importance_follows_its_rank():
+    """Bayes log-loss increase when one signal field's latent factor is removed from the hidden
+    model, against the field's rank: Spearman >= 0.8 (0.82 at seed 0), so a search can find the
+    ranks at all; noise fields carry nothing by construction."""
+    src = SyntheticSource(seed=0)
+    h = src._hidden
+    ids, numeric, _ = src._draw(np.random.default_rng([0, 5]), 50_000)
+
+    def logits() -> np.ndarray:
+        return h.logit(ids, numeric, 0) * h.scale + src._intercept
+
+    def ll(z, p):
+        q = 1 / (1 + np.exp(-z))
+        return float(-(p * np.log(q) + (1 - p) * np.log(1 - q)).mean())
+
+    z0 = logits()
+    p = 1 / (1 + np.exp(-z0))
+    drop, rank = [], []
+    for f in src.fields:
+        if f.rank == 0:
+            continue
+        table, name = (h.latent, f.name) if f.name in h.latent else (h.first, f.name)
+        saved = table[name]
+        table[name] = saved * 0
+        drop.append(ll(logits(), p) - ll(z0, p))
+        table[name] = saved
+        rank.append(f.rank)
+    rho = np.corrcoef(np.argsort(np.argsort(rank)), np.argsort(np.argsort(drop)))[0, 1]
+    assert min(drop) > 0 and rho >= 0.8, (rho, dict(zip(rank, drop)))
