@@ -12,6 +12,8 @@ after a change minus the window before: the "dip").
 
 Run from the repository root:
     .venv/bin/python benchmarks/arms.py [--seeds 3] [--search sseds] [--datasets synthetic,ml-100k]
+and, for the daemon before search smoothing (slim 0.7856 on seed 0, re-shaped every hour):
+    ... --seeds 1 --datasets synthetic --saliency-decay 0 --realloc-min-gain 0 --out /tmp/arms-raw.json
 """
 from __future__ import annotations
 
@@ -43,12 +45,12 @@ DATASETS = {
 }
 
 
-def run_once(dataset: str, seed: int, search: str, budget: float, log) -> dict:
+def run_once(dataset: str, seed: int, search: str, budget: float, log, **options) -> dict:
     source, windows, window_seconds, scored = DATASETS[dataset]
     with tempfile.TemporaryDirectory() as d:
         cfg = RunConfig(source=source, windows=windows, window_seconds=window_seconds, state_dir=Path(d),
                         metrics_addr="127.0.0.1:0", progress=False, seed=seed, arms=ARMS, search=search,
-                        budget=budget)
+                        budget=budget, **options)
         cfg.model.seed = seed
         t0 = time.perf_counter()
         summary = Runner(cfg).run()
@@ -102,6 +104,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--datasets", default="synthetic,ml-100k")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--saliency-decay", type=float, default=0.8, help="0: every search alone (no moving average)")
+    ap.add_argument("--realloc-min-gain", type=float, default=0.05, help="0: re-shape whenever the allocation differs")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arms.json"))
     ap.add_argument("--reaggregate", action="store_true", help="recompute the means of an existing --out file")
     args = ap.parse_args()
@@ -118,6 +122,7 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     result = {"setup": {"search": args.search, "budget": args.budget, "arms": ARMS, "seeds": args.seeds,
+                        "saliency_decay": args.saliency_decay, "realloc_min_gain": args.realloc_min_gain,
                         "torch_threads": args.threads, "machine": platform.machine(), "python": platform.python_version(),
                         "command": "python benchmarks/arms.py " + " ".join(sys.argv[1:])},
               "datasets": {}}
@@ -125,7 +130,8 @@ def main() -> None:
         if dataset == "ml-100k" and not (ML100K / "u.data").exists():
             log(f"skipping ml-100k: {ML100K} not found")
             continue
-        runs = [run_once(dataset, seed, args.search, args.budget, log) for seed in range(args.seeds)]
+        runs = [run_once(dataset, seed, args.search, args.budget, log, saliency_decay=args.saliency_decay,
+                         realloc_min_gain=args.realloc_min_gain) for seed in range(args.seeds)]
         agg = aggregate(runs)
         slim, ctrl, uni = agg["slim"]["auc_mean"], agg["control"]["auc_mean"], agg["uniform"]["auc_mean"]
         checks = ({"slim_at_least_control_minus_0.003": slim >= ctrl - 0.003, "slim_above_uniform": slim > uni}
