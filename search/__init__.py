@@ -10,16 +10,18 @@
 
 Modules: budget (Budget, allocate: SSEDS eqs. 4/8/12 + quantisation to multiples of 4),
 masks (auxiliary masks alpha on no-grad pooled embeddings), sseds (SSEDS eqs. 10-12),
-ham (HAM eqs. 1-3, Algorithm 1), plan (the plan file). Imports models and stream, never ops.
+ham (HAM eqs. 1-3, Algorithm 1), fieldcheck (SSEDS eq. 9 per field on held-out
+rows: which fields may keep columns at all), plan (the plan file). Imports models and stream, never ops.
 """
 from search.budget import (Allocation, Budget, BudgetError, SearchResult, allocate, kept_score, relative_gain, select_blocks, params_of,
                            rank_blocks)
+from search.fieldcheck import FieldCheck, check_fields
 from search.ham import ham_search, orthogonal_regulariser, split_holdout
 from search.masks import masked_logits, masked_loss, ones_masks, pooled_embeddings
 from search.plan import Plan, PlanError, read_plan, validate_plan, write_plan
 from search.sseds import saliency_scores, sseds_search
 
-__all__ = ["Allocation", "Budget", "BudgetError", "SearchResult", "allocate", "kept_score", "relative_gain", "select_blocks", "params_of",
+__all__ = ["FieldCheck", "check_fields", "Allocation", "Budget", "BudgetError", "SearchResult", "allocate", "kept_score", "relative_gain", "select_blocks", "params_of",
            "rank_blocks", "ham_search", "orthogonal_regulariser", "split_holdout", "masked_logits",
            "masked_loss", "ones_masks", "pooled_embeddings", "Plan", "PlanError", "read_plan", "validate_plan",
            "write_plan", "saliency_scores", "sseds_search"]

@@ -17,14 +17,15 @@ need widths that are multiples of 4). The search scores single columns; then
      that did not fit). Blocks of a field whose 4 columns alone exceed the whole budget are left
      out of the ranking (they could never be kept and would end the prefix for everyone);
   3. `min_score`, if given, also drops blocks scoring at or below it (HAM: a block whose mean
-     alpha is <= 0 is "off" by the indicator 1[alpha > 0] of HAM eq. 2).
+     alpha is <= 0 is "off" by the indicator 1[alpha > 0] of HAM eq. 2);
+  4. `keep_fields`, if given, leaves out every block of a field it marks False (the held-out
+     field check, search/fieldcheck.py): that field gets 0 and its budget goes to the next
+     blocks of the ranking.
 Because a field's blocks are in decreasing score order, a field always keeps its top-scored
 columns, its width is 4 x (blocks kept), and a field with no block kept leaves the model
 (allocation 0). Why the mean of 4 and not rounding single-column counts: a field that owns one
 lucky high-scoring column among 31 unimportant ones (typical of a noise field scored on a
-sample) would otherwise be rounded up to 4 columns; measured on the synthetic stream, the block
-rule prunes 6/6 noise fields where per-column greedy selection and rounding pruned 3/6
-(benchmarks/search.py).
+sample) would otherwise be rounded up to 4 columns, its 3 other columns riding on one.
 
 >>> b = Budget("params", kappa=0.5)
 >>> rows, ctrl = {"a": 10, "b": 1000}, {"a": 8, "b": 8}
@@ -184,14 +185,15 @@ def relative_gain(scores: dict[str, np.ndarray], new: dict[str, list[int]], incu
 
 def allocate(scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[str, int],
              num_embeddings: dict[str, int], rank_by: dict[str, np.ndarray] | None = None,
-             min_score: float | None = None) -> Allocation:
+             min_score: float | None = None, keep_fields: dict[str, bool] | None = None) -> Allocation:
     """Blocks of 4 columns kept by SSEDS eq. 12 within `budget` (rule: module docstring).
 
     scores[f]: one score per control column of field f (higher = keep first). `rank_by`, if
     given, replaces the scores for ranking (e.g. saliency per parameter), both across fields and
     within a field, so that a field keeps exactly the columns the ranking chose. `min_score`
     drops blocks whose mean score is not above it (HAM's 1[alpha > 0] at block level).
-    Raises BudgetError if no field can keep 4 columns."""
+    `keep_fields[f]` False removes field f (rule 4). Raises BudgetError if no field can keep 4
+    columns."""
     fields = [f for f, d in control_dims.items() if d > 0]
     for f in fields:
         if len(np.ravel(scores[f])) != control_dims[f]:
@@ -199,8 +201,9 @@ def allocate(scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[s
     key = {f: np.asarray((rank_by or scores)[f], np.float64).ravel() for f in fields}
     cost = budget.cost({f: num_embeddings[f] for f in fields})
     limit = budget.limit(control_dims, num_embeddings)
-    affordable = {f: QUANTUM * cost[f] <= limit for f in fields}
-    ranking, order = rank_blocks(key, affordable, min_score)
+    eligible = {f: QUANTUM * cost[f] <= limit and (keep_fields is None or bool(keep_fields.get(f, True)))
+                for f in fields}
+    ranking, order = rank_blocks(key, eligible, min_score)
     blocks = select_blocks(ranking, cost, limit)
     dims = {f: 0 for f in control_dims} | {f: QUANTUM * n for f, n in blocks.items()}
     if not any(dims.values()):

@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from models.arm import Arm, ArmSpec
 from models.evaluation import auc
 from search.budget import Budget, SearchResult, allocate, params_of
+from search.fieldcheck import FieldCheck
 from search.masks import ctr_model, masked_logits, pooled_embeddings
 from search.sseds import minibatches
 from stream.batch import SparseBatch
@@ -142,7 +143,7 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
                batch_size: int = 2048, train_weights: bool = True, weight_passes: float = 1.0,
                eval_every: int = 50,
                eval_rows: int | None = 10_000, patience: int = 3, min_delta: float = 1e-4,
-               settle_tolerance: float = 0.05) -> SearchResult:
+               settle_tolerance: float = 0.05, field_check: FieldCheck | None = None) -> SearchResult:
     """Run HAM's search stage (Algorithm 1) from the pretrained `control` and allocate.
 
     control:   the control Arm (a copy is trained; the control is never modified). With
@@ -158,6 +159,8 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
                the parameter budget of SSEDS eq. 4, translated into eq. 3's sign term.
     Early stop: the spend is within `settle_tolerance` (relative) of the budget and the
                validation AUC has not improved by `min_delta` for `patience` evaluations.
+    field_check: a held-out field check (search/fieldcheck.py) of `control`: the fields it
+               drops get 0 columns at allocation and their budget goes to the next blocks.
     """
     t0 = time.perf_counter()
     budget = budget or Budget()
@@ -204,7 +207,8 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
     if train_weights:
         work.dense_optimizer.zero_grad(set_to_none=True)
     a_np = {f: a.numpy().astype(np.float64) for f, a in alpha.items()}
-    alloc = allocate(a_np, budget, ctrl, rows, min_score=0.0)
+    alloc = allocate(a_np, budget, ctrl, rows, min_score=0.0,
+                     keep_fields=field_check.keep if field_check is not None else None)
     dims = {f: 0 for f in rows} | alloc.dims
     kept = {f: [] for f in rows} | alloc.kept_columns
     return SearchResult(
@@ -218,7 +222,8 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
                  "spent_by_positive_alphas": budget.spent({f: int((a > 0).sum()) for f, a in a_np.items()}, rows),
                  "lr": lr, "mu": mu, "epsilon": epsilon, "batch_size": batch_size,
                  "train_weights": train_weights, "weight_passes": weight_passes, "trace": trace,
-                 "kappa": budget.kappa if budget.kind == "params" else None})
+                 "kappa": budget.kappa if budget.kind == "params" else None,
+                 "field_check": field_check.to_dict() if field_check is not None else None})
 
 
 # --- eq. 1: soft orthogonality -----------------------------------------------------------------

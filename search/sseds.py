@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from search.budget import Budget, SearchResult, allocate, params_of
+from search.fieldcheck import FieldCheck
 from search.masks import ctr_model, mask_gradient, ones_masks
 from stream.batch import SparseBatch
 
@@ -50,7 +51,8 @@ def saliency_scores(control, batch: SparseBatch, batch_size: int = 2048
 
 
 def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, rows: int | None = 8192,
-                 batch_size: int = 2048, per_parameter: bool = False) -> SearchResult:
+                 batch_size: int = 2048, per_parameter: bool = False,
+                 field_check: FieldCheck | None = None) -> SearchResult:
     """Run SSEDS on `control` (an Arm, its DMP or a CTRModel) with the recent rows `batch`.
 
     rows:          how many of the most recent rows of `batch` to score on (None = all); they
@@ -60,6 +62,8 @@ def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, r
     per_parameter: rank columns by s_ij / rows_i (saliency per parameter spent) instead of s_ij;
                    the saliency reported is s_ij either way.
     budget:        Budget("params", kappa) (default kappa 0.25) or Budget("columns", columns=s).
+    field_check:   a held-out field check (search/fieldcheck.py) of the same model: the fields
+                   it drops get 0 columns and their budget goes to the next-ranked blocks.
     The returned dims cover every field the model knows (schema fields it does not hold: 0)."""
     t0 = time.perf_counter()
     budget = budget or Budget()
@@ -70,7 +74,8 @@ def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, r
         raise ValueError("SSEDS needs at least one row")
     g, s, loss = saliency_scores(m, sample, batch_size)
     rank_by = {f: s[f] / m.num_embeddings[f] for f in s} if per_parameter else None
-    alloc = allocate(s, budget, ctrl, m.num_embeddings, rank_by=rank_by)
+    alloc = allocate(s, budget, ctrl, m.num_embeddings, rank_by=rank_by,
+                     keep_fields=field_check.keep if field_check is not None else None)
     dims = {f: 0 for f in m.num_embeddings} | alloc.dims
     kept = {f: [] for f in m.num_embeddings} | alloc.kept_columns
     return SearchResult(
@@ -81,4 +86,5 @@ def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, r
         rows_used=len(sample), params=params_of(dims, m.num_embeddings),
         details={"per_parameter": per_parameter, "batch_size": batch_size, "loss": loss,
                  "kappa": budget.kappa if budget.kind == "params" else None,
-                 "field_saliency": {f: float(v.sum()) for f, v in s.items()}})
+                 "field_saliency": {f: float(v.sum()) for f, v in s.items()},
+                 "field_check": field_check.to_dict() if field_check is not None else None})
