@@ -47,13 +47,15 @@ def _run_parser(sub) -> None:
                    help="re-shape the slim arm only if the search's allocation scores this fraction above its current one (0.05)")
     p.add_argument("--saliency-decay", type=float,
                    help="moving average of the searches' column scores, s <- decay*s + (1-decay)*s_new (0.8; 0 = latest only)")
+    p.add_argument("--field-check-rows", type=int,
+                   help="before a search window trains, check each field on this many of its rows (held out then); 0 = off")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_config(args) -> RunConfig:
     keys = ["source", "model", "windows", "window", "state_dir", "metrics_addr", "seed", "arms", "search",
             "budget", "search_every", "control_dim", "rows_per_window", "grace_seconds", "linger_seconds", "export_dir", "allowed_lateness", "idle_timeout",
-            "realloc_min_gain", "saliency_decay"]
+            "realloc_min_gain", "saliency_decay", "field_check_rows"]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
         given["progress"] = False

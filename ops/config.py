@@ -53,6 +53,9 @@ class RunConfig:
     # current columns by this fraction (scored on the same rows); 0 = whenever it differs
     realloc_min_gain: float = 0.05
     saliency_decay: float = 0.8       # moving average of the searches' column scores (0 = latest only)
+    # held-out field check (search/fieldcheck.py) on this many of a search window's rows, run
+    # before the control trains on them; 0 = off (it costs one head forward per field per row)
+    field_check_rows: int = 0
     rows_per_window: int = 50_000     # synthetic source
     allowed_lateness: int = 0
     idle_timeout: float | None = None
@@ -128,5 +131,7 @@ class RunConfig:
             raise ConfigError("search_every must be >= 0")
         if not 0 <= self.saliency_decay < 1:
             raise ConfigError("saliency_decay must be in [0, 1)")
+        if self.field_check_rows < 0 or self.field_check_rows == 1:
+            raise ConfigError("field_check_rows must be 0 (off) or at least 2")
         if not self.realloc_min_gain >= 0:
             raise ConfigError("realloc_min_gain must be >= 0")

@@ -92,6 +92,7 @@ class Runner:
         self.stop_deadline = float("inf")
         self._last_plot = -float("inf")
         self.hooks: list = []  # callables(runner, window, record): after training, before the checkpoint
+        self.pre_hooks: list = []  # callables(runner, window, record): after reading, before any arm trains
         self._restore_or_init()
         if "slim" in cfg.arms:
             from ops.searching import install
@@ -219,6 +220,8 @@ class Runner:
                   "rejected": dict(window.rejected_counts), "replayed_rows": window.replayed_rows, "arms": {}}
         if window.table is not None and TRUTH_COLUMN in window.table.column_names:
             record["bayes_auc"] = auc(batch.labels, window.table.column(TRUTH_COLUMN).to_numpy())
+        for hook in self.pre_hooks:
+            hook(self, window, record)
         # test-then-train: each mini-batch is scored by every arm before that arm trains on it
         # (progressive validation); the scores come from the training forward pass itself
         bs = self.cfg.model.batch_size

@@ -37,6 +37,9 @@ SEARCH_DURATION = Histogram("dimstream_search_duration_seconds", "Duration of on
                             ["method"], buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
 SEARCH_LAST_SUCCESS = Gauge("dimstream_search_last_success_timestamp_seconds",
                             "Unix time of the last successful search", ["method"])
+FIELD_CHECK_KEEP = Gauge("dimstream_field_check_keep",
+                         "Last held-out field check: 1 if the field's removal raised held-out loss, else 0",
+                         ["field"])
 PLANS = Counter("dimstream_plans_total", "Allocation plans handled by the daemon", ["outcome"])
 REALLOCATIONS = Counter("dimstream_reallocations_total", "Re-allocations applied to an arm", ["arm"])
 

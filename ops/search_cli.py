@@ -5,10 +5,14 @@ search and writes STATE/plans/pending.json atomically; the daemon applies it at 
 boundary. A lock file keeps two searches from running at once; the daemon claims a plan by an
 atomic rename, so cron and daemon never see each other's partial files. Killing the job
 mid-way leaves no partial plan (only a temporary file that the next run removes).
+If the daemon runs the held-out field check (--field-check-rows), its latest result
+(STATE/field_check.json) is applied to the allocation too: the job's recent rows are rows the
+checkpoint has trained on, on which the check cannot be made.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import sys
 import time
@@ -27,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["sseds", "ham"], default="sseds")
     p.add_argument("--budget", type=float, default=0.25, help="kappa (default 0.25)")
     p.add_argument("--rows", type=int, default=8192, help="recent rows to score on (default 8192)")
+    p.add_argument("--field-check", choices=["auto", "off"], default="auto",
+                   help="auto: allocate after the daemon's latest held-out field check "
+                        "(STATE/field_check.json, written with --field-check-rows) if there is one")
     p.set_defaults(func=cmd_search)
 
 
@@ -61,6 +68,23 @@ def recent_rows(state_dir: Path, schema):
     return Decoder(schema).decode(table).batch
 
 
+def latest_field_check(state_dir: Path, fields: list[str]):
+    """The daemon's latest held-out field check, or None if it has written none."""
+    from ops.searching import FIELD_CHECK_FILE
+    from search.fieldcheck import FieldCheck
+    path = Path(state_dir) / FIELD_CHECK_FILE
+    if not path.exists():
+        return None
+    try:
+        check = FieldCheck.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"cannot use the field check {path}: {e}; delete it or pass --field-check off") from None
+    if set(check.keep) != set(fields):
+        raise ConfigError(f"the field check {path} is for other fields than the checkpoint's; "
+                          "delete it or pass --field-check off")
+    return check
+
+
 def cmd_search(args) -> int:
     from ops.searching import plans_dir, run_search
     from search.plan import Plan, write_plan
@@ -82,11 +106,13 @@ def cmd_search(args) -> int:
         t0 = time.perf_counter()
         control, schema, ckpt = load_control(state)
         batch = recent_rows(state, schema)
-        result = run_search(args.method, control, batch, args.budget, args.rows)
+        check = latest_field_check(state, control.feature_names) if args.field_check == "auto" else None
+        result = run_search(args.method, control, batch, args.budget, args.rows, check)
         plan = Plan.from_result(result, schema.fingerprint(), ckpt.name)
         write_plan(d / "pending.json", plan)
     kept = sum(1 for v in plan.dims.values() if v)
-    print(f"dimstream search: {args.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept, "
+    dropped = f", {len(check.dropped)} dropped by the field check" if check is not None else ""
+    print(f"dimstream search: {args.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept{dropped}, "
           f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}) "
           f"in {time.perf_counter() - t0:.1f}s -> {d / 'pending.json'}")
     return 0

@@ -7,9 +7,13 @@ At every window boundary (after training, before the checkpoint):
    plans/rejected/<window>.json, and the previous allocation stays;
 2. every `search_every` windows the daemon runs the search itself (SSEDS or HAM) on the control
    arm over the window's rows and re-shapes the slim arm (models/realloc.py).
+With `field_check_rows` > 0, a search window's rows are first used, before any arm trains on
+them, for the held-out field check (search/fieldcheck.py): at that moment the control has not
+seen them. The fields it drops get no columns in that window's allocation.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,9 +25,12 @@ from models.arm import ArmSpec
 from models.realloc import reallocate
 from ops import metrics
 from search.budget import Budget, SearchResult, allocate, params_of, relative_gain
+from search.fieldcheck import FieldCheck, check_fields
 from search.plan import Plan, PlanError, read_plan, validate_plan
+from stream.atomic import write_bytes
 
 log = logging.getLogger("dimstream.search")
+FIELD_CHECK_FILE = "field_check.json"  # the daemon's latest held-out field check, in the state dir
 
 
 def plans_dir(state_dir: Path) -> Path:
@@ -32,16 +39,17 @@ def plans_dir(state_dir: Path) -> Path:
     return d
 
 
-def run_search(method: str, control, batch, kappa: float, rows: int) -> SearchResult:
+def run_search(method: str, control, batch, kappa: float, rows: int,
+               field_check: FieldCheck | None = None) -> SearchResult:
     """One search on `control` with the rows of `batch` (most recent last)."""
     budget = Budget("params", kappa=kappa)
     if method == "sseds":
         from search.sseds import sseds_search
-        result = sseds_search(control, batch, budget, rows=rows)
+        result = sseds_search(control, batch, budget, rows=rows, field_check=field_check)
     elif method == "ham":
         from search.ham import ham_search, split_holdout
         train, val = split_holdout(batch)
-        result = ham_search(control, train, val, budget)
+        result = ham_search(control, train, val, budget, field_check=field_check)
     else:
         raise ValueError(f"unknown search method {method!r}")
     metrics.SEARCH_DURATION.labels(method).observe(result.duration_seconds)
@@ -96,23 +104,56 @@ def take_pending_plan(runner, record: dict) -> None:
     metrics.SEARCH_LAST_SUCCESS.labels(plan.method).set(time.time())
 
 
+def search_due(cfg, index: int) -> bool:
+    return cfg.search != "none" and cfg.search_every > 0 and (index + 1) % cfg.search_every == 0
+
+
+def field_check_hook(runner, window, record: dict) -> None:
+    """Before any arm trains on a search window: the held-out field check of the control on
+    the window's most recent `field_check_rows` rows, kept for the search after training."""
+    runner.field_check = None
+    cfg = runner.cfg
+    if cfg.field_check_rows <= 0 or not search_due(cfg, record["index"]) or len(window.batch) < 2:
+        return
+    batch = window.batch
+    rows = batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch))
+    check = check_fields(runner.arm("control"), rows)
+    metrics.SEARCH_DURATION.labels("field_check").observe(check.seconds)
+    for f, keep in check.keep.items():
+        metrics.FIELD_CHECK_KEEP.labels(f).set(int(keep))
+    record["field_check"] = {"rows": check.rows, "seconds": check.seconds, "z": check.z,
+                             "dropped": check.dropped, "delta": check.delta, "stderr": check.stderr}
+    if not any(check.keep.values()):  # e.g. a control that has not learnt anything yet
+        record["field_check"]["ignored"] = "no field passed"
+        log.warning("field check on %d rows: no field passed; this search allocates without it", check.rows)
+        return
+    runner.field_check = check
+    # for `dimstream search` (its recent rows are trained rows: it cannot check fields itself)
+    write_bytes(Path(runner.state_dir) / FIELD_CHECK_FILE,
+                json.dumps(check.to_dict() | {"window": record["index"]}).encode())
+    log.info("field check on %d held-out rows in %.1fs: %d fields carry nothing (%s)", check.rows,
+             check.seconds, len(check.dropped), ", ".join(check.dropped) or "none")
+
+
 def search_hook(runner, window, record: dict) -> None:
     cfg = runner.cfg
     if "slim" not in cfg.arms:
         return
     take_pending_plan(runner, record)
-    due = cfg.search != "none" and cfg.search_every > 0 and (record["index"] + 1) % cfg.search_every == 0
-    if not due or len(window.batch) == 0:
+    if not search_due(cfg, record["index"]) or len(window.batch) == 0:
         return
     control = runner.arm("control")
-    result = run_search(cfg.search, control, window.batch, cfg.budget, cfg.search_rows)
+    check = getattr(runner, "field_check", None)
+    result = run_search(cfg.search, control, window.batch, cfg.budget, cfg.search_rows, check)
     record["search"] = {"method": result.method, "seconds": result.duration_seconds,
                         "budget_asked": result.budget_asked, "budget_reached": result.budget_reached,
                         "rows": result.rows_used}
-    scores, dims, kept = smoothed_allocation(runner, result, control)
+    scores, dims, kept = smoothed_allocation(runner, result, control, check)
     slim = runner.arm("slim")
     current = {f: slim.spec.column_ids[f][: slim.spec.dims[f]] for f in slim.spec.dims}
     over_budget = params_of(slim.spec.dims, runner.schema.num_embeddings) > result.budget_asked
+    if check is not None:  # a field found to carry nothing is worth nothing to the incumbent either
+        scores = {f: v * 0.0 if not check.keep.get(f, True) else v for f, v in scores.items()}
     gain = relative_gain(scores, kept, current)
     record["search"]["gain_over_current"] = gain if gain != float("inf") else None
     if not over_budget and gain < cfg.realloc_min_gain:  # before its first cut slim is control-sized
@@ -122,7 +163,8 @@ def search_hook(runner, window, record: dict) -> None:
     apply_allocation(runner, dims, kept, "daemon", result.method, record)
 
 
-def smoothed_allocation(runner, result: SearchResult, control) -> tuple[dict, dict, dict]:
+def smoothed_allocation(runner, result: SearchResult, control,
+                        check: FieldCheck | None = None) -> tuple[dict, dict, dict]:
     """(scores, dims, kept columns) from an exponential moving average of the searches' column
     scores, s <- decay * s + (1 - decay) * s_new, re-allocated by the same rule (search/budget.py).
 
@@ -140,10 +182,13 @@ def smoothed_allocation(runner, result: SearchResult, control) -> tuple[dict, di
     if decay == 0:
         return new, result.dims, result.kept_columns
     alloc = allocate(new, Budget("params", kappa=runner.cfg.budget), control.dims, runner.schema.num_embeddings,
-                     min_score=0.0 if result.method == "ham" else None)
+                     min_score=0.0 if result.method == "ham" else None,
+                     keep_fields=check.keep if check is not None else None)
     return new, alloc.dims, alloc.kept_columns
 
 
 
 def install(runner) -> None:
+    runner.field_check = None
+    runner.pre_hooks.append(field_check_hook)
     runner.hooks.append(search_hook)

@@ -121,6 +121,41 @@ def test_slim_is_reshaped_only_when_the_search_gains_enough(tmp_path):
     assert all(w["search"]["gain_over_current"] > 0 for w in eager[1:] if w.get("reallocation"))
 
 
+def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_path):
+    """--field-check-rows: before the arms train on a search window, the control's held-out
+    field check runs on its rows; the fields it drops get 0 columns in that search's allocation."""
+    state = tmp_path / "s"
+    _cli(["run", "--arms", "control,slim", "--search", "sseds", "--search-every", "1", "--rows-per-window", "8000",
+          "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm", "--windows", "4",
+          "--field-check-rows", "8000", "--realloc-min-gain", "0", "--saliency-decay", "0",
+          "--state-dir", str(state)])
+    windows = _summary(state)["windows"]
+    checks = [w["field_check"] for w in windows]
+    assert all(c["rows"] == 8000 and c["z"] == 2.0 for c in checks)
+    for c in checks:  # the decision is the stated test on the recorded numbers
+        assert c["dropped"] == [f for f in c["delta"] if not c["delta"][f] > 2.0 * c["stderr"][f]]
+    used = [(w, c) for w, c in zip(windows, checks) if "ignored" not in c and c["dropped"]]
+    assert used, checks  # some window's check dropped fields and was used
+    for w, c in used:
+        if w.get("reallocation"):
+            assert all(w["reallocation"]["dims"][f] == 0 for f in c["dropped"])
+    r = _cli(RUN + ["--state-dir", str(tmp_path / "bad"), "--field-check-rows", "1"], check=False)
+    assert r.returncode != 0 and "field_check_rows" in r.stderr
+    # the cron job cannot check (its rows are trained rows): it uses the daemon's latest check
+    saved = json.loads((state / "field_check.json").read_text())
+    last = checks[-1]
+    assert saved["window"] == 3 and saved["delta"] == last["delta"]
+    assert [f for f, k in saved["keep"].items() if not k] == last["dropped"]
+    r = _cli(["search", "--state-dir", str(state)])
+    plan = json.loads((state / "plans" / "pending.json").read_text())
+    assert all(plan["dims"][f] == 0 for f in last["dropped"]) and "dropped by the field check" in r.stdout
+    (state / "field_check.json").write_text('{"delta": {"user_id": 1.0')
+    r = _cli(["search", "--state-dir", str(state)], check=False)
+    assert r.returncode == 2 and "cannot use the field check" in r.stderr and "--field-check off" in r.stderr
+    r = _cli(["search", "--state-dir", str(state), "--field-check", "off"])
+    assert "dropped by the field check" not in r.stdout
+
+
 def test_searches_are_averaged_and_the_average_is_checkpointed_state():
     from types import SimpleNamespace
 
