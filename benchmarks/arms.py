@@ -14,6 +14,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/arms.py [--seeds 3] [--search sseds] [--datasets synthetic,ml-100k]
 and, for the daemon before search smoothing (slim 0.7856 on seed 0, re-shaped every hour):
     ... --seeds 1 --datasets synthetic --saliency-decay 0 --realloc-min-gain 0 --out /tmp/arms-raw.json
+and with the held-out field check in the daemon (benchmarks/results/arms-field-check.json):
+    ... --datasets synthetic --field-check-rows 50000 --out benchmarks/results/arms-field-check.json
 """
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--saliency-decay", type=float, default=0.8, help="0: every search alone (no moving average)")
     ap.add_argument("--realloc-min-gain", type=float, default=0.05, help="0: re-shape whenever the allocation differs")
+    ap.add_argument("--field-check-rows", type=int, default=0,
+                    help="held-out field check on this many rows of each search window (0: off)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arms.json"))
     ap.add_argument("--reaggregate", action="store_true", help="recompute the means of an existing --out file")
     args = ap.parse_args()
@@ -123,6 +127,7 @@ def main() -> None:
 
     result = {"setup": {"search": args.search, "budget": args.budget, "arms": ARMS, "seeds": args.seeds,
                         "saliency_decay": args.saliency_decay, "realloc_min_gain": args.realloc_min_gain,
+                        "field_check_rows": args.field_check_rows,
                         "torch_threads": args.threads, "machine": platform.machine(), "python": platform.python_version(),
                         "command": "python benchmarks/arms.py " + " ".join(sys.argv[1:])},
               "datasets": {}}
@@ -131,7 +136,8 @@ def main() -> None:
             log(f"skipping ml-100k: {ML100K} not found")
             continue
         runs = [run_once(dataset, seed, args.search, args.budget, log, saliency_decay=args.saliency_decay,
-                         realloc_min_gain=args.realloc_min_gain) for seed in range(args.seeds)]
+                         realloc_min_gain=args.realloc_min_gain, field_check_rows=args.field_check_rows)
+                for seed in range(args.seeds)]
         agg = aggregate(runs)
         slim, ctrl, uni = agg["slim"]["auc_mean"], agg["control"]["auc_mean"], agg["uniform"]["auc_mean"]
         checks = ({"slim_at_least_control_minus_0.003": slim >= ctrl - 0.003, "slim_above_uniform": slim > uni}

@@ -4,10 +4,11 @@ SSEDS eq. 9 defines a column's importance as the loss change when its mask goes 
 eq. 10 approximates it by the gradient on training rows. On a stream that approximation cannot
 tell a field the model has merely memorised from one it has learnt: the tables are re-fitted
 to every recent row, so the ids of a pure-noise field carry recent labels, and masking them
-moves the loss on those rows as much as masking a weak signal field (measured on the default
-synthetic stream: the noise fields' summed saliency 0.012-0.030 against 0.014-0.073 for the
-signal fields; benchmarks/search.py). HAM's alpha moves on held-out rows, but one noise column
-among 32 shifts the loss by ~1e-6, below the noise of its steps.
+moves the loss on those rows as much as masking a weak signal field (default synthetic stream,
+seed 0, 8,192 rows: the noise fields' summed saliency 0.012-0.030 against 0.014-0.091 for the
+signal fields; benchmarks/results/search.json, runs[].sseds_default). HAM's alpha moves on
+held-out rows, but a whole noise field changes the held-out loss by ~1e-4
+(runs[].field_check.delta), ~3e-6 per column, below the noise of its mini-batch steps.
 
 This check evaluates eq. 9 exactly, at field level, on held-out rows: for each field i,
 
@@ -18,10 +19,11 @@ delta_i > z * stderr_i (one-sided test, default z = 2). The field is replaced by
 pooled embedding, not by zero: a field's embeddings share a common component that the FM and
 DNN use as a constant (a bias), which a re-shaped arm relearns in its bias and other fields;
 only the part that varies with the row is information. Measured on the default stream (seed 0,
-50,000 held-out rows): zeroing noise_flag costs +0.43e-4, replacing it by its mean -0.6e-4.
+50,000 held-out rows): zeroing noise_flag costs +0.43e-4 (runs[].oracle_field_drop), replacing
+it by its mean -0.64e-4 (runs[].field_check.delta).
 
-The rows must be held out for the model checked: rows it has trained on show memorised noise
-as information (noise fields +7e-4 to +9e-4 on the last trained window, -1e-4 on the next).
+The rows must be held out for the model checked: on rows it has trained on, memorised noise
+looks like information.
 The daemon checks the window's rows before the control trains on them (test-then-train).
 Cost: one head forward per field over the rows (the embeddings are looked up once).
 
