@@ -8,6 +8,8 @@ A plan is one JSON object (format 1):
      "budget_asked": 5054976, "budget_reached": 5041200, "schema_fingerprint": "9f2c...",
      "checkpoint": "ckpt-000011", "created_at": "2026-01-01T12:00:03Z", "duration_seconds": 0.41}
 
+An optional "field_check": {"rows", "z", "dropped": [...]} says which held-out field check the
+allocation followed (search/fieldcheck.py); plans without it read as null.
 dims lists every field of the control arm (0 = the field leaves the slim arm); kept_columns[f]
 are the control arm's column indices the slim field starts from (sorted, len == dims[f]).
 `write_plan` replaces the file atomically (temporary file, fsync, rename, fsync of the
@@ -53,6 +55,8 @@ class Plan:
     checkpoint: str | None          # name of the checkpoint the control arm was read from
     created_at: str                 # ISO 8601, UTC
     duration_seconds: float
+    # informative, optional: the held-out field check the allocation followed (rows, z, dropped)
+    field_check: dict | None = None
 
     @classmethod
     def from_result(cls, result: SearchResult, schema_fingerprint: str, checkpoint: str | None,
@@ -62,10 +66,17 @@ class Plan:
                    budget_kind=result.budget_kind, budget_asked=int(result.budget_asked),
                    budget_reached=int(result.budget_reached), schema_fingerprint=schema_fingerprint,
                    checkpoint=checkpoint, created_at=created_at or utc_now(),
-                   duration_seconds=float(result.duration_seconds))
+                   duration_seconds=float(result.duration_seconds), field_check=_check_summary(result))
 
     def to_dict(self) -> dict:
         return {"format": FORMAT} | asdict(self)
+
+
+def _check_summary(result: SearchResult) -> dict | None:
+    check = result.details.get("field_check")
+    if not check:
+        return None
+    return {"rows": check["rows"], "z": check["z"], "dropped": [f for f, k in check["keep"].items() if not k]}
 
 
 def utc_now() -> str:
@@ -108,7 +119,8 @@ def read_plan(path: str | Path) -> Plan:
     if d.get("format", FORMAT) != FORMAT:
         raise PlanError("malformed", f"plan format {d.get('format')!r}, this version reads {FORMAT}")
     names = [k for k in Plan.__dataclass_fields__]
-    missing = [k for k in names if k not in d]
+    optional = {"field_check"}
+    missing = [k for k in names if k not in d and k not in optional]
     if missing:
         raise PlanError("missing key", f"{path} lacks {', '.join(missing)}")
     _check(isinstance(d["dims"], dict) and all(isinstance(f, str) and _is_int(v) for f, v in d["dims"].items()),
@@ -126,7 +138,8 @@ def read_plan(path: str | Path) -> Plan:
     _check(d["checkpoint"] is None or isinstance(d["checkpoint"], str), "checkpoint must be a string or null")
     _check(isinstance(d["created_at"], str), "created_at must be an ISO 8601 string")
     _check(_is_num(d["duration_seconds"]) and d["duration_seconds"] >= 0, "duration_seconds must be a number >= 0")
-    return Plan(**{k: d[k] for k in names})
+    _check(d.get("field_check") is None or isinstance(d["field_check"], dict), "field_check must be an object or null")
+    return Plan(**{k: d[k] for k in names if k in d})
 
 
 # --- validation against the running daemon -------------------------------------------------------

@@ -393,6 +393,19 @@ def test_plan_round_trip_is_atomic(tmp_path):
     assert read_plan(path).method == "ham"
 
 
+def test_the_plan_says_which_field_check_it_followed(tmp_path):
+    path = tmp_path / "plan.json"
+    checked = _plan(field_check={"rows": 50_000, "z": 2.0, "dropped": ["user"]})
+    write_plan(path, checked)
+    assert read_plan(path) == checked
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k != "field_check"}
+    path.write_text(json.dumps(old))  # a plan written before the check existed
+    assert read_plan(path).field_check is None
+    path.write_text(json.dumps(old | {"field_check": "user"}))
+    with pytest.raises(PlanError, match="field_check"):
+        read_plan(path)
+
+
 def test_plan_from_a_search_result_validates(tmp_path):
     arm = _arm()
     r = sseds_search(arm, _decoded(128), Budget("params", 0.25))

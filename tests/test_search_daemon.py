@@ -149,11 +149,13 @@ def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_p
     r = _cli(["search", "--state-dir", str(state)])
     plan = json.loads((state / "plans" / "pending.json").read_text())
     assert all(plan["dims"][f] == 0 for f in last["dropped"]) and "dropped by the field check" in r.stdout
+    assert plan["field_check"] == {"rows": 8000, "z": 2.0, "dropped": last["dropped"]}
     (state / "field_check.json").write_text('{"delta": {"user_id": 1.0')
     r = _cli(["search", "--state-dir", str(state)], check=False)
     assert r.returncode == 2 and "cannot use the field check" in r.stderr and "--field-check off" in r.stderr
     r = _cli(["search", "--state-dir", str(state), "--field-check", "off"])
     assert "dropped by the field check" not in r.stdout
+    assert json.loads((state / "plans" / "pending.json").read_text())["field_check"] is None
 
 
 def test_searches_are_averaged_and_the_average_is_checkpointed_state():
