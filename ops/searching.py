@@ -110,29 +110,51 @@ def search_due(cfg, index: int) -> bool:
 
 def field_check_hook(runner, window, record: dict) -> None:
     """Before any arm trains on a search window: the held-out field check of the control on
-    the window's most recent `field_check_rows` rows, kept for the search after training."""
+    the window's most recent `field_check_rows` rows, averaged with the earlier checks
+    (`averaged_check`), kept for the search after training."""
     runner.field_check = None
     cfg = runner.cfg
     if cfg.field_check_rows <= 0 or not search_due(cfg, record["index"]) or len(window.batch) < 2:
         return
     batch = window.batch
     rows = batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch))
-    check = check_fields(runner.arm("control"), rows)
-    metrics.SEARCH_DURATION.labels("field_check").observe(check.seconds)
+    shot = check_fields(runner.arm("control"), rows)
+    metrics.SEARCH_DURATION.labels("field_check").observe(shot.seconds)
+    check = averaged_check(runner, shot)
     for f, keep in check.keep.items():
         metrics.FIELD_CHECK_KEEP.labels(f).set(int(keep))
-    record["field_check"] = {"rows": check.rows, "seconds": check.seconds, "z": check.z,
-                             "dropped": check.dropped, "delta": check.delta, "stderr": check.stderr}
+    record["field_check"] = {"rows": shot.rows, "seconds": shot.seconds, "z": check.z,
+                             "dropped": check.dropped, "delta": check.delta, "stderr": check.stderr,
+                             "this_window": {"delta": shot.delta, "stderr": shot.stderr}}
     if not any(check.keep.values()):  # e.g. a control that has not learnt anything yet
         record["field_check"]["ignored"] = "no field passed"
-        log.warning("field check on %d rows: no field passed; this search allocates without it", check.rows)
+        log.warning("field check on %d rows: no field passed; this search allocates without it", shot.rows)
         return
     runner.field_check = check
     # for `dimstream search` (its recent rows are trained rows: it cannot check fields itself)
     write_bytes(Path(runner.state_dir) / FIELD_CHECK_FILE,
                 json.dumps(check.to_dict() | {"window": record["index"]}).encode())
-    log.info("field check on %d held-out rows in %.1fs: %d fields carry nothing (%s)", check.rows,
-             check.seconds, len(check.dropped), ", ".join(check.dropped) or "none")
+    log.info("field check on %d held-out rows in %.1fs: %d fields carry nothing (%s)", shot.rows,
+             shot.seconds, len(check.dropped), ", ".join(check.dropped) or "none")
+
+
+def averaged_check(runner, shot: FieldCheck) -> FieldCheck:
+    """The checks of successive search windows averaged like the saliency (decay
+    `saliency_decay`): delta <- d * delta + (1 - d) * delta_new and, the windows' rows being
+    independent, var <- d^2 * var + (1 - d)^2 * var_new; keep = delta > z * sqrt(var). One window's
+    check flips on fields near its threshold (measured: slim re-shaped on every flip); the
+    average decides on all the evidence so far. Checkpointed with the arms (runner.extra)."""
+    d = runner.cfg.saliency_decay
+    prev = runner.extra.get("field_check_avg")
+    if d == 0 or not prev or set(prev["delta"]) != set(shot.delta):
+        delta, var = dict(shot.delta), {f: s * s for f, s in shot.stderr.items()}
+    else:
+        delta = {f: d * prev["delta"][f] + (1 - d) * shot.delta[f] for f in shot.delta}
+        var = {f: d * d * prev["var"][f] + (1 - d) ** 2 * shot.stderr[f] ** 2 for f in shot.delta}
+    runner.extra["field_check_avg"] = {"delta": delta, "var": var}
+    stderr = {f: float(np.sqrt(v)) for f, v in var.items()}
+    keep = {f: delta[f] > shot.z * stderr[f] for f in delta}
+    return FieldCheck(delta, stderr, keep, shot.z, shot.rows, shot.seconds)
 
 
 def search_hook(runner, window, record: dict) -> None:

@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from tests.helpers import REPO
 
 CLI = [sys.executable, "-m", "ops.cli"]
@@ -179,3 +182,28 @@ def test_searches_are_averaged_and_the_average_is_checkpointed_state():
     assert list(s2["a"]) == [0.5] * 8 and list(s2["b"]) == [0.4] * 8
     assert dims2 == {"a": 8, "b": 0} and kept2["a"] == list(range(8))
     assert runner.extra["search_scores"]["scores"]["b"] == [0.4] * 8  # in the checkpoint's meta
+
+
+def test_field_checks_are_averaged_with_the_variance_of_an_average():
+    """delta <- d delta + (1-d) delta_new, var <- d^2 var + (1-d)^2 var_new, keep = delta > z sqrt(var):
+    a field that passes once by chance is still dropped; evidence accumulates across windows."""
+    from types import SimpleNamespace
+
+    from ops.searching import averaged_check
+    from search.fieldcheck import FieldCheck
+
+    runner = SimpleNamespace(cfg=SimpleNamespace(saliency_decay=0.5), extra={})
+
+    def shot(a, b):  # (delta, stderr) per field
+        return FieldCheck({"x": a[0], "y": b[0]}, {"x": a[1], "y": b[1]},
+                          {"x": a[0] > 2 * a[1], "y": b[0] > 2 * b[1]}, 2.0, 100, 0.1)
+
+    first = averaged_check(runner, shot((0.0, 1.0), (3.0, 1.0)))
+    assert first.keep == {"x": False, "y": True} and first.stderr == {"x": 1.0, "y": 1.0}
+    second = averaged_check(runner, shot((2.5, 1.0), (1.0, 1.0)))  # x passes alone, y fails alone
+    assert second.delta == {"x": 1.25, "y": 2.0}
+    assert second.stderr["x"] == pytest.approx(np.sqrt(0.25 + 0.25))  # 0.707, so the bar is 1.41
+    assert second.keep == {"x": False, "y": True}
+    assert runner.extra["field_check_avg"]["var"] == {"x": 0.5, "y": 0.5}
+    runner.cfg.saliency_decay = 0.0  # no averaging: the window's own check
+    assert averaged_check(runner, shot((1.0, 1.0), (3.0, 1.0))).keep == {"x": False, "y": True}
