@@ -142,7 +142,7 @@ def averaged_check(runner, shot: FieldCheck) -> FieldCheck:
     """The checks of successive search windows averaged like the saliency (decay
     `saliency_decay`): delta <- d * delta + (1 - d) * delta_new and, the windows' rows being
     independent, var <- d^2 * var + (1 - d)^2 * var_new; keep = delta > z * sqrt(var). One window's
-    check flips on fields near its threshold (measured: slim re-shaped on every flip); the
+    check flips on fields near its threshold, and every flip re-shapes the slim arm; the
     average decides on all the evidence so far. Checkpointed with the arms (runner.extra)."""
     d = runner.cfg.saliency_decay
     prev = runner.extra.get("field_check_avg")
