@@ -153,8 +153,7 @@ def averaged_check(runner, shot: FieldCheck) -> FieldCheck:
         var = {f: d * d * prev["var"][f] + (1 - d) ** 2 * shot.stderr[f] ** 2 for f in shot.delta}
     runner.extra["field_check_avg"] = {"delta": delta, "var": var}
     stderr = {f: float(np.sqrt(v)) for f, v in var.items()}
-    keep = {f: delta[f] > shot.z * stderr[f] for f in delta}
-    return FieldCheck(delta, stderr, keep, shot.z, shot.rows, shot.seconds)
+    return FieldCheck.decide(delta, stderr, shot.z, shot.rows, shot.seconds)
 
 
 def search_hook(runner, window, record: dict) -> None:
@@ -165,7 +164,7 @@ def search_hook(runner, window, record: dict) -> None:
     if not search_due(cfg, record["index"]) or len(window.batch) == 0:
         return
     control = runner.arm("control")
-    check = getattr(runner, "field_check", None)
+    check = runner.field_check
     result = run_search(cfg.search, control, window.batch, cfg.budget, cfg.search_rows, check)
     record["search"] = {"method": result.method, "seconds": result.duration_seconds,
                         "budget_asked": result.budget_asked, "budget_reached": result.budget_reached,

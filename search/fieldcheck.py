@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from search.masks import ctr_model, pooled_embeddings
+from search.sseds import minibatches
 from stream.batch import SparseBatch
 
 
@@ -54,6 +55,13 @@ class FieldCheck:
     z: float
     rows: int
     seconds: float
+
+    @classmethod
+    def decide(cls, delta: dict[str, float], stderr: dict[str, float], z: float, rows: int,
+               seconds: float) -> "FieldCheck":
+        """The check that keeps field f iff delta[f] > z * stderr[f] (one-sided test)."""
+        keep = {f: delta[f] > z * stderr[f] for f in delta}
+        return cls(delta, stderr, keep, float(z), int(rows), float(seconds))
 
     @property
     def dropped(self) -> list[str]:
@@ -92,7 +100,7 @@ def check_fields(control, rows: SparseBatch, z: float = 2.0, batch_size: int = 8
         raise ValueError(f"z must be >= 0, got {z}")
     m = ctr_model(control)
     names = m.feature_names
-    parts = [rows.slice(s, min(s + batch_size, len(rows))) for s in range(0, len(rows), batch_size)]
+    parts = minibatches(rows, batch_size)
     pooled = [pooled_embeddings(m, p.to_kjt(names)) for p in parts]
     means = [sum(e[i].double().sum(0) for e, _ in pooled) / len(rows) for i in range(len(names))]
     diffs = {f: [] for f in names}
@@ -108,5 +116,4 @@ def check_fields(control, rows: SparseBatch, z: float = 2.0, batch_size: int = 8
         d = torch.cat(diffs[f]).numpy()
         delta[f] = float(d.mean())
         stderr[f] = float(d.std(ddof=1) / np.sqrt(len(d)))
-    keep = {f: delta[f] > z * stderr[f] for f in names}
-    return FieldCheck(delta, stderr, keep, float(z), len(rows), time.perf_counter() - t0)
+    return FieldCheck.decide(delta, stderr, z, len(rows), time.perf_counter() - t0)

@@ -14,13 +14,16 @@ embeddings are computed without gradient and only alpha receives one.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from search.budget import Budget, SearchResult, allocate, params_of
-from search.fieldcheck import FieldCheck
 from search.masks import ctr_model, mask_gradient, ones_masks
 from stream.batch import SparseBatch
+
+if TYPE_CHECKING:  # search.fieldcheck imports minibatches from here
+    from search.fieldcheck import FieldCheck
 
 
 def sample_recent(batch: SparseBatch, rows: int | None) -> SparseBatch:
