@@ -30,13 +30,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from ops.config import RunConfig  # noqa: E402
-from ops.daemon import Runner  # noqa: E402
+from dimstream.ops.config import RunConfig
+from dimstream.ops.daemon import Runner
 
 ARMS = ("control", "slim", "uniform")
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.training import criteo_source  # noqa: E402
-from ops.replay import replay  # noqa: E402
-from stream.decode import Decoder  # noqa: E402
-from stream.sources.kafka import KafkaSource  # noqa: E402
-from tests.kafka_broker import Broker  # noqa: E402
+from training import criteo_source  # a sibling script (sys.path[0] is benchmarks/)
+from dimstream.ops.replay import replay
+from dimstream.stream.decode import Decoder
+from dimstream.stream.sources.kafka import KafkaSource
+from dimstream.stream.kafka.tansu import Broker
 
 ROWS = {1: 20_000, 1000: 200_000, 8192: 200_000}
 DEFAULT_ROWS_PER_MESSAGE = 1000  # dimstream replay's default

@@ -5,6 +5,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 for script in sorted(HERE.glob("*.py")):
-    if script.name != "run_all.py":
+    if script.name != "run_all.py" and not script.name.startswith("_"):
         print(f"== {script.name}", flush=True)
         subprocess.run([sys.executable, str(script)], check=True)

@@ -34,20 +34,17 @@ from itertools import combinations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# run as a script, sys.path[0] is benchmarks/, where this file would shadow the search package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from models.arm import Arm, ArmSpec  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.evaluation import _ranks, auc  # noqa: E402
-from search import Budget, allocate, check_fields, ham_search, split_holdout, sseds_search  # noqa: E402
-from search.masks import ctr_model, masked_loss, ones_masks, pooled_embeddings  # noqa: E402
-from stream.decode import Decoder  # noqa: E402
-from stream.synthetic import TRUTH_COLUMN, SyntheticSource  # noqa: E402
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.config import ModelConfig
+from dimstream.models.evaluation import _ranks, auc
+from dimstream.search import Budget, allocate, check_fields, ham_search, split_holdout, sseds_search
+from dimstream.search.masks import ctr_model, masked_loss, ones_masks, pooled_embeddings
+from dimstream.stream.decode import Decoder
+from dimstream.stream.synthetic import TRUTH_COLUMN, SyntheticSource
 
 OUT = REPO / "benchmarks" / "results" / "search.json"
 CONTROL_DIM, WINDOWS, KAPPA, SEARCH_ROWS = 32, 12, 0.25, 8192

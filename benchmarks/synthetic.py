@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from stream.synthetic import SyntheticSource  # noqa: E402
+from dimstream.stream.synthetic import SyntheticSource
 
 WINDOWS = 6
 

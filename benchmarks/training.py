@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from models.arm import Arm, ArmSpec  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from ops.config import RunConfig  # noqa: E402
-from ops.daemon import Runner  # noqa: E402
-from stream.decode import Decoder  # noqa: E402
-from stream.synthetic import SyntheticField, SyntheticSource  # noqa: E402
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.config import ModelConfig
+from dimstream.ops.config import RunConfig
+from dimstream.ops.daemon import Runner
+from dimstream.stream.decode import Decoder
+from dimstream.stream.synthetic import SyntheticField, SyntheticSource
 
 # An hour of Criteo-scale traffic is ~2M rows; 250k-row windows keep the run short while
 # per-window bookkeeping (checkpoint, summary) is amortised as it would be in production.

@@ -13,10 +13,10 @@ import torch
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.config import ModelConfig
-from models.ctr import CTRModel
-from models.distributed import shard
-from stream.batch import SparseBatch
+from dimstream.models.config import ModelConfig
+from dimstream.models.ctr import CTRModel
+from dimstream.models.distributed import shard
+from dimstream.stream.batch import SparseBatch
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """CTRModel: MixedEmbedding + an interaction head, the unit one arm trains.
 
 >>> import torch
->>> from models.config import ModelConfig
+>>> from dimstream.models.config import ModelConfig
 >>> m = CTRModel({"a": 8, "b": 4}, {"a": 10, "b": 10}, set(), ModelConfig("fm"), device=torch.device("cpu"))
 >>> m.feature_names, m.embedding_params
 (['a', 'b'], 120)
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.config import ModelConfig
-from models.embedding import MixedEmbedding
-from models.heads import HEADS, USES_WIDE
+from dimstream.models.config import ModelConfig
+from dimstream.models.embedding import MixedEmbedding
+from dimstream.models.heads import HEADS, USES_WIDE
 
 
 class CTRModel(nn.Module):

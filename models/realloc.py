@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from models.arm import Arm, ArmSpec
+from dimstream.models.arm import Arm, ArmSpec
 
 Column = tuple[str, int]
 
@@ -64,7 +64,7 @@ def reallocate(old: Arm, control: Arm, spec: ArmSpec, build) -> Arm:
     """A new arm of shape `spec`, carried over from `old` (same name) and `control`.
 
     build(spec) -> Arm constructs a fresh arm (the daemon's own builder)."""
-    from search.masks import ctr_model  # the CTRModel inside a DMP
+    from dimstream.search.masks import ctr_model  # the CTRModel inside a DMP
 
     new = build(spec)
     m_new, m_old, m_ctl = ctr_model(new), ctr_model(old), ctr_model(control)

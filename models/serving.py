@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-from models.embedding import WIDE_WIDTH
-from models.heads import HEADS, USES_WIDE
-from stream.batch import SparseBatch
-from stream.schema import Schema
+from dimstream.models.config import ModelConfig
+from dimstream.models.embedding import WIDE_WIDTH
+from dimstream.models.heads import HEADS, USES_WIDE
+from dimstream.stream.batch import SparseBatch
+from dimstream.stream.schema import Schema
 
 FORMAT = "dimstream-serving/1"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from stream.atomic import fsync_dir, write_bytes, write_json
+from dimstream.stream.atomic import fsync_dir, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 KEEP = 3

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ops.config import ConfigError, RunConfig, parse_duration
+from dimstream.ops.config import ConfigError, RunConfig, parse_duration
 
 log = logging.getLogger("dimstream")
 
@@ -66,7 +66,7 @@ def _run_config(args) -> RunConfig:
 
 def cmd_run(args) -> int:
     cfg = _run_config(args)
-    from ops.daemon import Runner  # heavy imports only once the options are valid
+    from dimstream.ops.daemon import Runner  # heavy imports only once the options are valid
     runner = Runner(cfg)
     summary = runner.run()
     done = len(summary["windows"])
@@ -106,7 +106,7 @@ def _extra_commands():
     """Sub-commands defined in their own modules (search, replay, export, ...)."""
     import importlib
     import importlib.util
-    mods = ("ops.search_cli", "ops.replay_cli", "ops.export", "ops.report_cli")
+    mods = ("dimstream.ops.search_cli", "dimstream.ops.replay_cli", "dimstream.ops.export", "dimstream.ops.report_cli")
     return [importlib.import_module(m).register for m in mods if importlib.util.find_spec(m) is not None]
 
 

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from models.config import ModelConfig
+from dimstream.models.config import ModelConfig
 
 
 class ConfigError(ValueError):

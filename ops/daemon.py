@@ -23,17 +23,17 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from models.arm import Arm, ArmSpec
-from models.evaluation import auc, auc_difference, window_metrics
-from ops import checkpoint, metrics
-from stream.atomic import write_bytes, write_json
-from ops.config import ConfigError, RunConfig, parse_addr
-from ops.http import Readiness, serve
-from ops.report import plot_summary
-from stream import deadletter
-from stream.decode import Decoder
-from stream.synthetic import TRUTH_COLUMN
-from stream.window import Window, Windower
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.evaluation import auc, auc_difference, window_metrics
+from dimstream.ops import checkpoint, metrics
+from dimstream.stream.atomic import write_bytes, write_json
+from dimstream.ops.config import ConfigError, RunConfig, parse_addr
+from dimstream.ops.http import Readiness, serve
+from dimstream.ops.report import plot_summary
+from dimstream.stream import deadletter
+from dimstream.stream.decode import Decoder
+from dimstream.stream.synthetic import TRUTH_COLUMN
+from dimstream.stream.window import Window, Windower
 
 log = logging.getLogger("dimstream")
 PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
@@ -42,10 +42,10 @@ SOURCE_EXPORT_SECONDS = 1.0  # broker status (up, lag, time since the last messa
 
 def open_source(cfg: RunConfig):
     if cfg.source == "synthetic":
-        from stream.synthetic import SyntheticSource
+        from dimstream.stream.synthetic import SyntheticSource
         return SyntheticSource(seed=cfg.seed, rows_per_window=cfg.rows_per_window,
                                window_seconds=cfg.window_seconds or 3600)
-    from stream.sources.registry import open_source as open_spec
+    from dimstream.stream.sources.registry import open_source as open_spec
     try:
         return open_spec(cfg.source, schema_config=cfg.schema, seed=cfg.seed, kafka=cfg.kafka)
     except (ValueError, OSError) as e:
@@ -95,7 +95,7 @@ class Runner:
         self.pre_hooks: list = []  # callables(runner, window, record): after reading, before any arm trains
         self._restore_or_init()
         if "slim" in cfg.arms:
-            from ops.searching import install
+            from dimstream.ops.searching import install
             install(self)
 
     # --- state ---
@@ -254,7 +254,7 @@ class Runner:
     def _publish(self, index: int) -> None:
         """Export the checkpoint just written for serving and move the `latest` pointer atomically,
         the way online systems publish a model every hour."""
-        from ops.export import export_arm
+        from dimstream.ops.export import export_arm
         arm = "slim" if "slim" in self.cfg.arms else "control"
         root = Path(self.cfg.export_dir)
         export_arm(self.state_dir, arm, root / f"window-{index:06d}")

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import torch
 
-from stream.atomic import fsync_dir
-from ops.config import ConfigError
+from dimstream.stream.atomic import fsync_dir
+from dimstream.ops.config import ConfigError
 
 
 def register(sub) -> None:
@@ -32,8 +32,8 @@ def register(sub) -> None:
 
 def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
     """Write `arm` of the latest checkpoint to directory `out` (atomically replaced)."""
-    from models.serving import FORMAT, serving_weights
-    from ops import checkpoint
+    from dimstream.models.serving import FORMAT, serving_weights
+    from dimstream.ops import checkpoint
 
     ckpt = checkpoint.latest(state_dir)
     if ckpt is None:
@@ -62,7 +62,7 @@ def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
 
 
 def read_rows(path: Path) -> pa.Table:
-    from stream.sources.files import read_ipc
+    from dimstream.stream.sources.files import read_ipc
     if path.suffix in (".jsonl", ".json"):
         return pajson.read_json(path)  # bulk, not row by row
     return read_ipc(path)
@@ -70,8 +70,8 @@ def read_rows(path: Path) -> pa.Table:
 
 def predict(model_dir: Path, table: pa.Table) -> np.ndarray:
     """Probabilities for every row the decoder accepts (label and event time may be absent)."""
-    from models.serving import ServingModel
-    from stream.decode import Decoder
+    from dimstream.models.serving import ServingModel
+    from dimstream.stream.decode import Decoder
 
     model = ServingModel.load(model_dir)
     schema = model.schema

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from stream.hashing import hash_ids
-from stream.kafka.wire import encode_arrow
+from dimstream.stream.hashing import hash_ids
+from dimstream.stream.kafka.wire import encode_arrow
 
 
 def parse_kafka_url(url: str) -> tuple[str, str]:

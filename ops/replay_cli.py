@@ -1,7 +1,7 @@
 """`dimstream replay --source SPEC --to kafka://HOST:PORT/TOPIC`."""
 from __future__ import annotations
 
-from ops.config import ConfigError
+from dimstream.ops.config import ConfigError
 
 
 def register(sub) -> None:
@@ -21,8 +21,8 @@ def register(sub) -> None:
 
 
 def cmd_replay(args) -> int:
-    from ops.replay import parse_kafka_url, replay
-    from stream.sources.registry import open_source
+    from dimstream.ops.replay import parse_kafka_url, replay
+    from dimstream.stream.sources.registry import open_source
     try:
         parse_kafka_url(args.to)
         source = open_source(args.source)

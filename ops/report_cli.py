@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ops.config import ConfigError
+from dimstream.ops.config import ConfigError
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from ops.report import write_report
+    from dimstream.ops.report import write_report
     path = Path(args.state_dir) / "summary.json"
     try:
         summary = json.loads(path.read_text())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ops.config import ConfigError
+from dimstream.ops.config import ConfigError
 
 log = logging.getLogger("dimstream.search")
 
@@ -39,10 +39,10 @@ def register(sub) -> None:
 
 def load_control(state_dir: Path):
     """(control Arm, schema, checkpoint path) from the latest checkpoint."""
-    from models.arm import Arm, ArmSpec
-    from models.config import ModelConfig
-    from ops import checkpoint
-    from stream.schema import Schema
+    from dimstream.models.arm import Arm, ArmSpec
+    from dimstream.models.config import ModelConfig
+    from dimstream.ops import checkpoint
+    from dimstream.stream.schema import Schema
 
     ckpt = checkpoint.latest(state_dir)
     if ckpt is None:
@@ -58,8 +58,8 @@ def load_control(state_dir: Path):
 
 
 def recent_rows(state_dir: Path, schema):
-    from stream.decode import Decoder
-    from stream.sources.files import read_ipc
+    from dimstream.stream.decode import Decoder
+    from dimstream.stream.sources.files import read_ipc
     path = Path(state_dir) / "recent" / "rows.arrow"
     try:
         table = read_ipc(path)
@@ -70,8 +70,8 @@ def recent_rows(state_dir: Path, schema):
 
 def latest_field_check(state_dir: Path, fields: list[str]):
     """The daemon's latest held-out field check, or None if it has written none."""
-    from ops.searching import FIELD_CHECK_FILE
-    from search.fieldcheck import FieldCheck
+    from dimstream.ops.searching import FIELD_CHECK_FILE
+    from dimstream.search.fieldcheck import FieldCheck
     path = Path(state_dir) / FIELD_CHECK_FILE
     if not path.exists():
         return None
@@ -86,8 +86,8 @@ def latest_field_check(state_dir: Path, fields: list[str]):
 
 
 def cmd_search(args) -> int:
-    from ops.searching import plans_dir, run_search
-    from search.plan import Plan, write_plan
+    from dimstream.ops.searching import plans_dir, run_search
+    from dimstream.search.plan import Plan, write_plan
 
     state = Path(args.state_dir)
     if not state.is_dir():

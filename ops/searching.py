@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models.arm import ArmSpec
-from models.realloc import reallocate
-from ops import metrics
-from search.budget import Budget, SearchResult, allocate, params_of, relative_gain
-from search.fieldcheck import FieldCheck, check_fields
-from search.plan import Plan, PlanError, read_plan, validate_plan
-from stream.atomic import write_bytes
+from dimstream.models.arm import ArmSpec
+from dimstream.models.realloc import reallocate
+from dimstream.ops import metrics
+from dimstream.search.budget import Budget, SearchResult, allocate, params_of, relative_gain
+from dimstream.search.fieldcheck import FieldCheck, check_fields
+from dimstream.search.plan import Plan, PlanError, read_plan, validate_plan
+from dimstream.stream.atomic import write_bytes
 
 log = logging.getLogger("dimstream.search")
 FIELD_CHECK_FILE = "field_check.json"  # the daemon's latest held-out field check, in the state dir
@@ -44,10 +44,10 @@ def run_search(method: str, control, batch, kappa: float, rows: int,
     """One search on `control` with the rows of `batch` (most recent last)."""
     budget = Budget("params", kappa=kappa)
     if method == "sseds":
-        from search.sseds import sseds_search
+        from dimstream.search.sseds import sseds_search
         result = sseds_search(control, batch, budget, rows=rows, field_check=field_check)
     elif method == "ham":
-        from search.ham import ham_search, split_holdout
+        from dimstream.search.ham import ham_search, split_holdout
         train, val = split_holdout(batch)
         result = ham_search(control, train, val, budget, field_check=field_check)
     else:

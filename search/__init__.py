@@ -1,6 +1,6 @@
 """dimstream.search: embedding-dimension search on the control arm and the plan it produces.
 
-    from search import Budget, sseds_search, ham_search, Plan, write_plan, read_plan, validate_plan
+    from dimstream.search import Budget, sseds_search, ham_search, Plan, write_plan, read_plan, validate_plan
 
     result = sseds_search(control_arm, recent_rows, Budget("params", kappa=0.25))
     plan = Plan.from_result(result, schema.fingerprint(), checkpoint="ckpt-000011")
@@ -13,13 +13,13 @@ masks (auxiliary masks alpha on no-grad pooled embeddings), sseds (SSEDS eqs. 10
 ham (HAM eqs. 1-3, Algorithm 1), fieldcheck (SSEDS eq. 9 per field on held-out
 rows: which fields may keep columns at all), plan (the plan file). Imports models and stream, never ops.
 """
-from search.budget import (Allocation, Budget, BudgetError, SearchResult, allocate, kept_score, relative_gain, select_blocks, params_of,
+from dimstream.search.budget import (Allocation, Budget, BudgetError, SearchResult, allocate, kept_score, relative_gain, select_blocks, params_of,
                            rank_blocks)
-from search.fieldcheck import FieldCheck, check_fields
-from search.ham import ham_search, orthogonal_regulariser, split_holdout
-from search.masks import masked_logits, masked_loss, ones_masks, pooled_embeddings
-from search.plan import Plan, PlanError, read_plan, validate_plan, write_plan
-from search.sseds import saliency_scores, sseds_search
+from dimstream.search.fieldcheck import FieldCheck, check_fields
+from dimstream.search.ham import ham_search, orthogonal_regulariser, split_holdout
+from dimstream.search.masks import masked_logits, masked_loss, ones_masks, pooled_embeddings
+from dimstream.search.plan import Plan, PlanError, read_plan, validate_plan, write_plan
+from dimstream.search.sseds import saliency_scores, sseds_search
 
 __all__ = ["FieldCheck", "check_fields", "Allocation", "Budget", "BudgetError", "SearchResult", "allocate", "kept_score", "relative_gain", "select_blocks", "params_of",
            "rank_blocks", "ham_search", "orthogonal_regulariser", "split_holdout", "masked_logits",

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from search.masks import ctr_model, pooled_embeddings
-from search.sseds import minibatches
-from stream.batch import SparseBatch
+from dimstream.search.masks import ctr_model, pooled_embeddings
+from dimstream.search.sseds import minibatches
+from dimstream.stream.batch import SparseBatch
 
 
 @dataclass

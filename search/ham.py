@@ -31,13 +31,13 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.arm import Arm, ArmSpec
-from models.evaluation import auc
-from search.budget import Budget, SearchResult, allocate, params_of
-from search.fieldcheck import FieldCheck
-from search.masks import ctr_model, masked_logits, pooled_embeddings
-from search.sseds import minibatches
-from stream.batch import SparseBatch
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.evaluation import auc
+from dimstream.search.budget import Budget, SearchResult, allocate, params_of
+from dimstream.search.fieldcheck import FieldCheck
+from dimstream.search.masks import ctr_model, masked_logits, pooled_embeddings
+from dimstream.search.sseds import minibatches
+from dimstream.stream.batch import SparseBatch
 
 
 # --- eq. 2: the hard mask with a straight-through gradient -------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.ctr import CTRModel
+from dimstream.models.ctr import CTRModel
 
 
 def ctr_model(model) -> CTRModel:

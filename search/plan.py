@@ -25,8 +25,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from search.budget import KINDS, QUANTUM, SearchResult, params_of
-from stream.atomic import write_bytes
+from dimstream.search.budget import KINDS, QUANTUM, SearchResult, params_of
+from dimstream.stream.atomic import write_bytes
 
 FORMAT = 1
 

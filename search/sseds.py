@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from search.budget import Budget, SearchResult, allocate, params_of
-from search.masks import ctr_model, mask_gradient, ones_masks
-from stream.batch import SparseBatch
+from dimstream.search.budget import Budget, SearchResult, allocate, params_of
+from dimstream.search.masks import ctr_model, mask_gradient, ones_masks
+from dimstream.stream.batch import SparseBatch
 
 if TYPE_CHECKING:  # search.fieldcheck imports minibatches from here
-    from search.fieldcheck import FieldCheck
+    from dimstream.search.fieldcheck import FieldCheck
 
 
 def sample_recent(batch: SparseBatch, rows: int | None) -> SparseBatch:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stream.decode import Rejected
+from dimstream.stream.decode import Rejected
 
 DEADLETTER_SCHEMA = pa.schema([("reason", pa.string()), ("detail", pa.string()), ("row", pa.string())])
 

@@ -6,7 +6,7 @@ Rows that cannot be trained on are not dropped silently: each is rejected with a
 is missing or of the wrong type; single rows when their label or event time is bad.
 
 >>> import pyarrow as pa
->>> from stream.schema import Schema, FieldSpec
+>>> from dimstream.stream.schema import Schema, FieldSpec
 >>> d = Decoder(Schema([FieldSpec("user", "categorical", 100)]))
 >>> r = d.decode(pa.record_batch({"user": [1, 2, 3], "label": [0, 1, 7], "event_time": [5, 6, 7]}))
 >>> len(r.batch), r.rejected_counts
@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stream.batch import SparseBatch
-from stream.hashing import NULL_ID, hash_ids
-from stream.schema import FieldSpec, Schema
+from dimstream.stream.batch import SparseBatch
+from dimstream.stream.hashing import NULL_ID, hash_ids
+from dimstream.stream.schema import FieldSpec, Schema
 
 REASONS = ("empty_batch", "missing_column", "wrong_type", "null_label", "nan_label",
            "label_out_of_range", "null_event_time", "corrupt_input", "late", "unknown_schema")

@@ -24,8 +24,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from stream.schema import FieldSpec, Schema
-from stream.sources.base import SourceBatch, row_position
+from dimstream.stream.schema import FieldSpec, Schema
+from dimstream.stream.sources.base import SourceBatch, row_position
 
 T0 = 1767225600  # 2026-01-01T00:00:00Z, event time of the first row
 TRUTH_COLUMN = "p_true"

@@ -7,8 +7,8 @@ older than the open window are late: rejected with reason "late". After a restar
 than the checkpointed watermark that come from batches read before the crash are skipped as
 already handled (trained or dead-lettered): see stream.sources.base for the position contract.
 
->>> from stream.synthetic import SyntheticSource
->>> from stream.decode import Decoder
+>>> from dimstream.stream.synthetic import SyntheticSource
+>>> from dimstream.stream.decode import Decoder
 >>> src = SyntheticSource(seed=0, rows_per_window=2000, batch_rows=700, max_windows=2)
 >>> ws = list(Windower(src, Decoder(src.schema), 3600).windows())
 >>> [(w.start - ws[0].start, len(w.batch)) for w in ws]
@@ -23,9 +23,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from stream.batch import SparseBatch
-from stream.decode import Decoder, Rejected
-from stream.sources.base import Source, SourceBatch, read_upto_position, resume_position
+from dimstream.stream.batch import SparseBatch
+from dimstream.stream.decode import Decoder, Rejected
+from dimstream.stream.sources.base import Source, SourceBatch, read_upto_position, resume_position
 
 
 @dataclass

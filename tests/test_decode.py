@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from stream.decode import Decoder, numeric_to_ids
-from stream.hashing import hash_ids
+from dimstream.stream.decode import Decoder, numeric_to_ids
+from dimstream.stream.hashing import hash_ids
 from tests.helpers import tiny_batch, tiny_schema
 
 

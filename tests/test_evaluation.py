@@ -1,7 +1,7 @@
 """Progressive-validation metrics and the A/B interval."""
 import numpy as np
 
-from models.evaluation import auc, auc_difference, logloss
+from dimstream.models.evaluation import auc, auc_difference, logloss
 
 
 def test_auc_matches_the_pairwise_definition_with_ties():

@@ -5,11 +5,11 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from models.arm import ArmSpec
-from ops import checkpoint
-from ops.config import RunConfig
-from ops.daemon import Runner
-from ops.export import export_arm, predict
+from dimstream.models.arm import ArmSpec
+from dimstream.ops import checkpoint
+from dimstream.ops.config import RunConfig
+from dimstream.ops.daemon import Runner
+from dimstream.ops.export import export_arm, predict
 from tests.helpers import REPO
 
 
@@ -34,7 +34,7 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text("\n".join(__import__("json").dumps(r) for r in rows.slice(0, 20).drop_columns(
         ["label", "event_time", "p_true"]).to_pylist()))
-    r = subprocess.run([sys.executable, "-m", "ops.cli", "predict", "--model", str(out), "--input", str(jsonl)],
+    r = subprocess.run([sys.executable, "-m", "dimstream.ops.cli", "predict", "--model", str(out), "--input", str(jsonl)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = np.array([float(x) for x in r.stdout.split()])

@@ -5,10 +5,10 @@ import sys
 import numpy as np
 import pyarrow as pa
 
-from stream.hashing import hash_ids
+from dimstream.stream.hashing import hash_ids
 from tests.helpers import REPO
 
-PROBE = ("import pyarrow as pa; from stream.hashing import hash_ids; "
+PROBE = ("import pyarrow as pa; from dimstream.stream.hashing import hash_ids; "
          "print(hash_ids(pa.array(['a', 'bb', 'ccc', None]), 'f', 1000).tolist(), "
          "hash_ids(pa.array([5, -3, 10**12, None]), 'g', 977).tolist())")
 

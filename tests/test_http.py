@@ -3,8 +3,8 @@ import time
 import urllib.error
 import urllib.request
 
-import ops.metrics  # noqa: F401  (registers the metrics, as the daemon does)
-from ops.http import Readiness, serve
+import dimstream.ops.metrics  # noqa: F401  (registers the metrics, as the daemon does)
+from dimstream.ops.http import Readiness, serve
 
 
 def _get(port, path):

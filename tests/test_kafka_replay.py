@@ -3,11 +3,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ops.replay import replay
-from stream.kafka.wire import WireError, decode_message, encode_arrow
-from stream.sources.movielens import MovieLensSource
+from dimstream.ops.replay import replay
+from dimstream.stream.kafka.wire import WireError, decode_message, encode_arrow
+from dimstream.stream.sources.movielens import MovieLensSource
 from tests.helpers import ML100K
-from tests.kafka_broker import Broker
+from dimstream.stream.kafka.tansu import Broker
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def _by_partition(bootstrap, topic, partitions, rows):
 
 
 def test_replay_by_key_puts_every_row_of_a_key_value_in_one_partition(broker, capsys):
-    from ops.cli import main
+    from dimstream.ops.cli import main
     url = f"kafka://{broker.bootstrap}/bykey"
     assert main(["replay", "--source", "synthetic", "--to", url, "--partitions", "3", "--key", "user_id",
                  "--rows-per-message", "100", "--max-rows", "6000"]) == 0
@@ -86,7 +86,7 @@ def test_replay_by_key_puts_every_row_of_a_key_value_in_one_partition(broker, ca
         for v in np.unique(u):
             assert seen.setdefault(int(v), p) == p, f"user {v} in partitions {seen[int(v)]} and {p}"
     # a message holds rows of one partition's keys only, keyed by that partition's hash bucket
-    from ops.replay import key_partitions
+    from dimstream.ops.replay import key_partitions
     for p, msgs in got.items():
         for key, headers, rb in msgs:
             assert key == str(p).encode() and headers["key"] == b"user_id"
@@ -96,7 +96,7 @@ def test_replay_by_key_puts_every_row_of_a_key_value_in_one_partition(broker, ca
 
 
 def test_replay_without_key_is_round_robin(broker):
-    from stream.synthetic import SyntheticSource
+    from dimstream.stream.synthetic import SyntheticSource
     done = replay(SyntheticSource(seed=1, rows_per_window=2000, window_seconds=3600),
                   f"kafka://{broker.bootstrap}/rr", rows_per_message=100, partitions=3, max_rows=3000,
                   progress=False)
@@ -107,7 +107,7 @@ def test_replay_without_key_is_round_robin(broker):
 
 
 def test_replay_refuses_a_key_that_is_not_a_column(broker, capsys):
-    from ops.cli import main
+    from dimstream.ops.cli import main
     assert main(["replay", "--source", "synthetic", "--to", f"kafka://{broker.bootstrap}/nokey",
                  "--key", "no_such_column", "--max-rows", "10"]) == 2
     assert "no_such_column" in capsys.readouterr().err

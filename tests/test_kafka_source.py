@@ -5,14 +5,14 @@ import time
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
-from ops.config import RunConfig
-from ops.daemon import Runner
-from ops.replay import replay
-from stream.sources.kafka import KafkaSource
-from stream.sources.movielens import MovieLensSource, movielens_schema
+from dimstream.models.config import ModelConfig
+from dimstream.ops.config import RunConfig
+from dimstream.ops.daemon import Runner
+from dimstream.ops.replay import replay
+from dimstream.stream.sources.kafka import KafkaSource
+from dimstream.stream.sources.movielens import MovieLensSource, movielens_schema
 from tests.helpers import ML100K
-from tests.kafka_broker import Broker
+from dimstream.stream.kafka.tansu import Broker
 
 needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 
@@ -57,7 +57,7 @@ def test_kafka_run_equals_the_file_run_window_by_window(broker, tmp_path):
 
 def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_path):
     from kafka import KafkaConsumer, KafkaProducer
-    from stream.kafka.wire import encode_arrow
+    from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_batch, tiny_schema
     schema = tiny_schema()
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -87,7 +87,7 @@ def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_
 
 def test_jsonl_messages_are_decoded_in_bulk(broker):
     from kafka import KafkaProducer
-    from stream.kafka.wire import encode_jsonl
+    from dimstream.stream.kafka.wire import encode_jsonl
     from tests.helpers import tiny_schema
     schema = tiny_schema()
     rows = [{"user": i, "item": str(i % 7), "tags": [i % 3, 4], "price": 1.5 * i, "label": i % 2, "event_time": 100 + i}
@@ -97,7 +97,7 @@ def test_jsonl_messages_are_decoded_in_bulk(broker):
     p.send("jsonl", value=value, headers=headers)
     p.flush()
     src = KafkaSource(broker.bootstrap, "jsonl", schema, group="j")
-    from stream.decode import Decoder
+    from dimstream.stream.decode import Decoder
     for sb in src.read(None):
         if sb.batch is not None:
             r = Decoder(schema).decode(sb.batch)
@@ -109,9 +109,9 @@ def test_jsonl_messages_are_decoded_in_bulk(broker):
 
 def test_two_consumers_in_one_group_split_the_partitions(broker):
     import threading
-    from ops.replay import ensure_topic
+    from dimstream.ops.replay import ensure_topic
     from kafka import KafkaProducer
-    from stream.kafka.wire import encode_arrow
+    from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_batch, tiny_schema
     schema = tiny_schema()
     ensure_topic(broker.bootstrap, "split", 2)
@@ -176,7 +176,7 @@ def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker
     cfg.write_text(_toml(movielens_schema().to_dict(), source=f"kafka://{broker.bootstrap}/killed?group=k",
                          window="1d", windows=windows, idle_timeout=5.0, model="fm", state_dir=str(state),
                          metrics_addr="127.0.0.1:0", progress=False))
-    cmd = [sys.executable, "-m", "ops.cli", "run", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "dimstream.ops.cli", "run", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log1", "w"))
     deadline = time.time() + 300
     while not (state / "checkpoints" / "ckpt-000020").exists():
@@ -195,9 +195,9 @@ def test_broker_paused_mid_read_then_resumed_reads_everything_once(broker):
     import os
     import signal
     from kafka import KafkaProducer
-    from stream.kafka.wire import encode_arrow
+    from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_batch, tiny_schema
-    from ops.replay import ensure_topic
+    from dimstream.ops.replay import ensure_topic
     schema = tiny_schema()
     ensure_topic(broker.bootstrap, "pause", 1)
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -270,8 +270,8 @@ def test_daemon_survives_a_hung_broker_mid_window_exports_kafka_up_0_and_trains_
     import signal
     import threading
     from kafka import KafkaProducer
-    from ops.replay import ensure_topic
-    from stream.kafka.wire import encode_arrow
+    from dimstream.ops.replay import ensure_topic
+    from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_schema
     version = tiny_schema().fingerprint()
     ensure_topic(broker.bootstrap, "hung", 1)
@@ -347,7 +347,7 @@ def test_rebalance_with_messages_split_across_window_boundaries_trains_every_row
     messages: the partition B takes over starts at a message whose first rows A already trained.
     B learns how far A got from A's record on the positions side topic (tansu drops commit
     metadata), skips those rows, and every row is still trained exactly once across the group."""
-    from ops import metrics
+    from dimstream.ops import metrics
     before = metrics.KAFKA_ROWS_HANDED_OVER._value.get()
     a, b = _rebalance_two_daemons(broker, tmp_path, "rebals", "rgs", span=25)
     # the handover really went through a split message: B skipped rows A had trained
@@ -361,8 +361,8 @@ def test_rebalance_with_messages_split_across_window_boundaries_trains_every_row
 def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
     import threading
     from kafka import KafkaProducer
-    from ops.replay import ensure_topic
-    from stream.kafka.wire import encode_arrow
+    from dimstream.ops.replay import ensure_topic
+    from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_schema
     version = tiny_schema().fingerprint()
     ensure_topic(broker.bootstrap, topic, 2)
@@ -426,7 +426,7 @@ def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
     t = np.concatenate([_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy()
                         for k in range(messages)])
     starts, counts = np.unique(t // 60 * 60, return_counts=True)
-    from ops.daemon import _iso
+    from dimstream.ops.daemon import _iso
     assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}  # what was produced, per window
     return a, b
 
@@ -444,8 +444,8 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
     restart and B, and per-window row counts are what was produced."""
     import threading
     from kafka import KafkaProducer
-    from ops.replay import ensure_topic
-    from stream.kafka.wire import encode_arrow
+    from dimstream.ops.replay import ensure_topic
+    from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_schema
     version = tiny_schema().fingerprint()
     topic, group = "crashc", "cg"
@@ -534,5 +534,5 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
     t = np.concatenate([_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy()
                         for k in range(messages)])
     starts, counts = np.unique(t // 60 * 60, return_counts=True)
-    from ops.daemon import _iso
+    from dimstream.ops.daemon import _iso
     assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from models.arm import Arm, ArmSpec
-from models.config import ModelConfig
-from models.ctr import CTRModel
-from models.distributed import shard
-from models.embedding import AllocationError
-from stream.decode import Decoder
-from stream.synthetic import SyntheticSource
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.config import ModelConfig
+from dimstream.models.ctr import CTRModel
+from dimstream.models.distributed import shard
+from dimstream.models.embedding import AllocationError
+from dimstream.stream.decode import Decoder
+from dimstream.stream.synthetic import SyntheticSource
 from tests.helpers import tiny_batch, tiny_schema
 
 

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
-from ops.cli import build_parser
+from dimstream.ops.cli import build_parser
 from tests.helpers import REPO
 
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-import ops.metrics as m
+import dimstream.ops.metrics as m
 from tests.helpers import REPO
 from tests.test_ops_prometheus import exported_names, needs_promtool
 

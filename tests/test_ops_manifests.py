@@ -4,7 +4,7 @@ import shlex
 
 import yaml
 
-from ops.cli import build_parser, subcommands
+from dimstream.ops.cli import build_parser, subcommands
 from tests.helpers import REPO
 
 OPS = REPO / "ops"

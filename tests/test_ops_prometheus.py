@@ -9,7 +9,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-import ops.metrics as m
+import dimstream.ops.metrics as m
 from tests.helpers import REPO
 
 PROM = REPO / "ops" / "prometheus"
@@ -90,7 +90,7 @@ def test_every_alert_has_unit_tests_for_firing_and_not_firing():
 
 def test_scrape_config_targets_the_daemon_metrics_addr():
     """prometheus.yml scrapes the CLI's default --metrics-addr; the compose copy scrapes the daemon service."""
-    from ops.config import RunConfig
+    from dimstream.ops.config import RunConfig
     default = RunConfig.metrics_addr
     for name, target in (("prometheus.yml", default), ("compose.yml", "daemon:9100")):
         cfg = yaml.safe_load((PROM / name).read_text())

@@ -38,7 +38,7 @@ def test_prometheus_scrapes_auc_params_and_dims_of_both_arms(tmp_path):
         f"scrape_configs:\n  - job_name: dimstream\n    static_configs: [{{targets: ['127.0.0.1:{dport}']}}]\n")
     state = tmp_path / "state"
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "run", "--arms", "control,slim", "--search", "sseds", "--windows", "3",
+        [sys.executable, "-m", "dimstream.ops.cli", "run", "--arms", "control,slim", "--search", "sseds", "--windows", "3",
          "--rows-per-window", "3000", "--model", "fm", "--state-dir", str(state), "--no-progress",
          "--metrics-addr", f"127.0.0.1:{dport}", "--linger-seconds", "60"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "daemon.log", "w"))

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
-from ops.config import RunConfig
-from ops.daemon import Runner
+from dimstream.models.config import ModelConfig
+from dimstream.ops.config import RunConfig
+from dimstream.ops.daemon import Runner
 from tests.helpers import ML100K
 
 

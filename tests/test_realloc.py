@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from models.arm import Arm, ArmSpec
-from models.config import ModelConfig
-from models.realloc import reallocate
-from stream.decode import Decoder
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.config import ModelConfig
+from dimstream.models.realloc import reallocate
+from dimstream.stream.decode import Decoder
 from tests.helpers import tiny_batch, tiny_schema
 
 DIMS = {"user": 8, "item": 8, "tags": 8, "price": 8}

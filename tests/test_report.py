@@ -21,7 +21,7 @@ def _summary(n=6):
 
 def test_report_writes_html_and_pngs(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(_summary()))
-    r = subprocess.run([sys.executable, "-m", "ops.cli", "report", "--state-dir", str(tmp_path)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "dimstream.ops.cli", "report", "--state-dir", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     html = (tmp_path / "report" / "index.html").read_text()
@@ -33,6 +33,6 @@ def test_report_writes_html_and_pngs(tmp_path):
 
 
 def test_report_without_a_summary_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ops.cli", "report", "--state-dir", str(tmp_path)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "dimstream.ops.cli", "report", "--state-dir", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "cannot read" in r.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import REPO
 
-DIMSTREAM = [sys.executable, "-m", "ops.cli"]
+DIMSTREAM = [sys.executable, "-m", "dimstream.ops.cli"]
 
 
 def _run(args, **kw):

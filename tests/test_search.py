@@ -8,19 +8,19 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.arm import Arm, ArmSpec
-from models.config import ModelConfig
-from models.ctr import CTRModel
-from models.evaluation import _ranks
-from search import (Budget, FieldCheck, check_fields, BudgetError, Plan, PlanError, allocate, select_blocks, ham_search, masked_logits,
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.config import ModelConfig
+from dimstream.models.ctr import CTRModel
+from dimstream.models.evaluation import _ranks
+from dimstream.search import (Budget, FieldCheck, check_fields, BudgetError, Plan, PlanError, allocate, select_blocks, ham_search, masked_logits,
                     masked_loss, ones_masks, orthogonal_regulariser, rank_blocks, read_plan,
                     sseds_search, validate_plan, write_plan)
-from search.budget import params_of
-from search.ham import copy_arm, ham_gradient, ham_update, soft_orthogonality, split_holdout, touched_rows
-from search.masks import mask_gradient, pooled_embeddings
-from search.sseds import saliency_scores
-from stream.decode import Decoder
-from stream.synthetic import SyntheticSource
+from dimstream.search.budget import params_of
+from dimstream.search.ham import copy_arm, ham_gradient, ham_update, soft_orthogonality, split_holdout, touched_rows
+from dimstream.search.masks import mask_gradient, pooled_embeddings
+from dimstream.search.sseds import saliency_scores
+from dimstream.stream.decode import Decoder
+from dimstream.stream.synthetic import SyntheticSource
 from tests.helpers import tiny_batch, tiny_schema
 
 DIMS = {"user": 8, "item": 8, "tags": 12, "price": 4}

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import REPO
 
-CLI = [sys.executable, "-m", "ops.cli"]
+CLI = [sys.executable, "-m", "dimstream.ops.cli"]
 RUN = ["run", "--arms", "control,slim", "--search", "none", "--search-every", "0", "--rows-per-window", "4000",
        "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm"]
 
@@ -164,8 +164,8 @@ def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_p
 def test_searches_are_averaged_and_the_average_is_checkpointed_state():
     from types import SimpleNamespace
 
-    from ops.searching import smoothed_allocation
-    from search.budget import SearchResult
+    from dimstream.ops.searching import smoothed_allocation
+    from dimstream.search.budget import SearchResult
 
     rows = {"a": 10, "b": 10}
     runner = SimpleNamespace(cfg=SimpleNamespace(saliency_decay=0.5, budget=0.5), extra={},
@@ -189,8 +189,8 @@ def test_field_checks_are_averaged_with_the_variance_of_an_average():
     a field that passes once by chance is still dropped; evidence accumulates across windows."""
     from types import SimpleNamespace
 
-    from ops.searching import averaged_check
-    from search.fieldcheck import FieldCheck
+    from dimstream.ops.searching import averaged_check
+    from dimstream.search.fieldcheck import FieldCheck
 
     runner = SimpleNamespace(cfg=SimpleNamespace(saliency_decay=0.5), extra={})
 

@@ -6,14 +6,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stream.decode import Decoder
-from stream.schema import SchemaError
-from stream.sources.avazu import AvazuSource
-from stream.sources.criteo import CriteoSource
-from stream.sources.files import FilesSource, schema_from_config
-from stream.sources.movielens import MovieLensSource
-from stream.sources.registry import open_source
-from stream.window import Windower
+from dimstream.stream.decode import Decoder
+from dimstream.stream.schema import SchemaError
+from dimstream.stream.sources.avazu import AvazuSource
+from dimstream.stream.sources.criteo import CriteoSource
+from dimstream.stream.sources.files import FilesSource, schema_from_config
+from dimstream.stream.sources.movielens import MovieLensSource
+from dimstream.stream.sources.registry import open_source
+from dimstream.stream.window import Windower
 from tests.helpers import ML100K, tiny_batch, tiny_schema
 
 needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
@@ -110,7 +110,7 @@ def test_criteo_tsv_with_a_malformed_line(tmp_path):
 
 
 def test_avazu_csv(tmp_path):
-    from stream.sources.avazu import CATEGORICAL
+    from dimstream.stream.sources.avazu import CATEGORICAL
     header = "id,click,hour," + ",".join(CATEGORICAL)
     rows = [f"{i},{i % 2},141021{h:02d}," + ",".join(f"v{(i * 7 + j) % 5}" for j in range(len(CATEGORICAL)))
             for i, h in enumerate([0, 0, 1, 2, 2])]

@@ -4,11 +4,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from models.config import ModelConfig
-from models.evaluation import auc
-from ops.config import RunConfig
-from ops.daemon import Runner
-from stream.synthetic import TRUTH_COLUMN, SyntheticSource
+from dimstream.models.config import ModelConfig
+from dimstream.models.evaluation import auc
+from dimstream.ops.config import RunConfig
+from dimstream.ops.daemon import Runner
+from dimstream.stream.synthetic import TRUTH_COLUMN, SyntheticSource
 
 
 def _same(t1: pa.Table, t2: pa.Table) -> bool:

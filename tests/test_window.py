@@ -2,9 +2,9 @@
 import numpy as np
 import pyarrow as pa
 
-from stream.decode import Decoder
-from stream.sources.base import SourceBatch, row_position
-from stream.window import Windower
+from dimstream.stream.decode import Decoder
+from dimstream.stream.sources.base import SourceBatch, row_position
+from dimstream.stream.window import Windower
 from tests.helpers import tiny_batch, tiny_schema
 
 

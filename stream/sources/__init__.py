@@ -1,2 +1,2 @@
 """Sources yield Arrow batches with event time and a resumable position."""
-from stream.sources.base import Source, SourceBatch  # noqa: F401
+from dimstream.stream.sources.base import Source, SourceBatch  # noqa: F401

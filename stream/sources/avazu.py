@@ -6,8 +6,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stream.schema import FieldSpec, Schema
-from stream.sources.criteo import _DelimitedSource, read_delimited
+from dimstream.stream.schema import FieldSpec, Schema
+from dimstream.stream.sources.criteo import _DelimitedSource, read_delimited
 
 CATEGORICAL = ["C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
                "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",

@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 
 import pyarrow as pa
 
-from stream.schema import Schema
+from dimstream.stream.schema import Schema
 
 
 @dataclass

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as csv
 
-from stream.schema import FieldSpec, Schema
-from stream.sources.base import SourceBatch
-from stream.sources.table import TableSource
+from dimstream.stream.schema import FieldSpec, Schema
+from dimstream.stream.sources.base import SourceBatch
+from dimstream.stream.sources.table import TableSource
 
 INTS = [f"I{i}" for i in range(1, 14)]
 CATS = [f"C{i}" for i in range(1, 27)]

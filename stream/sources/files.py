@@ -13,8 +13,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stream.schema import FieldSpec, Schema, SchemaError
-from stream.sources.base import SourceBatch
+from dimstream.stream.schema import FieldSpec, Schema, SchemaError
+from dimstream.stream.sources.base import SourceBatch
 
 SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 

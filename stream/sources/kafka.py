@@ -47,9 +47,9 @@ from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 
-from stream.kafka.wire import WireError, decode_message
-from stream.schema import Schema
-from stream.sources.base import SourceBatch
+from dimstream.stream.kafka.wire import WireError, decode_message
+from dimstream.stream.schema import Schema
+from dimstream.stream.sources.base import SourceBatch
 
 log = logging.getLogger(__name__)
 METADATA_AGE_MS = 5000  # metadata refresh period
@@ -266,10 +266,10 @@ class KafkaSource:
         if u.scheme != "kafka" or not u.hostname or not u.port or not u.path.strip("/"):
             raise ValueError(f"bad Kafka URL {url!r}: use kafka://HOST:PORT/TOPIC[?group=NAME]")
         if schema_config is None:
-            from stream.synthetic import default_schema
+            from dimstream.stream.synthetic import default_schema
             schema = default_schema()
         else:
-            from stream.sources.files import schema_from_config
+            from dimstream.stream.sources.files import schema_from_config
             schema = schema_from_config(schema_config)
         group = parse_qs(u.query).get("group", ["dimstream"])[0]
         return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, **kw)
@@ -525,7 +525,7 @@ class KafkaSource:
 
     def dead_letter_rows(self, table: pa.Table) -> None:
         """Rows the window loop rejected (late, bad label, ...): one Arrow message per reason."""
-        from stream.kafka.wire import encode_arrow
+        from dimstream.stream.kafka.wire import encode_arrow
         import pyarrow.compute as pc
         for reason in pc.unique(table.column("reason")).to_pylist():
             part = table.filter(pc.equal(table.column("reason"), reason))

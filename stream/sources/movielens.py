@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as csv
 
-from stream.schema import FieldSpec, Schema
-from stream.sources.table import TableSource
+from dimstream.stream.schema import FieldSpec, Schema
+from dimstream.stream.sources.table import TableSource
 
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])  # the MovieLens-1M age groups
 N_GENRES = 19

@@ -7,10 +7,10 @@ from pathlib import Path
 def open_source(spec: str, *, schema_config: dict | None = None, seed: int = 0, kafka: dict | None = None, **kw):
     """synthetic | files:DIR | ml-100k:DIR | criteo:FILE | avazu:FILE | kafka://HOST:PORT/TOPIC[?group=G]"""
     if spec == "synthetic":
-        from stream.synthetic import SyntheticSource
+        from dimstream.stream.synthetic import SyntheticSource
         return SyntheticSource(seed=seed, **kw)
     if spec.startswith("kafka://"):
-        from stream.sources.kafka import KafkaSource
+        from dimstream.stream.sources.kafka import KafkaSource
         # security (SASL, SSL) and other kafka-python options pass through from the TOML [kafka] table
         return KafkaSource.from_url(spec, schema_config=schema_config, security=kafka or None)
     kind, sep, arg = spec.partition(":")
@@ -23,15 +23,15 @@ def open_source(spec: str, *, schema_config: dict | None = None, seed: int = 0, 
     if kind in ("files", "ml-100k") and not path.is_dir():
         raise ValueError(f"{path} is not a directory")
     if kind == "files":
-        from stream.sources.files import FilesSource, schema_from_config
+        from dimstream.stream.sources.files import FilesSource, schema_from_config
         return FilesSource(path, schema_from_config(schema_config))
     if kind == "ml-100k":
-        from stream.sources.movielens import MovieLensSource
+        from dimstream.stream.sources.movielens import MovieLensSource
         return MovieLensSource(path)
     if kind == "criteo":
-        from stream.sources.criteo import CriteoSource
+        from dimstream.stream.sources.criteo import CriteoSource
         return CriteoSource(path)
     if kind == "avazu":
-        from stream.sources.avazu import AvazuSource
+        from dimstream.stream.sources.avazu import AvazuSource
         return AvazuSource(path)
     raise ValueError(f"unknown source kind {kind!r} in {spec!r}")

