@@ -1,7 +1,7 @@
 """Model configuration, a plain dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 
 MODELS = ("deepfm", "wdl", "fm", "dcnv2")
 
@@ -26,3 +26,16 @@ class ModelConfig:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         self.mlp = tuple(int(x) for x in self.mlp)
+
+    def to_dict(self) -> dict:
+        """JSON-able (the checkpoint's "model"); `from_dict` is its inverse.
+
+        >>> ModelConfig.from_dict(ModelConfig(model="fm").to_dict()) == ModelConfig(model="fm")
+        True
+        """
+        return asdict(self) | {"mlp": list(self.mlp)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -18,10 +18,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.config import ModelConfig
 from dimstream.stream.atomic import fsync_dir, write_bytes, write_json
+from dimstream.stream.schema import Schema
 
 log = logging.getLogger(__name__)
 KEEP = 3
@@ -151,3 +156,36 @@ def read_tensors(ckpt: Path, rank: int = 0) -> dict:
         return torch.load(path, weights_only=True)
     except Exception as e:  # corrupt or truncated file: say which, never half-load
         raise CheckpointError(f"cannot load {path}: {e}") from None
+
+
+@dataclass
+class Restored:
+    """Arms rebuilt from a checkpoint, with what they were built for."""
+    checkpoint: Path
+    meta: dict
+    schema: Schema
+    model: ModelConfig
+    arms: dict[str, Arm]
+
+
+def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0) -> Restored:
+    """The one restore path (daemon, `dimstream search`, `dimstream export`): the arms `names`
+    (default: all, in checkpoint order) of checkpoint `ckpt`, built and loaded."""
+    meta = read_meta(ckpt)
+    schema = Schema.from_dict(meta["schema"])
+    model = ModelConfig.from_dict(meta["model"])
+    specs = {a["name"]: ArmSpec(a["name"], a["dims"], a["column_ids"]) for a in meta["arms"]}
+    names = list(specs) if names is None else list(names)
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise CheckpointError(f"checkpoint {Path(ckpt).name} has no arm {', '.join(map(repr, missing))} "
+                              f"(it has {', '.join(specs)})")
+    tensors = read_tensors(ckpt, rank)
+    arms = {}
+    for n in names:
+        arm = Arm(specs[n], schema.num_embeddings, schema.multi_valued, model)
+        load_arm_state(arm, tensors[n])
+        arms[n] = arm
+    if "rng" in tensors:
+        torch.set_rng_state(tensors["rng"]["torch"])
+    return Restored(Path(ckpt), meta, schema, model, arms)

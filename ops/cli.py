@@ -33,7 +33,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (port 0: any free port)")
     p.add_argument("--seed", type=int)
     p.add_argument("--arms", help="comma-separated: control,slim,uniform")
-    p.add_argument("--search", choices=["sseds", "ham", "none"])
+    p.add_argument("--search", metavar="METHOD",
+                   help="dimension search: a registered method (sseds, ham, ...) or none; checked by the config")
     p.add_argument("--budget", type=float, help="kappa: slim params <= kappa x control params (default 0.25)")
     p.add_argument("--search-every", type=int, help="windows between searches; 0 = only apply cron plans")
     p.add_argument("--control-dim", type=int, help="uniform width of the control arm (multiple of 4)")

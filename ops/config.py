@@ -45,7 +45,7 @@ class RunConfig:
     seed: int = 0
     arms: tuple[str, ...] = ("control",)
     control_dim: int | None = None    # None: 32 when searching (0, 4, ..., 32 per field), else 16
-    search: str = "none"              # sseds | ham | none
+    search: str = "none"              # a name of dimstream.search.registry.METHODS, or none
     budget: float = 0.25              # kappa: slim embedding params <= kappa x control's
     search_every: int = 1             # windows between searches (0: only apply cron plans)
     search_rows: int = 8192
@@ -117,8 +117,9 @@ class RunConfig:
             raise ConfigError("windows must be >= 1")
         if self.control_dim <= 0 or self.control_dim % 4:
             raise ConfigError("control_dim must be a positive multiple of 4 (FBGEMM fused kernels)")
-        if self.search not in ("sseds", "ham", "none"):
-            raise ConfigError(f"search must be sseds, ham or none, got {self.search!r}")
+        from dimstream.search.registry import names
+        if self.search != "none" and self.search not in names():
+            raise ConfigError(f"search must be one of {', '.join(names())} or none, got {self.search!r}")
         if not 0 < self.budget <= 1:
             raise ConfigError("budget (kappa) must be in (0, 1]")
         if "control" not in self.arms:

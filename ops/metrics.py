@@ -1,61 +1,150 @@
 """Every Prometheus metric dimstream exports, declared once (units in the names).
 
+`Metrics(registry)` declares them on an injected registry, so two runners in one process
+(tests, benchmarks) never share series. A live source's status (broker up, lag, time since the
+last message, rows handed over) is not pushed: `SourceStatusCollector` reads
+`LiveSource.status()` when Prometheus scrapes.
+
 Labels:
   arm    -- model arm: "control", "slim", "uniform", ...
   field  -- feature (embedding table) name from the schema
-  method -- dimension-search method: "sseds" or "ham"
-  reason -- why rows/messages were rejected: see stream.decode.REASONS
+  method -- dimension-search method: a name of search.registry.METHODS, or "field_check"
+  reason -- why rows/messages were rejected: see dimstream.stream.decode.REASONS
   partition -- Kafka partition number (as a string)
   outcome -- "applied" or "rejected" (plans)
+
+>>> from prometheus_client import CollectorRegistry, generate_latest
+>>> m = Metrics(CollectorRegistry())
+>>> m.windows_closed.inc()
+>>> b"dimstream_windows_closed_total 1.0" in generate_latest(m.registry)
+True
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
 
-# --- per arm: quality of the last closed window (progressive, test-then-train) ---
-ARM_AUC = Gauge("dimstream_arm_auc", "Progressive AUC of the last closed window", ["arm"])
-ARM_LOGLOSS = Gauge("dimstream_arm_logloss", "Progressive log-loss of the last closed window", ["arm"])
-ARM_CTR_PREDICTED = Gauge("dimstream_arm_ctr_predicted_ratio", "Mean predicted CTR, last window", ["arm"])
-ARM_CTR_OBSERVED = Gauge("dimstream_arm_ctr_observed_ratio", "Observed CTR, last window", ["arm"])
-ARM_CTR_CALIBRATION = Gauge("dimstream_arm_ctr_calibration_ratio",
-                            "Predicted over observed CTR, last window (1 = calibrated)", ["arm"])
-ARM_AUC_DIFF = Gauge("dimstream_arm_auc_diff_vs_control", "AUC minus control's AUC, last window", ["arm"])
-ARM_AUC_DIFF_LOW = Gauge("dimstream_arm_auc_diff_vs_control_ci_low",
-                         "Lower end of the 95% interval of the AUC difference to control", ["arm"])
-ARM_AUC_DIFF_HIGH = Gauge("dimstream_arm_auc_diff_vs_control_ci_high",
-                          "Upper end of the 95% interval of the AUC difference to control", ["arm"])
-ARM_EMBEDDING_PARAMS = Gauge("dimstream_arm_embedding_params", "Embedding parameters (rows x dims)", ["arm"])
-ARM_EMBEDDING_BYTES = Gauge("dimstream_arm_embedding_bytes", "Embedding weights in bytes (fp32)", ["arm"])
-ARM_ROWS_TRAINED = Counter("dimstream_arm_rows_trained_total", "Rows trained into the arm", ["arm"])
-ARM_TRAIN_ROWS_PER_SECOND = Gauge("dimstream_arm_train_rows_per_second",
-                                  "Training throughput of the last window", ["arm"])
-ARM_FIELD_DIM = Gauge("dimstream_arm_field_embedding_dim", "Embedding dimension per arm and field (0 = pruned)",
-                      ["arm", "field"])
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-# --- dimension search and re-allocation ---
-SEARCH_DURATION = Histogram("dimstream_search_duration_seconds", "Duration of one dimension search",
-                            ["method"], buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
-SEARCH_LAST_SUCCESS = Gauge("dimstream_search_last_success_timestamp_seconds",
-                            "Unix time of the last successful search", ["method"])
-FIELD_CHECK_KEEP = Gauge("dimstream_field_check_keep",
-                         "Last held-out field check: 1 if the field's removal raised held-out loss, else 0",
-                         ["field"])
-PLANS = Counter("dimstream_plans_total", "Allocation plans handled by the daemon", ["outcome"])
-REALLOCATIONS = Counter("dimstream_reallocations_total", "Re-allocations applied to an arm", ["arm"])
+SEARCH_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
-# --- stream ---
-ROWS_CONSUMED = Counter("dimstream_rows_consumed_total", "Rows read from the source")
-ROWS_REJECTED = Counter("dimstream_rows_rejected_total", "Rows (or batches) rejected, by reason", ["reason"])
-WINDOWS_CLOSED = Counter("dimstream_windows_closed_total", "Windows trained and checkpointed")
-WINDOW_INDEX = Gauge("dimstream_window_index", "Index of the last closed window")
-WINDOW_CLOSE_TIME = Gauge("dimstream_window_close_timestamp_seconds", "Unix time the last window closed")
-WINDOW_SECONDS = Gauge("dimstream_window_length_seconds", "Configured window length (event time)")
-KAFKA_UP = Gauge("dimstream_kafka_up", "1 if the Kafka broker answers, else 0")
-KAFKA_ROWS_HANDED_OVER = Counter("dimstream_kafka_rows_handed_over_total",
-                                 "Rows skipped after a rebalance or restart because an earlier owner of "
-                                 "the partition had already trained them")
-KAFKA_LAG = Gauge("dimstream_kafka_consumer_lag_messages", "Consumer lag per partition", ["partition"])
-SECONDS_SINCE_LAST_MESSAGE = Gauge("dimstream_seconds_since_last_message",
-                                   "Seconds since the source last delivered data")
-CONSUME_ROWS_PER_SECOND = Gauge("dimstream_consume_rows_per_second", "Rows consumed per second (last window)")
-MODEL_LOADED = Gauge("dimstream_model_loaded", "1 once a model is built or restored")
+
+class Metrics:
+    """The daemon's metrics on one registry (a fresh one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        if registry is None:  # a fresh registry: with the process metrics the global one has
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = r = registry
+        # --- per arm: quality of the last closed window (progressive, test-then-train) ---
+        self.arm_auc = Gauge("dimstream_arm_auc", "Progressive AUC of the last closed window", ["arm"], registry=r)
+        self.arm_logloss = Gauge("dimstream_arm_logloss", "Progressive log-loss of the last closed window", ["arm"],
+                                 registry=r)
+        self.arm_ctr_predicted = Gauge("dimstream_arm_ctr_predicted_ratio", "Mean predicted CTR, last window",
+                                       ["arm"], registry=r)
+        self.arm_ctr_observed = Gauge("dimstream_arm_ctr_observed_ratio", "Observed CTR, last window", ["arm"],
+                                      registry=r)
+        self.arm_ctr_calibration = Gauge("dimstream_arm_ctr_calibration_ratio",
+                                         "Predicted over observed CTR, last window (1 = calibrated)", ["arm"],
+                                         registry=r)
+        self.arm_auc_diff = Gauge("dimstream_arm_auc_diff_vs_control", "AUC minus control's AUC, last window",
+                                  ["arm"], registry=r)
+        self.arm_auc_diff_low = Gauge("dimstream_arm_auc_diff_vs_control_ci_low",
+                                      "Lower end of the 95% interval of the AUC difference to control", ["arm"],
+                                      registry=r)
+        self.arm_auc_diff_high = Gauge("dimstream_arm_auc_diff_vs_control_ci_high",
+                                       "Upper end of the 95% interval of the AUC difference to control", ["arm"],
+                                       registry=r)
+        self.arm_embedding_params = Gauge("dimstream_arm_embedding_params", "Embedding parameters (rows x dims)",
+                                          ["arm"], registry=r)
+        self.arm_embedding_bytes = Gauge("dimstream_arm_embedding_bytes", "Embedding weights in bytes (fp32)",
+                                         ["arm"], registry=r)
+        self.arm_rows_trained = Counter("dimstream_arm_rows_trained_total", "Rows trained into the arm", ["arm"],
+                                        registry=r)
+        self.arm_train_rows_per_second = Gauge("dimstream_arm_train_rows_per_second",
+                                               "Training throughput of the last window", ["arm"], registry=r)
+        self.arm_field_dim = Gauge("dimstream_arm_field_embedding_dim",
+                                   "Embedding dimension per arm and field (0 = pruned)", ["arm", "field"],
+                                   registry=r)
+        # --- dimension search and re-allocation ---
+        self.search_duration = Histogram("dimstream_search_duration_seconds", "Duration of one dimension search",
+                                         ["method"], buckets=SEARCH_BUCKETS, registry=r)
+        self.search_last_success = Gauge("dimstream_search_last_success_timestamp_seconds",
+                                         "Unix time of the last successful search", ["method"], registry=r)
+        self.field_check_keep = Gauge("dimstream_field_check_keep",
+                                      "Last held-out field check: 1 if the field's removal raised held-out loss, "
+                                      "else 0", ["field"], registry=r)
+        self.plans = Counter("dimstream_plans_total", "Allocation plans handled by the daemon", ["outcome"],
+                             registry=r)
+        self.reallocations = Counter("dimstream_reallocations_total", "Re-allocations applied to an arm", ["arm"],
+                                     registry=r)
+        # --- stream ---
+        self.rows_consumed = Counter("dimstream_rows_consumed_total", "Rows read from the source", registry=r)
+        self.rows_rejected = Counter("dimstream_rows_rejected_total", "Rows (or batches) rejected, by reason",
+                                     ["reason"], registry=r)
+        self.windows_closed = Counter("dimstream_windows_closed_total", "Windows trained and checkpointed",
+                                      registry=r)
+        self.window_index = Gauge("dimstream_window_index", "Index of the last closed window", registry=r)
+        self.window_close_time = Gauge("dimstream_window_close_timestamp_seconds",
+                                       "Unix time the last window closed", registry=r)
+        self.window_seconds = Gauge("dimstream_window_length_seconds", "Configured window length (event time)",
+                                    registry=r)
+        self.consume_rows_per_second = Gauge("dimstream_consume_rows_per_second",
+                                             "Rows consumed per second (last window)", registry=r)
+        self.model_loaded = Gauge("dimstream_model_loaded", "1 once a model is built or restored", registry=r)
+
+    def watch_source(self, source) -> SourceStatusCollector:
+        """Export a live source's status, read at every scrape."""
+        collector = SourceStatusCollector(source)
+        self.registry.register(collector)
+        return collector
+
+
+class SourceStatusCollector(Collector):
+    """dimstream_kafka_* and dimstream_seconds_since_last_message from `source.status()`."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def describe(self):
+        return self.collect(status=None)
+
+    def collect(self, status="read"):
+        if status == "read":
+            status = self.source.status()
+        up = GaugeMetricFamily("dimstream_kafka_up", "1 if the Kafka broker answers, else 0")
+        lag = GaugeMetricFamily("dimstream_kafka_consumer_lag_messages", "Consumer lag per partition",
+                                labels=["partition"])
+        since = GaugeMetricFamily("dimstream_seconds_since_last_message",
+                                  "Seconds since the source last delivered data")
+        handed = CounterMetricFamily("dimstream_kafka_rows_handed_over",
+                                     "Rows skipped after a rebalance or restart because an earlier owner of "
+                                     "the partition had already trained them")
+        if status is not None:
+            up.add_metric([], 1.0 if status.up else 0.0)
+            for partition, n in sorted(status.lag.items()):
+                lag.add_metric([str(partition)], float(n))
+            if status.last_message_time is not None:
+                since.add_metric([], max(0.0, time.time() - status.last_message_time))
+            handed.add_metric([], float(status.handed_over_rows))
+        return [up, lag, since, handed]
+
+
+def exported_names(metrics: Metrics, source_status: bool = True) -> set[str]:
+    """Every series name the daemon can export (counters with _total, histograms' parts)."""
+    from prometheus_client.metrics import MetricWrapperBase
+    families = [f for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase) for f in obj.describe()]
+    if source_status:
+        families += SourceStatusCollector(None).describe()
+    names = set()
+    for family in families:
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
+        else:
+            names.add(family.name)
+    return names

@@ -36,6 +36,7 @@ from dimstream.models.evaluation import auc
 from dimstream.search.budget import Budget, SearchResult, allocate, params_of
 from dimstream.search.fieldcheck import FieldCheck
 from dimstream.search.masks import ctr_model, masked_logits, pooled_embeddings
+from dimstream.search.registry import SearchMethod, register
 from dimstream.search.sseds import minibatches
 from dimstream.stream.batch import SparseBatch
 
@@ -278,3 +279,18 @@ def orthogonal_regulariser(model, kjt: KeyedJaggedTensor, lam: float = 1e-3, nor
     rows = touched_rows(m, kjt)
     scale = {f: m.num_embeddings[f] / max(1, len(u)) for f, (u, _) in rows.items()}
     return lam * soft_orthogonality({f: v for f, (_, v) in rows.items()}, scale, normalise)
+
+
+@register
+class HAM(SearchMethod):
+    """`--search ham`: HAM on the rows split into training and held-out parts (`split_holdout`)."""
+
+    name = "ham"
+    min_score = 0.0  # a block whose mean alpha is <= 0 is off (eq. 2's indicator)
+
+    def __init__(self, val_fraction: float = 0.2, **knobs):
+        self.val_fraction, self.knobs = val_fraction, knobs
+
+    def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:
+        train, val = split_holdout(rows, self.val_fraction)
+        return ham_search(control, train, val, budget, field_check=field_check, **self.knobs)

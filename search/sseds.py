@@ -20,6 +20,7 @@ import numpy as np
 
 from dimstream.search.budget import Budget, SearchResult, allocate, params_of
 from dimstream.search.masks import ctr_model, mask_gradient, ones_masks
+from dimstream.search.registry import SearchMethod, register
 from dimstream.stream.batch import SparseBatch
 
 if TYPE_CHECKING:  # search.fieldcheck imports minibatches from here
@@ -91,3 +92,17 @@ def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, r
                  "kappa": budget.kappa if budget.kind == "params" else None,
                  "field_saliency": {f: float(v.sum()) for f, v in s.items()},
                  "field_check": field_check.to_dict() if field_check is not None else None})
+
+
+@register
+class SSEDS(SearchMethod):
+    """`--search sseds`: SSEDS on the most recent `rows` rows (knobs as `sseds_search`)."""
+
+    name = "sseds"
+
+    def __init__(self, rows: int | None = 8192, batch_size: int = 2048, per_parameter: bool = False):
+        self.rows, self.batch_size, self.per_parameter = rows, batch_size, per_parameter
+
+    def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:
+        return sseds_search(control, rows, budget, rows=self.rows, batch_size=self.batch_size,
+                            per_parameter=self.per_parameter, field_check=field_check)

@@ -67,6 +67,11 @@ class Schema:
         return [f.name for f in self.fields]
 
     @property
+    def multi_valued(self) -> set[str]:
+        """Fields with a list of ids per row (pooled by mean)."""
+        return {f.name for f in self.fields if f.kind == "multi"}
+
+    @property
     def num_embeddings(self) -> dict[str, int]:
         return {f.name: int(f.num_embeddings) for f in self.fields}
 

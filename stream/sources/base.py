@@ -1,4 +1,4 @@
-"""The Source contract every input (synthetic, files, datasets, Kafka) implements.
+"""The contracts every input implements: `Source` (all of them) and `LiveSource` (a broker).
 
 A source yields `SourceBatch`es in (roughly) event-time order. Each carries a JSON-able
 `position`: where reading must restart so that this batch is read again. The window loop
@@ -7,11 +7,19 @@ rows of an open window plus the window boundary (the "watermark"); on resume the
 re-opened at that position and rows older than the watermark, already trained or
 dead-lettered, are skipped. This gives exactly-once training without row-level offsets and
 works the same for a Kafka partition (position = offsets per partition).
+
+What a position looks like is the source's business: the window loop only asks the source
+to compare two (`Source.is_before`) and where to resume (`resume_position`,
+`read_upto_position`). A source that talks to a broker is a `LiveSource`: it is also told
+when a checkpoint is durable (`commit`), asked to re-tell it after a crash (`recover`),
+hands dead letters back to the broker (`dead_letter_rows`) and reports its `status()`, which
+the metrics read at scrape time. The daemon calls nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -42,19 +50,14 @@ class SourceBatch:
     rewind: bool = False
 
 
-class Source(Protocol):
-    name: str
-    schema: Schema
-    # Length of a window that suits the source (e.g. 1 day for ml-100k), or None.
-    default_window_seconds: int | None
+@dataclass(frozen=True)
+class SourceStatus:
+    """What a live source reports about its broker, read at scrape time (ops/metrics.py)."""
 
-    def read(self, position: dict | None) -> Iterator[SourceBatch]:
-        """Batches from `position` (None: from the beginning); ends when the source is exhausted
-        (a file or dataset) or never (a live stream)."""
-        ...
-
-    def close(self) -> None:
-        ...
+    up: bool                                  # the broker answers (its own liveness probe)
+    lag: dict[str, int] = field(default_factory=dict)  # messages behind, per partition
+    last_message_time: float | None = None    # unix seconds of the last data delivered
+    handed_over_rows: int = 0                 # rows skipped: an earlier owner had trained them
 
 
 def row_position(row: int) -> dict:
@@ -62,28 +65,78 @@ def row_position(row: int) -> dict:
     return {"row": int(row)}
 
 
-def resume_position(source: Source, unfinished: list[SourceBatch], last: SourceBatch | None,
-                    start: dict | None) -> dict | None:
-    """Where to re-open `source` after a checkpoint.
+class Source(ABC):
+    """Every input: synthetic, files, datasets, Kafka.
 
-    unfinished: batches (in read order) that still hold rows of windows not yet closed.
-    last: the last batch read (None if nothing was read since `start`).
-    Sources that interleave several sequences (Kafka partitions) override this with a
-    `resume_position` method of their own; a single sequence restarts at the first
-    unfinished batch, or after the last batch read."""
-    own = getattr(source, "resume_position", None)
-    if own is not None:
-        return own(unfinished, last, start)
-    if unfinished:
-        return unfinished[0].position
-    return last.next_position if last is not None else start
+    Subclasses set `name` and `schema` and implement `read`; the other members have defaults
+    for a source that is one sequence of rows with positions {"row": n}."""
+
+    name: str
+    schema: Schema
+    # Length of a window that suits the source (e.g. 1 day for ml-100k), or None.
+    default_window_seconds: int | None = None
+
+    @abstractmethod
+    def read(self, position: dict | None) -> Iterator[SourceBatch]:
+        """Batches from `position` (None: from the beginning); ends when the source is exhausted
+        (a file or dataset) or never (a live stream)."""
+
+    def close(self) -> None:  # noqa: B027 (most sources hold nothing to release)
+        """Release what the source holds (connections, files)."""
+
+    def truth(self) -> dict | None:
+        """What is known to be true of the stream (the synthetic generator's field ranks), for
+        the summary; None for real data."""
+        return None
+
+    def is_before(self, position: dict, limit: dict | None) -> bool:
+        """True if the batch at `position` was read before reading had got to `limit` (a
+        checkpointed `read_upto`): its rows older than the watermark were handled before a
+        restart, not late.
+
+        >>> Source.is_before(None, {"row": 3}, {"row": 5}), Source.is_before(None, {"row": 5}, {"row": 5})
+        (True, False)
+        """
+        if not limit or "row" not in position or "row" not in limit:
+            return False
+        return position["row"] < limit["row"]
+
+    def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None,
+                        start: dict | None) -> dict | None:
+        """Where to re-open the source after a checkpoint.
+
+        unfinished: batches (in read order) that still hold rows of windows not yet closed.
+        last: the last batch read (None if nothing was read since `start`).
+        A single sequence restarts at the first unfinished batch, or after the last batch read;
+        sources that interleave several sequences (Kafka partitions) override this."""
+        if unfinished:
+            return unfinished[0].position
+        return last.next_position if last is not None else start
+
+    def read_upto_position(self, last: SourceBatch | None, previous: dict | None) -> dict | None:
+        """How far reading had got when a window closed (checkpointed as `read_upto`); a single
+        sequence is read up to the end of the last batch."""
+        return last.next_position if last is not None else previous
 
 
-def read_upto_position(source: Source, last: SourceBatch | None, previous: dict | None) -> dict | None:
-    """How far reading had got when a window closed (checkpointed as `read_upto`). Sources that
-    interleave several sequences report it per sequence (`read_upto_position`); a single
-    sequence is read up to the end of the last batch."""
-    own = getattr(source, "read_upto_position", None)
-    if own is not None:
-        return own(previous)
-    return last.next_position if last is not None else previous
+class LiveSource(Source):
+    """A source backed by a broker (Kafka): positions are told back once they are durable."""
+
+    @abstractmethod
+    def commit(self, position: dict, watermark: int | None, read_upto: dict | None,
+               window: int | None) -> None:
+        """The checkpoint of `window`, which resumes at `position`, is durable: commit it."""
+
+    @abstractmethod
+    def recover(self, position: dict, watermark: int | None, read_upto: dict | None,
+                window: int | None) -> None:
+        """At start, before reading: re-tell the broker the last durable checkpoint (a crash
+        may have come between writing it and `commit`)."""
+
+    @abstractmethod
+    def dead_letter_rows(self, table: pa.Table) -> None:
+        """Put rejected rows (a dead-letter table, stream/deadletter.py) on the broker too."""
+
+    @abstractmethod
+    def status(self) -> SourceStatus:
+        """The broker's status now; cheap and thread-safe (called at every scrape)."""
