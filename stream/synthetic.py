@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from dimstream.stream.schema import FieldSpec, Schema
-from dimstream.stream.sources.base import SourceBatch, row_position
+from dimstream.stream.sources.base import Source, SourceBatch, SourceOptions, row_position
 
 T0 = 1767225600  # 2026-01-01T00:00:00Z, event time of the first row
 TRUTH_COLUMN = "p_true"
@@ -74,14 +74,14 @@ DEFAULT_FIELDS = (
 )
 NUMERIC_BUCKETS = 64
 # expected occurrences per 50k rows below which an id's factor shrinks: signal lives on ids
-# seen often enough to learn in a few windows (5,000: DeepFM's progressive AUC over windows
-# 13-24 is 0.023 below Bayes; at 500 it was 0.038, most of the signal sitting on rare ids)
+# seen often enough to learn in a few windows, so a model can get close to the Bayes AUC
+# (tests/test_synthetic.py::test_deepfm_progressive_auc_is_within_003_of_bayes_over_windows_13_to_24);
+# a much lower threshold leaves most of the signal on rare ids no model learns in time
 RARE_COUNT = 5000
 # norm of a field's first-order weights relative to its latent factor: small, so that a field's
 # signal lives mostly in its rank-r_i interactions and its importance grows with r_i
-# (Spearman(rank, Bayes log-loss increase when the field is removed) 0.82, asserted in
-# tests/test_synthetic.py; with unit first-order weights rank-1 fields of few ids dominated and
-# it was 0.35, so no search could find the ranks)
+# (tests/test_synthetic.py::test_a_fields_true_importance_follows_its_rank); with unit
+# first-order weights rank-1 fields of few ids dominated and no search could find the ranks
 FIRST_ORDER = 0.25
 
 
@@ -157,7 +157,7 @@ class _HiddenModel:
         return z + drift * pairwise / np.sqrt(len(self.latent))
 
 
-class SyntheticSource:
+class SyntheticSource(Source):
     """The embedded default source (see module docstring)."""
 
     name = "synthetic"
@@ -179,9 +179,21 @@ class SyntheticSource:
         self._cache: tuple[int, pa.Table] | None = None
         self.generate_seconds = 0.0  # time spent generating rows (benchmarks subtract it)
 
+    @classmethod
+    def from_spec(cls, arg: str, options: SourceOptions) -> "SyntheticSource":
+        """`--source synthetic`: the run's seed, rows per window and window length (1 h unless set)."""
+        if arg:
+            raise ValueError(f"synthetic takes no argument (got {arg!r})")
+        return cls(seed=options.seed, rows_per_window=options.rows_per_window,
+                   window_seconds=options.window_seconds or 3600)
+
     @property
     def field_rank(self) -> dict[str, int]:
         return {f.name: f.rank for f in self.fields}
+
+    def truth(self) -> dict:
+        """The rank of every field's signal (0: noise), which a search should recover."""
+        return {"field_rank": self.field_rank}
 
     @staticmethod
     def _zipf_cdf(f: SyntheticField) -> np.ndarray:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from dimstream.stream.batch import SparseBatch
 from dimstream.stream.decode import Decoder, Rejected
-from dimstream.stream.sources.base import Source, SourceBatch, read_upto_position, resume_position
+from dimstream.stream.sources.base import Source, SourceBatch
 
 
 @dataclass
@@ -43,17 +43,6 @@ class Window:
     read_seconds: float = 0.0       # wall time spent reading and decoding
 
 
-def _is_before(position: dict, limit: dict | None) -> bool:
-    """True if `position` lies before `limit` (both source positions)."""
-    if not limit:
-        return False
-    if "row" in position and "row" in limit:
-        return position["row"] < limit["row"]
-    if "offsets" in position and "offsets" in limit:
-        return any(int(o) < int(limit["offsets"].get(p, -1)) for p, o in position["offsets"].items())
-    return False
-
-
 class Windower:
     def __init__(self, source: Source, decoder: Decoder, window_seconds: int,
                  allowed_lateness: int = 0, idle_timeout: float | None = None,
@@ -61,6 +50,8 @@ class Windower:
                  stop=None):
         if window_seconds <= 0:
             raise ValueError("window length must be positive")
+        if not isinstance(source, Source):  # positions are compared and resumed by the source itself
+            raise TypeError(f"{type(source).__name__} is not a dimstream.stream.sources.base.Source")
         self.source, self.decoder = source, decoder
         self.length = int(window_seconds)
         self.lateness = int(allowed_lateness)
@@ -97,8 +88,8 @@ class Windower:
             tables = [t for _, t, _ in mine if t is not None]
             w = Window(start, start + self.length, batch,
                        pa.concat_tables(tables) if tables else None, pending_rejects, counts, rows_read,
-                       replayed, resume_position(self.source, unfinished, last, self.start_position),
-                       read_upto_position(self.source, last, self.read_upto), read_s)
+                       replayed, self.source.resume_position(unfinished, last, self.start_position),
+                       self.source.read_upto_position(last, self.read_upto), read_s)
             pending_rejects, counts, rows_read, replayed, read_s = [], {}, 0, 0, 0.0
             closed_end = w.end
             restart = (w.resume, w.read_upto)
@@ -140,7 +131,7 @@ class Windower:
             if closed_end is not None:
                 old = t < closed_end
                 if old.any():
-                    if _is_before(sb.position, self.read_upto):
+                    if self.source.is_before(sb.position, self.read_upto):
                         replayed += int(old.sum())  # read and handled before the restart
                     else:
                         reject(Rejected("late", f"event time before {closed_end}", res.table.filter(pa.array(old))),

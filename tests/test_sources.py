@@ -1,6 +1,4 @@
 """Sources over real files and the real MovieLens-100k data."""
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +52,32 @@ def test_a_corrupt_file_is_dead_lettered_and_the_rest_is_read(tmp_path):
     assert detail and detail[0].startswith("b2.parquet:")
 
 
+def _with_times(rb: pa.RecordBatch, t: np.ndarray) -> pa.Table:
+    rb = rb.set_column(rb.schema.get_field_index("event_time"), "event_time", pa.array(t.astype(np.int64)))
+    return pa.Table.from_batches([rb])
+
+
+def test_files_resume_tells_replayed_rows_from_late_rows_by_file_and_row(tmp_path):
+    """Restarted at window 0's checkpoint (a.parquet row 50, read up to row 100): rows of
+    window 0 in a.parquet rows 50-99 were trained before, rows of window 0 first seen in
+    b.parquet are late. Comparing rows without the file got both wrong."""
+    t_a = np.linspace(0, 7199, 150).astype(np.int64)  # batch a@50 straddles the 3600 s boundary
+    pq.write_table(_with_times(tiny_batch(150, 0), t_a), tmp_path / "a.parquet")
+    t_b = np.concatenate([np.full(20, 100), 7200 + np.arange(30) * 60])  # 20 late rows first
+    pq.write_table(_with_times(tiny_batch(50, 1), t_b), tmp_path / "b.parquet")
+    src = FilesSource(tmp_path, tiny_schema(), batch_rows=50)
+    full = list(Windower(src, Decoder(src.schema), 3600).windows())
+    first = full[0]
+    assert (first.resume, first.read_upto) == ({"file": "a.parquet", "row": 50}, {"file": "a.parquet", "row": 100})
+    again = list(Windower(src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end,
+                          read_upto=first.read_upto).windows())
+    replayed = int((t_a[50:100] < 3600).sum())
+    assert replayed == 25 and sum(w.replayed_rows for w in again) == replayed
+    assert [w.rejected_counts for w in again] == [w.rejected_counts for w in full[1:]] == [{"late": 20}, {}]
+    assert [(w.start, len(w.batch)) for w in again] == [(w.start, len(w.batch)) for w in full[1:]]
+    assert [(w.start, len(w.batch)) for w in full] == [(0, 75), (3600, 75), (7200, 30)]
+
+
 def test_schema_from_config_declares_any_log_and_refuses_bad_declarations():
     s = schema_from_config({"label": "clicked", "event_time": "ts",
                             "fields": [{"name": "user", "kind": "categorical", "num_embeddings": 100}]})
@@ -65,8 +89,11 @@ def test_schema_from_config_declares_any_log_and_refuses_bad_declarations():
 
 
 def test_registry_rejects_bad_specs(tmp_path):
-    for spec in ["nonsense", "files:", f"files:{tmp_path}/nope", f"criteo:{tmp_path}", "parquet:/x"]:
-        with pytest.raises(ValueError):
+    cases = {"nonsense": "unknown source kind 'nonsense'", "files:": "files:DIR needs a directory",
+             f"files:{tmp_path}/nope": "nope is not a directory", f"criteo:{tmp_path}": "is not a file",
+             "parquet:/x": "unknown source kind 'parquet'"}
+    for spec, message in cases.items():
+        with pytest.raises(ValueError, match=message):
             open_source(spec)
 
 

@@ -4,10 +4,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from dimstream.models.config import ModelConfig
 from dimstream.models.evaluation import auc
-from dimstream.ops.config import RunConfig
-from dimstream.ops.daemon import Runner
 from dimstream.stream.synthetic import TRUTH_COLUMN, SyntheticSource
 
 
@@ -56,9 +53,13 @@ def test_truth_has_noise_fields_ranks_1_to_16_and_a_few_percent_ctr():
 
 
 def test_deepfm_progressive_auc_is_within_003_of_bayes_over_windows_13_to_24(tmp_path: Path):
+    # the daemon is imported here: the stream-level tests above do not depend on ops/
+    from dimstream.models.config import ModelConfig
+    from dimstream.ops.config import RunConfig
+    from dimstream.ops.daemon import Runner
     cfg = RunConfig(windows=24, state_dir=tmp_path, metrics_addr="127.0.0.1:0", progress=False,
                     model=ModelConfig("deepfm"))
-    summary = Runner(cfg).run()
+    summary = Runner.from_config(cfg).run()
     late = summary["windows"][12:24]
     assert len(late) == 12
     model_auc = np.mean([w["arms"]["control"]["auc"] for w in late])

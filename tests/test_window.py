@@ -3,12 +3,12 @@ import numpy as np
 import pyarrow as pa
 
 from dimstream.stream.decode import Decoder
-from dimstream.stream.sources.base import SourceBatch, row_position
+from dimstream.stream.sources.base import Source, SourceBatch, row_position
 from dimstream.stream.window import Windower
 from tests.helpers import tiny_batch, tiny_schema
 
 
-class ListSource:
+class ListSource(Source):
     """A finite in-memory source of real Arrow batches (a Source, not a mock of one)."""
     name = "list"
     default_window_seconds = 3600
@@ -20,9 +20,6 @@ class ListSource:
         start = position["row"] if position else 0
         for i in range(start, len(self.batches)):
             yield SourceBatch(self.batches[i], row_position(i), row_position(i + 1))
-
-    def close(self):
-        pass
 
 
 def _batches():

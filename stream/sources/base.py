@@ -14,6 +14,9 @@ to compare two (`Source.is_before`) and where to resume (`resume_position`,
 when a checkpoint is durable (`commit`), asked to re-tell it after a crash (`recover`),
 hands dead letters back to the broker (`dead_letter_rows`) and reports its `status()`, which
 the metrics read at scrape time. The daemon calls nothing else.
+
+How a source is opened from a `--source` spec is declared too: `Source.from_spec(arg,
+options)`, looked up by kind in stream/sources/registry.py.
 """
 from __future__ import annotations
 
@@ -60,8 +63,19 @@ class SourceStatus:
     handed_over_rows: int = 0                 # rows skipped: an earlier owner had trained them
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a `--source` spec does not say, from the run's config (`Source.from_spec`)."""
+
+    schema_config: dict | None = None  # a declared schema (TOML [schema]): files, kafka
+    seed: int = 0
+    kafka: dict = field(default_factory=dict)  # kafka-python security options (TOML [kafka])
+    rows_per_window: int = 50_000      # synthetic only
+    window_seconds: int | None = None  # the run's window length, None: the source's default
+
+
 def row_position(row: int) -> dict:
-    """The position of sources that are a sequence of rows (files, datasets, synthetic)."""
+    """The position of sources that are one sequence of rows (datasets, synthetic)."""
     return {"row": int(row)}
 
 
@@ -89,16 +103,33 @@ class Source(ABC):
         the summary; None for real data."""
         return None
 
+    @classmethod
+    def from_spec(cls, arg: str, options: SourceOptions) -> Source:
+        """The source a `--source KIND:ARG` spec names (`arg`: the text after "KIND:", the
+        whole URL for "KIND://...", "" for a bare "KIND"); raises ValueError for a bad `arg`."""
+        raise NotImplementedError(f"{cls.__name__} cannot be opened from a --source spec")
+
     def is_before(self, position: dict, limit: dict | None) -> bool:
         """True if the batch at `position` was read before reading had got to `limit` (a
         checkpointed `read_upto`): its rows older than the watermark were handled before a
-        restart, not late.
+        restart, not late. This default knows row positions {"row": n}; a source with positions
+        of another shape overrides it (else resuming would fail here, not count its rows wrong).
 
-        >>> Source.is_before(None, {"row": 3}, {"row": 5}), Source.is_before(None, {"row": 5}, {"row": 5})
+        >>> class Empty(Source):
+        ...     name, schema = "empty", None
+        ...     def read(self, position):
+        ...         return iter(())
+        >>> Empty().is_before({"row": 3}, {"row": 5}), Empty().is_before({"row": 5}, {"row": 5})
         (True, False)
+        >>> Empty().is_before({"row": 3}, None)  # no checkpoint: nothing was read before it
+        False
         """
-        if not limit or "row" not in position or "row" not in limit:
+        if not limit:
             return False
+        if "row" not in position or "row" not in limit:
+            raise TypeError(f"{type(self).__name__}: {position} and {limit} are not both row positions; a source "
+                            "with positions of another shape overrides Source.is_before (or the checkpoint is "
+                            "another source's)")
         return position["row"] < limit["row"]
 
     def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None,

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.csv as csv
 
 from dimstream.stream.schema import FieldSpec, Schema
-from dimstream.stream.sources.base import SourceBatch
+from dimstream.stream.sources.base import SourceBatch, SourceOptions
+from dimstream.stream.sources.registry import path_arg
 from dimstream.stream.sources.table import TableSource
 
 INTS = [f"I{i}" for i in range(1, 14)]
@@ -56,3 +57,8 @@ class CriteoSource(_DelimitedSource):
         t = EPOCH + (np.arange(table.num_rows) * 3600) // rows_per_hour
         table = table.append_column("event_time", pa.array(t.astype(np.int64)))
         super().__init__(f"criteo:{path}", table, criteo_schema(buckets), skipped, batch_rows)
+
+    @classmethod
+    def from_spec(cls, arg: str, options: SourceOptions) -> "CriteoSource":
+        """`criteo:FILE`: one TSV file of the Criteo display-ads format."""
+        return cls(path_arg(arg, "criteo:FILE", directory=False))

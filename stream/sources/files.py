@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dimstream.stream.schema import FieldSpec, Schema, SchemaError
-from dimstream.stream.sources.base import SourceBatch
+from dimstream.stream.sources.base import Source, SourceBatch, SourceOptions
+from dimstream.stream.sources.registry import path_arg
 
 SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 
@@ -48,13 +49,33 @@ def _read_table(path: Path) -> pa.Table:
     return pq.read_table(path) if path.suffix == ".parquet" else read_ipc(path)
 
 
-class FilesSource:
+class FilesSource(Source):
     def __init__(self, directory: Path, schema: Schema, batch_rows: int = 65536):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory} is not a directory")
         self.name, self.schema, self.batch_rows = f"files:{directory}", schema, int(batch_rows)
-        self.default_window_seconds = None
+
+    @classmethod
+    def from_spec(cls, arg: str, options: SourceOptions) -> "FilesSource":
+        """`files:DIR`, with the schema declared in the config."""
+        directory = path_arg(arg, "files:DIR", directory=True)
+        return cls(directory, schema_from_config(options.schema_config))
+
+    def is_before(self, position: dict, limit: dict | None) -> bool:
+        """Files are read in name order, each from its first row: positions compare as
+        (file name, row), so a row of a later file is never taken for one read before.
+
+        >>> import tempfile
+        >>> src = FilesSource(tempfile.gettempdir(), Schema([FieldSpec("user", "categorical", 8)]))
+        >>> src.is_before({"file": "b.parquet", "row": 0}, {"file": "a.parquet", "row": 9})
+        False
+        >>> src.is_before({"file": "a.parquet", "row": 9}, {"file": "a.parquet\\0", "row": 0})
+        True
+        """
+        if not limit:
+            return False
+        return (position["file"], int(position["row"])) < (limit["file"], int(limit["row"]))
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES)
@@ -76,9 +97,6 @@ class FilesSource:
                 for rb in table.slice(row, n).combine_chunks().to_batches():
                     yield SourceBatch(rb, {"file": path.name, "row": row}, _next(path.name, row + rb.num_rows, table))
                     row += rb.num_rows
-
-    def close(self) -> None:
-        pass
 
 
 def _next(name: str, row: int, table: pa.Table) -> dict:

@@ -49,7 +49,7 @@ import pyarrow as pa
 
 from dimstream.stream.kafka.wire import WireError, decode_message
 from dimstream.stream.schema import Schema
-from dimstream.stream.sources.base import SourceBatch
+from dimstream.stream.sources.base import LiveSource, SourceBatch, SourceOptions, SourceStatus
 
 log = logging.getLogger(__name__)
 METADATA_AGE_MS = 5000  # metadata refresh period
@@ -227,8 +227,8 @@ class PositionsTopic:
         self._reader = self._producer = None
 
 
-class KafkaSource:
-    default_window_seconds = None
+class KafkaSource(LiveSource):
+    """A topic of Arrow (or JSON-lines) messages, read by a consumer group (module docstring)."""
 
     def __init__(self, bootstrap: str, topic: str, schema: Schema, group: str = "dimstream",
                  poll_timeout_ms: int = 500, security: dict | None = None, auto_offset_reset: str = "earliest",
@@ -240,7 +240,8 @@ class KafkaSource:
         self._poll_ok = False
         self._liveness: Liveness | None = None
         self.last_message_time: float | None = None
-        self.lag: dict[str, int] = {}
+        self.lag: dict[str, int] = {}    # replaced whole, never changed in place (status() reads it)
+        self._lag_at = -float("inf")     # when lag was last measured (monotonic)
         self._next: dict[str, int] = {}   # per partition: offset after the last message read
         self._consumer = self._producer = None
         self._durable: dict[str, int] = {}       # per partition: offset of the last durable checkpoint
@@ -274,11 +275,25 @@ class KafkaSource:
         group = parse_qs(u.query).get("group", ["dimstream"])[0]
         return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, **kw)
 
+    @classmethod
+    def from_spec(cls, arg: str, options: SourceOptions) -> "KafkaSource":
+        """`kafka://HOST:PORT/TOPIC[?group=G]` (`arg` is the whole URL), with the declared schema
+        (the synthetic one if none) and the [kafka] security options."""
+        return cls.from_url(arg, schema_config=options.schema_config, security=options.kafka or None)
+
     @property
     def kafka_up(self) -> bool:
         """The last poll did not fail and the broker answered the last liveness probe."""
-        probe = self._liveness.up if self._liveness is not None else None
+        liveness = self._liveness  # read once: close() may clear it from another thread
+        probe = liveness.up if liveness is not None else None
         return self._poll_ok and probe is not False
+
+    def status(self) -> SourceStatus:
+        """Up, lag, last message time and rows handed over, as of now. Called from the scrape
+        thread while `read` runs: every attribute it reads is replaced whole, never changed in
+        place (`lag` is a new dict each time), so one read of each needs no lock."""
+        return SourceStatus(up=self.kafka_up, lag=dict(self.lag), last_message_time=self.last_message_time,
+                            handed_over_rows=self.handed_over_rows)
 
     # --- reading ---
     def _connect(self):
@@ -495,7 +510,7 @@ class KafkaSource:
     def _update_lag(self, every_seconds: float = 10.0) -> None:
         """Messages behind the end of each assigned partition (a broker round trip, so throttled)."""
         now = time.monotonic()
-        if now - getattr(self, "_lag_at", 0.0) < every_seconds:
+        if now - self._lag_at < every_seconds:
             return
         try:
             parts = list(self._consumer.assignment())
@@ -558,13 +573,30 @@ class KafkaSource:
             position["carry"] = carry
         return position
 
-    def read_upto_position(self, previous: dict | None) -> dict:
+    def read_upto_position(self, last: SourceBatch | None, previous: dict | None) -> dict:
         """Per owned partition, the offset after the last message read (the window loop's test for
-        rows read, and handled, before a restart or a rebalance)."""
+        rows read, and handled, before a restart or a rebalance). `last` is not needed: the
+        source tracks every partition's next offset itself (`last` holds only one partition)."""
         offsets = dict((previous or {}).get("offsets") or {})
         offsets.update(self._read_base)
         offsets.update(self._next)
         return {"offsets": self._owned(offsets)}
+
+    def is_before(self, position: dict, limit: dict | None) -> bool:
+        """A batch was read before `limit` if, in any of its partitions, its offset lies before
+        the limit's offset there (a partition the limit does not name was not read before).
+
+        >>> from dimstream.stream.synthetic import default_schema
+        >>> src = KafkaSource("localhost:9092", "t", default_schema())
+        >>> src.is_before({"offsets": {"0": 4}}, {"offsets": {"0": 5, "1": 2}})
+        True
+        >>> src.is_before({"offsets": {"1": 2}}, {"offsets": {"0": 5, "1": 2}}), src.is_before({"offsets": {"2": 0}}, {"offsets": {"0": 5}})
+        (False, False)
+        """
+        upto = (limit or {}).get("offsets")
+        if not upto:
+            return False
+        return any(int(o) < int(upto.get(p, -1)) for p, o in position.get("offsets", {}).items())
 
     def commit(self, position: dict, watermark: int | None = None, read_upto: dict | None = None,
                window: int | None = None) -> None:

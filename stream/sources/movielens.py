@@ -2,11 +2,20 @@
 
 label = rating > 3; fields: user, movie, age bucket, gender, occupation, zip prefix, release
 year, genres (multi-valued). Rows are sorted by rating time (stable), read vectorised with
-pyarrow.csv and joined with Table.join.
+pyarrow.csv and joined to users and movies by a vectorised lookup (`_lookup`).
 
->>> src = MovieLensSource(ML100K)                                  # doctest: +SKIP
->>> src.table.num_rows, src.default_window_seconds                 # doctest: +SKIP
-(100000, 86400)
+>>> import tempfile
+>>> d = Path(tempfile.mkdtemp())  # two ratings of a two-user, two-movie ml-100k
+>>> _ = (d / "u.data").write_text("2\\t1\\t5\\t881250949\\n1\\t2\\t3\\t881250000\\n")
+>>> _ = (d / "u.user").write_text("1|24|M|technician|85711\\n2|53|F|other|94043\\n")
+>>> flags = lambda *on: "|".join("1" if g in on else "0" for g in range(N_GENRES))
+>>> _ = (d / "u.item").write_text(f"1|Toy Story (1995)|01-Jan-1995||url|{flags(3, 4)}\\n"
+...                               f"2|GoldenEye (1995)|01-Jan-1995||url|{flags(1)}\\n")
+>>> src = MovieLensSource(d)
+>>> src.table.select(["user", "movie", "label", "genres"]).to_pylist()  # in time order
+[{'user': 1, 'movie': 2, 'label': 0, 'genres': [1]}, {'user': 2, 'movie': 1, 'label': 1, 'genres': [3, 4]}]
+>>> src.default_window_seconds
+86400
 """
 from __future__ import annotations
 
@@ -18,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as csv
 
 from dimstream.stream.schema import FieldSpec, Schema
+from dimstream.stream.sources.base import SourceOptions
+from dimstream.stream.sources.registry import path_arg
 from dimstream.stream.sources.table import TableSource
 
 AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])  # the MovieLens-1M age groups
@@ -89,3 +100,8 @@ class MovieLensSource(TableSource):
     def __init__(self, directory: Path, batch_rows: int = 8192):
         super().__init__("ml-100k", load_movielens(directory), movielens_schema(), batch_rows,
                          default_window_seconds=86400)
+
+    @classmethod
+    def from_spec(cls, arg: str, options: SourceOptions) -> "MovieLensSource":
+        """`ml-100k:DIR`: GroupLens's u.data, u.user and u.item in DIR."""
+        return cls(path_arg(arg, "ml-100k:DIR", directory=True))

@@ -6,10 +6,10 @@ from typing import Iterator
 import pyarrow as pa
 
 from dimstream.stream.schema import Schema
-from dimstream.stream.sources.base import SourceBatch, row_position
+from dimstream.stream.sources.base import Source, SourceBatch, row_position
 
 
-class TableSource:
+class TableSource(Source):
     """Yields `batch_rows`-row slices of `table`; positions are row offsets."""
 
     def __init__(self, name: str, table: pa.Table, schema: Schema, batch_rows: int = 8192,
@@ -27,6 +27,3 @@ class TableSource:
             for rb in batch.to_batches():
                 yield SourceBatch(rb, row_position(row), row_position(row + rb.num_rows))
                 row += rb.num_rows
-
-    def close(self) -> None:
-        pass
