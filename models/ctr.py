@@ -5,6 +5,10 @@
 >>> m = CTRModel({"a": 8, "b": 4}, {"a": 10, "b": 10}, set(), ModelConfig("fm"), device=torch.device("cpu"))
 >>> m.feature_names, m.embedding_params
 (['a', 'b'], 120)
+>>> [(t.key, t.axes, t.param is None) for t in m.column_tied()]   # k = 8: b is projected, a is not
+[('proj[a]', (1,), True), ('proj[b]', (1,), False)]
+>>> ctr_model(m) is m
+True
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dimstream.models.config import ModelConfig
 from dimstream.models.embedding import MixedEmbedding
-from dimstream.models.heads import HEADS, USES_WIDE
+from dimstream.models.heads import HEADS, USES_WIDE, ColumnTied
 
 
 class CTRModel(nn.Module):
@@ -44,7 +48,20 @@ class CTRModel(nn.Module):
     def embedding_params(self) -> int:
         return self.embedding.embedding_params(self.num_embeddings)
 
+    def column_tied(self) -> list[ColumnTied]:
+        """The head's parameters tied to embedding columns (models/heads.py), keyed by field name."""
+        return self.head.column_tied(self.feature_names)
+
     def forward(self, kjt: KeyedJaggedTensor, column_mask: dict[str, torch.Tensor] | None = None):
         """Logits [B]. `column_mask[field]` ([d_i]) scales the field's embedding columns."""
         embs, wide = self.embedding(kjt, column_mask)
         return self.head(embs, wide if wide is not None else 0.0)
+
+
+def ctr_model(model) -> CTRModel:
+    """The CTRModel inside an Arm, a DistributedModelParallel, or the CTRModel itself."""
+    inner = getattr(model, "model", model)       # Arm -> DMP (or a CTRModel has no .model)
+    inner = getattr(inner, "module", inner)      # DMP -> CTRModel
+    if not isinstance(inner, CTRModel):
+        raise TypeError(f"expected an Arm, a DistributedModelParallel or a CTRModel, got {type(model).__name__}")
+    return inner

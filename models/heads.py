@@ -4,11 +4,36 @@ Every head takes the list of pooled field embeddings e_i ([B, d_i], d_i may diff
 first-order sum, and returns logits [B]. FM-style (vector-wise) interactions first map each
 field to one width k with a per-field projection (SSEDS eq. 13); DNN parts and DCN-V2 take the
 concatenation [B, sum d_i].
+
+Every head declares which of its parameters are tied to the embedding columns
+(`column_tied(fields)`): re-allocation (models/realloc.py) gathers those column by column and
+carries every other parameter over unchanged, so a new head type needs no change there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ColumnTied:
+    """One head parameter whose `axes` are indexed by embedding columns.
+
+    key:   names the same parameter in every arm's head (a projection by its field, since its
+           position in the ParameterList moves when fields come and go);
+    value: what the parameter holds now; for a projection the model leaves implicit (d_i == k)
+           the identity it stands for, so a field's columns can be gathered from it;
+    param: the parameter itself, or None where it is implicit (nothing to carry into);
+    field: None for the concatenation of every field's columns (model order), else the one
+           field whose columns index `axes`.
+    """
+    key: str
+    value: torch.Tensor
+    param: nn.Parameter | None
+    axes: tuple[int, ...]
+    field: str | None = None
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -26,7 +51,7 @@ class FieldProjections(nn.Module):
 
     def __init__(self, dims: list[int], k: int):
         super().__init__()
-        self.k = k
+        self.k, self.dims = k, list(dims)
         self.weights = nn.ParameterList()
         self.index = []  # per field: position in self.weights, or -1 for identity
         for d in dims:
@@ -41,6 +66,21 @@ class FieldProjections(nn.Module):
     def forward(self, embs: list[torch.Tensor]) -> torch.Tensor:
         out = [e if i < 0 else e @ self.weights[i].t() for e, i in zip(embs, self.index)]
         return torch.stack(out, dim=1)  # [B, F, k]
+
+    def column_tied(self, fields: list[str]) -> list[ColumnTied]:
+        """M_i (k x d_i) per field, its columns (axis 1) indexed by field i's columns."""
+        out = []
+        for f, d, i in zip(fields, self.dims, self.index):
+            w = self.weights[i] if i >= 0 else None
+            value = w.detach() if w is not None else torch.eye(self.k, d)
+            out.append(ColumnTied(f"proj[{f}]", value, w, (1,), f))
+        return out
+
+
+def dnn_input(dnn: nn.Sequential) -> list[ColumnTied]:
+    """The first layer of a DNN over the concatenation: its input columns (axis 1)."""
+    w = dnn[0].weight
+    return [ColumnTied("dnn.0.weight", w.detach(), w, (1,))]
 
 
 def fm_interaction(v: torch.Tensor) -> torch.Tensor:
@@ -58,6 +98,9 @@ class FMHead(nn.Module):
     def forward(self, embs, wide):
         return self.bias + wide + fm_interaction(self.proj(embs))
 
+    def column_tied(self, fields: list[str]) -> list[ColumnTied]:
+        return self.proj.column_tied(fields)
+
 
 class DeepFMHead(nn.Module):
     """DeepFM: FM over projected embeddings + a DNN over the concatenation + first order."""
@@ -72,6 +115,9 @@ class DeepFMHead(nn.Module):
         deep = self.dnn(torch.cat(embs, dim=1)).squeeze(-1)
         return self.bias + wide + fm_interaction(self.proj(embs)) + deep
 
+    def column_tied(self, fields: list[str]) -> list[ColumnTied]:
+        return self.proj.column_tied(fields) + dnn_input(self.dnn)
+
 
 class WideDeepHead(nn.Module):
     """Wide & Deep: first-order (wide) logit + a DNN over the concatenation."""
@@ -83,6 +129,9 @@ class WideDeepHead(nn.Module):
 
     def forward(self, embs, wide):
         return self.bias + wide + self.dnn(torch.cat(embs, dim=1)).squeeze(-1)
+
+    def column_tied(self, fields: list[str]) -> list[ColumnTied]:
+        return dnn_input(self.dnn)
 
 
 class CrossLayer(nn.Module):
@@ -112,6 +161,15 @@ class DCNv2Head(nn.Module):
         for layer in self.cross:
             x = layer(x0, x)
         return self.dnn(x).squeeze(-1)
+
+    def column_tied(self, fields: list[str]) -> list[ColumnTied]:
+        """Every cross layer on both axes (W is [width, width], b is [width]), then the DNN input."""
+        out = []
+        for n, layer in enumerate(self.cross):
+            w, b = layer.linear.weight, layer.linear.bias
+            out += [ColumnTied(f"cross.{n}.linear.weight", w.detach(), w, (0, 1)),
+                    ColumnTied(f"cross.{n}.linear.bias", b.detach(), b, (0,))]
+        return out + dnn_input(self.dnn)
 
 
 HEADS = {"fm": FMHead, "deepfm": DeepFMHead, "wdl": WideDeepHead, "dcnv2": DCNv2Head}

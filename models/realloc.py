@@ -6,12 +6,14 @@ tied to columns is gathered column by column:
   - a column the slim arm already had keeps its trained values and optimizer state;
   - a newly granted column starts from the control arm's column (the "winning ticket") with
     the control's optimizer state.
-Tensors tied to columns: the embedding tables and their fused optimizer state, the per-field
-projections (SSEDS eq. 13; the control's projection is the identity, so a granted column starts
-as the unit vector of its control coordinate), the first DNN layer's input columns and DCN-V2's
-cross layers (both axes), each with its Adam moments gathered the same way. Everything else
-(hidden layers, biases) continues from the old slim arm, Adam state included. With the interaction width fixed to the control's, a slim arm cut
-from the control this way computes exactly the masked control model.
+Tensors tied to columns: the embedding tables and their fused optimizer state, and the head
+parameters the head declares column-tied (`column_tied`, models/heads.py: the per-field
+projections of SSEDS eq. 13, whose control value is the identity, so a granted column starts as
+the unit vector of its control coordinate; the first DNN layer's input columns; DCN-V2's cross
+layers on both axes), each with its Adam moments gathered the same way. Everything else
+(hidden layers, biases) continues from the old slim arm, Adam state included. With the
+interaction width fixed to the control's, a slim arm cut from the control this way computes
+exactly the masked control model (tests/test_realloc.py).
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from dimstream.models.arm import Arm, ArmSpec
+from dimstream.models.ctr import ctr_model
 
 Column = tuple[str, int]
 
 
 def _columns(spec: ArmSpec, fields: list[str]) -> list[Column]:
-    return [(f, j) for f in fields for j in spec.column_ids[f][: spec.dims[f]]]
+    return [(f, j) for f in fields for j in spec.column_ids.get(f, [])[: spec.dims.get(f, 0)]]
 
 
 def _local(t):
@@ -54,26 +57,14 @@ def _gather(new_cols: list[Column], old_cols: list[Column], ctrl_cols: list[Colu
     return torch.where(mask, out_o, out_c)
 
 
-def _projection(head, position: int, k: int, d: int) -> torch.Tensor:
-    """Field `position`'s projection M_i (k x d_i); the identity where the model has none."""
-    i = head.proj.index[position]
-    return torch.eye(k, d) if i < 0 else head.proj.weights[i].detach()
-
-
 def reallocate(old: Arm, control: Arm, spec: ArmSpec, build) -> Arm:
     """A new arm of shape `spec`, carried over from `old` (same name) and `control`.
 
     build(spec) -> Arm constructs a fresh arm (the daemon's own builder)."""
-    from dimstream.search.masks import ctr_model  # the CTRModel inside a DMP
-
     new = build(spec)
-    m_new, m_old, m_ctl = ctr_model(new), ctr_model(old), ctr_model(control)
-    cols_new = _columns(spec, m_new.feature_names)
-    cols_old = _columns(old.spec, m_old.feature_names)
-    cols_ctl = _columns(control.spec, m_ctl.feature_names)
     with torch.no_grad():
         _carry_tables(new, old, control, spec)
-        _carry_head(m_new, m_old, m_ctl, cols_new, cols_old, cols_ctl, new, old, control)
+        _carry_head(new, old, control)
     return new
 
 
@@ -129,49 +120,35 @@ def _carry_tied(p_new, gather, old_w, ctl_w, p_old, p_ctl, new: Arm, old: Arm, c
     new.dense_optimizer.state[p_new] = state
 
 
-def _carry_head(m_new, m_old, m_ctl, cols_new, cols_old, cols_ctl, new: Arm, old: Arm, control: Arm) -> None:
-    h_new, h_old, h_ctl = m_new.head, m_old.head, m_ctl.head
-    if hasattr(h_new, "proj"):
-        k = h_new.proj.k
-        for pos, f in enumerate(m_new.feature_names):
-            i = h_new.proj.index[pos]
-            if i < 0:
-                continue
-            fc = [c for c in cols_new if c[0] == f]
-            oc = [c for c in cols_old if c[0] == f]
-            cc = [c for c in cols_ctl if c[0] == f]
-            po = m_old.feature_names.index(f) if oc else None
-            j_old = h_old.proj.index[po] if po is not None else -1
-            p_old = h_old.proj.weights[j_old] if j_old >= 0 else None
-            j_ctl = h_ctl.proj.index[m_ctl.feature_names.index(f)]
-            p_ctl = h_ctl.proj.weights[j_ctl] if j_ctl >= 0 else None
-            old_m = _projection(h_old, po, k, len(oc)) if oc else None
-            ctl_m = _projection(h_ctl, m_ctl.feature_names.index(f), k, len(cc))
-            _carry_tied(h_new.proj.weights[i], lambda o, c, fc=fc, oc=oc, cc=cc: _gather(fc, oc, cc, o, c, (1,)),
-                        old_m, ctl_m, p_old, p_ctl, new, old, control)
-    if hasattr(h_new, "cross"):
-        for l_new, l_old, l_ctl in zip(h_new.cross, h_old.cross, h_ctl.cross):
-            for a, b, c, axes in ((l_new.linear.weight, l_old.linear.weight, l_ctl.linear.weight, (0, 1)),
-                                  (l_new.linear.bias, l_old.linear.bias, l_ctl.linear.bias, (0,))):
-                _carry_tied(a, lambda o, c_, axes=axes: _gather(cols_new, cols_old, cols_ctl, o, c_, axes),
-                            b, c, b, c, new, old, control)
-    if hasattr(h_new, "dnn"):
-        first_new, first_old, first_ctl = h_new.dnn[0], h_old.dnn[0], h_ctl.dnn[0]
-        _carry_tied(first_new.weight, lambda o, c: _gather(cols_new, cols_old, cols_ctl, o, c, (1,)),
-                    first_old.weight, first_ctl.weight, first_old.weight, first_ctl.weight, new, old, control)
-        for a, b in zip(list(h_new.dnn)[1:], list(h_old.dnn)[1:]):
-            for pa_, pb in zip(a.parameters(), b.parameters()):
-                pa_.copy_(pb)
-        first_new.bias.copy_(first_old.bias)
-    if hasattr(h_new, "bias"):
-        h_new.bias.copy_(h_old.bias)
-    # Adam state of the parameters whose shape did not change (hidden layers, biases): carried
+def _carry_head(new: Arm, old: Arm, control: Arm) -> None:
+    """The head: every parameter it declares column-tied (models/heads.py) gathered column by
+    column, every other one (hidden layers, biases) continued from the old arm, Adam state too."""
+    m_new, m_old, m_ctl = ctr_model(new), ctr_model(old), ctr_model(control)
+    old_tied = {t.key: t for t in m_old.column_tied()}
+    ctl_tied = {t.key: t for t in m_ctl.column_tied()}
+    tied = set()
+    for t in m_new.column_tied():
+        if t.param is None:
+            continue  # implicit (an identity projection): nothing to carry into
+        tied.add(t.param)
+        fields = [t.field] if t.field is not None else None
+        cols = [_columns(a.spec, fields or ctr_model(a).feature_names) for a in (new, old, control)]
+        o, c = old_tied.get(t.key), ctl_tied[t.key]
+        _carry_tied(t.param, lambda ow, cw, cols=cols, axes=t.axes: _gather(*cols, ow, cw, axes),
+                    o.value if o else None, c.value, o.param if o else None, c.param, new, old, control)
+    _carry_untied(m_new, m_old, tied, new, old)
+
+
+def _carry_untied(m_new, m_old, tied: set, new: Arm, old: Arm) -> None:
+    """Values and Adam state of the head parameters no column indexes, from the old arm."""
     old_params = dict(m_old.head.named_parameters())
     for name, p in m_new.head.named_parameters():
-        if name.startswith(("proj.", "cross.")) or name == "dnn.0.weight":
+        if p in tied:
             continue
         q = old_params.get(name)
-        if q is not None and q.shape == p.shape and q in old.dense_optimizer.state:
+        if q is None or q.shape != p.shape:
+            raise ValueError(f"head parameter {name} changes with the widths but is not declared column-tied")
+        p.copy_(q)
+        if q in old.dense_optimizer.state:
             new.dense_optimizer.state[p] = {k: (v.clone() if torch.is_tensor(v) else v)
                                             for k, v in old.dense_optimizer.state[q].items()}
-

@@ -25,12 +25,27 @@ from dimstream.ops.config import ConfigError
 log = logging.getLogger("dimstream.search")
 
 
+class _Registered:
+    """The registered search methods as argparse choices, read only when a value is checked:
+    building the parser (every `dimstream` command does) must not import the searches."""
+
+    def __contains__(self, name) -> bool:
+        from dimstream.search import registry
+        return name in registry.names()
+
+    def __iter__(self):
+        from dimstream.search import registry
+        return iter(registry.names())
+
+
 def register(sub) -> None:
     p = sub.add_parser("search", help="the re-pruning job: search on the latest checkpoint, write a plan")
     p.add_argument("--state-dir", type=Path, default=Path("dimstream-state"))
-    p.add_argument("--method", choices=["sseds", "ham"], default="sseds")
+    p.add_argument("--method", choices=_Registered(), metavar="METHOD",
+                   help="a registered search method (search/registry.py); default: the registry's default method")
     p.add_argument("--budget", type=float, default=0.25, help="kappa (default 0.25)")
-    p.add_argument("--rows", type=int, default=8192, help="recent rows to score on (default 8192)")
+    p.add_argument("--rows", type=int, default=8192,
+                   help="recent rows to score on, for a method that takes a row count (default 8192)")
     p.add_argument("--field-check", choices=["auto", "off"], default="auto",
                    help="auto: allocate after the daemon's latest held-out field check "
                         "(STATE/field_check.json, written with --field-check-rows) if there is one")
@@ -39,22 +54,13 @@ def register(sub) -> None:
 
 def load_control(state_dir: Path):
     """(control Arm, schema, checkpoint path) from the latest checkpoint."""
-    from dimstream.models.arm import Arm, ArmSpec
-    from dimstream.models.config import ModelConfig
     from dimstream.ops import checkpoint
-    from dimstream.stream.schema import Schema
 
     ckpt = checkpoint.latest(state_dir)
     if ckpt is None:
         raise ConfigError(f"no checkpoint in {state_dir}: run the daemon first")
-    meta = checkpoint.read_meta(ckpt)
-    schema = Schema.from_dict(meta["schema"])
-    spec = next(a for a in meta["arms"] if a["name"] == "control")
-    model_cfg = ModelConfig(**(meta["model"] | {"mlp": tuple(meta["model"]["mlp"])}))
-    multi = {f.name for f in schema.fields if f.kind == "multi"}
-    arm = Arm(ArmSpec("control", spec["dims"], spec["column_ids"]), schema.num_embeddings, multi, model_cfg)
-    checkpoint.load_arm_state(arm, checkpoint.read_tensors(ckpt)["control"])
-    return arm, schema, ckpt
+    restored = checkpoint.load_arms(ckpt, ["control"])
+    return restored.arms["control"], restored.schema, ckpt
 
 
 def recent_rows(state_dir: Path, schema):
@@ -86,7 +92,9 @@ def latest_field_check(state_dir: Path, fields: list[str]):
 
 
 def cmd_search(args) -> int:
-    from dimstream.ops.searching import plans_dir, run_search
+    from dimstream.ops.searching import plans_dir
+    from dimstream.search import registry
+    from dimstream.search.budget import Budget
     from dimstream.search.plan import Plan, write_plan
 
     state = Path(args.state_dir)
@@ -107,12 +115,13 @@ def cmd_search(args) -> int:
         control, schema, ckpt = load_control(state)
         batch = recent_rows(state, schema)
         check = latest_field_check(state, control.feature_names) if args.field_check == "auto" else None
-        result = run_search(args.method, control, batch, args.budget, args.rows, check)
+        method = registry.build(args.method or registry.default_name(), rows=args.rows)
+        result = method.run(control, batch, Budget("params", kappa=args.budget), field_check=check)
         plan = Plan.from_result(result, schema.fingerprint(), ckpt.name)
         write_plan(d / "pending.json", plan)
     kept = sum(1 for v in plan.dims.values() if v)
     dropped = f", {len(check.dropped)} dropped by the field check" if check is not None else ""
-    print(f"dimstream search: {args.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept{dropped}, "
+    print(f"dimstream search: {result.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept{dropped}, "
           f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}) "
           f"in {time.perf_counter() - t0:.1f}s -> {d / 'pending.json'}")
     return 0

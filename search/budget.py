@@ -37,9 +37,14 @@ sample) would otherwise be rounded up to 4 columns, its 3 other columns riding o
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # search.fieldcheck imports the models; this module stays below them
+    from dimstream.search.fieldcheck import FieldCheck
 
 KINDS = ("params", "columns")
 QUANTUM = 4  # embedding widths are multiples of 4 (models/embedding.py)
@@ -124,6 +129,36 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def make_result(method: str, scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[str, int],
+                num_embeddings: dict[str, int], *, started: float, rows_used: int,
+                rank_by: dict[str, np.ndarray] | None = None, min_score: float | None = None,
+                field_check: FieldCheck | None = None, details: dict | None = None) -> SearchResult:
+    """What every search method returns: its column `scores` allocated by `allocate` (after
+    the field check's keep rule, if any) and the figures around it.
+
+    started: time.perf_counter() when the search began (duration_seconds ends here);
+    rows_used: how many rows the search read; details: the method's own figures.
+    dims and kept_columns cover every field of `num_embeddings` (0 / [] where not kept).
+
+    >>> r = make_result("toy", {"a": [4, 3, 2, 1, 0, 0, 0, 0], "b": [1, 1, 1, 1]}, Budget("params", kappa=0.5),
+    ...                 {"a": 8, "b": 4}, {"a": 10, "b": 10, "c": 10}, started=time.perf_counter(), rows_used=5)
+    >>> r.dims, r.kept_columns["a"], r.budget_asked, r.budget_reached, r.control_params
+    ({'a': 4, 'b': 0, 'c': 0}, [0, 1, 2, 3], 60, 40, 120)
+    """
+    alloc = allocate(scores, budget, control_dims, num_embeddings, rank_by=rank_by, min_score=min_score,
+                     keep_fields=field_check.keep if field_check is not None else None)
+    dims = {f: 0 for f in num_embeddings} | alloc.dims
+    kept = {f: [] for f in num_embeddings} | alloc.kept_columns
+    return SearchResult(
+        method=method, dims=dims, kept_columns=kept,
+        saliency={f: [float(x) for x in np.ravel(v)] for f, v in scores.items()},
+        budget_kind=budget.kind, budget_asked=alloc.limit, budget_reached=alloc.used,
+        control_params=params_of(control_dims, num_embeddings), duration_seconds=time.perf_counter() - started,
+        rows_used=int(rows_used), params=params_of(dims, num_embeddings),
+        details=dict(details or {}) | {"kappa": budget.kappa if budget.kind == "params" else None,
+                                       "field_check": field_check.to_dict() if field_check is not None else None})
 
 
 def rank_blocks(scores: dict[str, np.ndarray], eligible: dict[str, bool] | None = None,

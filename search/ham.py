@@ -23,6 +23,7 @@ arm; it is not applied by the search itself.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 
 import numpy as np
@@ -33,12 +34,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.evaluation import auc
-from dimstream.search.budget import Budget, SearchResult, allocate, params_of
+from dimstream.search.budget import Budget, SearchResult, make_result
 from dimstream.search.fieldcheck import FieldCheck
-from dimstream.search.masks import ctr_model, masked_logits, pooled_embeddings
+from dimstream.search.masks import ctr_model, masked_logits
 from dimstream.search.registry import SearchMethod, register
 from dimstream.search.sseds import minibatches
 from dimstream.stream.batch import SparseBatch
+
+MIN_SCORE = 0.0  # the allocation keeps a block only if its mean alpha is > 0 (eq. 2's 1[alpha > 0])
 
 
 # --- eq. 2: the hard mask with a straight-through gradient -------------------------------------
@@ -151,8 +154,8 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
                train_weights=False only alpha is learnt (no copy needed; any model works).
     weight_passes: passes over `train` the weight steps may make; after that the weights stay
                fixed and only alpha moves. The paper cycles a static training set for its
-               search epochs; on a stream window repeated passes overfit it (measured: control
-               DeepFM on the synthetic stream, validation AUC 0.767 -> 0.731 after ~7 passes).
+               search epochs; on a stream window repeated passes overfit it (the validation
+               AUC of `details["trace"]` falls once the weights cycle the window again).
     train/val: rows for the weights and for alpha (eq. 3), each cycled in mini-batches of
                `batch_size` (the paper's 2048). Validation AUC (for early stopping) is
                measured on the last `eval_rows` rows of `val` every `eval_every` steps.
@@ -208,23 +211,14 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
     if train_weights:
         work.dense_optimizer.zero_grad(set_to_none=True)
     a_np = {f: a.numpy().astype(np.float64) for f, a in alpha.items()}
-    alloc = allocate(a_np, budget, ctrl, rows, min_score=0.0,
-                     keep_fields=field_check.keep if field_check is not None else None)
-    dims = {f: 0 for f in rows} | alloc.dims
-    kept = {f: [] for f in rows} | alloc.kept_columns
-    return SearchResult(
-        method="ham", dims=dims, kept_columns=kept,
-        saliency={f: [float(x) for x in v] for f, v in a_np.items()},
-        budget_kind=budget.kind, budget_asked=alloc.limit, budget_reached=alloc.used,
-        control_params=params_of(ctrl, rows), duration_seconds=time.perf_counter() - t0,
-        rows_used=len(val) + (len(train) if train_weights else 0), params=params_of(dims, rows),
-        details={"steps_run": trace[-1]["step"] if trace else 0, "stopped_early_at": stopped,
-                 "positive_alphas": int(sum((a > 0).sum() for a in a_np.values())),
-                 "spent_by_positive_alphas": budget.spent({f: int((a > 0).sum()) for f, a in a_np.items()}, rows),
-                 "lr": lr, "mu": mu, "epsilon": epsilon, "batch_size": batch_size,
-                 "train_weights": train_weights, "weight_passes": weight_passes, "trace": trace,
-                 "kappa": budget.kappa if budget.kind == "params" else None,
-                 "field_check": field_check.to_dict() if field_check is not None else None})
+    positive = {f: int((a > 0).sum()) for f, a in a_np.items()}
+    return make_result("ham", a_np, budget, ctrl, rows, started=t0, min_score=MIN_SCORE, field_check=field_check,
+                       rows_used=len(val) + (len(train) if train_weights else 0),
+                       details={"steps_run": trace[-1]["step"] if trace else 0, "stopped_early_at": stopped,
+                                "positive_alphas": sum(positive.values()),
+                                "spent_by_positive_alphas": budget.spent(positive, rows),
+                                "lr": lr, "mu": mu, "epsilon": epsilon, "batch_size": batch_size,
+                                "train_weights": train_weights, "weight_passes": weight_passes, "trace": trace})
 
 
 # --- eq. 1: soft orthogonality -----------------------------------------------------------------
@@ -283,14 +277,23 @@ def orthogonal_regulariser(model, kjt: KeyedJaggedTensor, lam: float = 1e-3, nor
 
 @register
 class HAM(SearchMethod):
-    """`--search ham`: HAM on the rows split into training and held-out parts (`split_holdout`)."""
+    """`--search ham`: HAM on the rows split into training and held-out parts (`split_holdout`);
+    the other knobs are `ham_search`'s keywords (steps, lr, mu, ...)."""
 
     name = "ham"
-    min_score = 0.0  # a block whose mean alpha is <= 0 is off (eq. 2's indicator)
+    min_score = MIN_SCORE
 
     def __init__(self, val_fraction: float = 0.2, **knobs):
-        self.val_fraction, self.knobs = val_fraction, knobs
+        unknown = set(knobs) - self.knobs()
+        if unknown:
+            raise TypeError(f"HAM has no knob {', '.join(sorted(unknown))}")
+        self.val_fraction, self.search_knobs = val_fraction, knobs
+
+    @classmethod
+    def knobs(cls) -> set[str]:
+        search = inspect.signature(ham_search).parameters.values()
+        return super().knobs() | {p.name for p in search if p.kind is p.KEYWORD_ONLY and p.name != "field_check"}
 
     def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:
         train, val = split_holdout(rows, self.val_fraction)
-        return ham_search(control, train, val, budget, field_check=field_check, **self.knobs)
+        return ham_search(control, train, val, budget, field_check=field_check, **self.search_knobs)

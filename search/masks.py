@@ -16,21 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dimstream.models.ctr import CTRModel
-
-
-def ctr_model(model) -> CTRModel:
-    """The CTRModel inside an Arm, a DistributedModelParallel, or the CTRModel itself."""
-    inner = getattr(model, "model", model)       # Arm -> DMP (or a CTRModel has no .model)
-    inner = getattr(inner, "module", inner)      # DMP -> CTRModel
-    if not isinstance(inner, CTRModel):
-        raise TypeError(f"expected an Arm, a DistributedModelParallel or a CTRModel, got {type(model).__name__}")
-    return inner
-
-
-def control_dims(model) -> dict[str, int]:
-    """{field: width} of the model's embedding tables (fields it holds, in its order)."""
-    return ctr_model(model).dims
+from dimstream.models.ctr import ctr_model  # re-exported: the searches' way into an Arm
 
 
 def ones_masks(dims: dict[str, int], requires_grad: bool = False, dtype=torch.float32) -> dict[str, torch.Tensor]:

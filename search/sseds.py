@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dimstream.search.budget import Budget, SearchResult, allocate, params_of
+from dimstream.search.budget import Budget, SearchResult, make_result
 from dimstream.search.masks import ctr_model, mask_gradient, ones_masks
 from dimstream.search.registry import SearchMethod, register
 from dimstream.stream.batch import SparseBatch
@@ -72,26 +72,15 @@ def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, r
     t0 = time.perf_counter()
     budget = budget or Budget()
     m = ctr_model(control)
-    ctrl = m.dims
     sample = sample_recent(batch, rows)
     if len(sample) == 0:
         raise ValueError("SSEDS needs at least one row")
-    g, s, loss = saliency_scores(m, sample, batch_size)
+    _, s, loss = saliency_scores(m, sample, batch_size)
     rank_by = {f: s[f] / m.num_embeddings[f] for f in s} if per_parameter else None
-    alloc = allocate(s, budget, ctrl, m.num_embeddings, rank_by=rank_by,
-                     keep_fields=field_check.keep if field_check is not None else None)
-    dims = {f: 0 for f in m.num_embeddings} | alloc.dims
-    kept = {f: [] for f in m.num_embeddings} | alloc.kept_columns
-    return SearchResult(
-        method="sseds", dims=dims, kept_columns=kept,
-        saliency={f: [float(x) for x in v] for f, v in s.items()},
-        budget_kind=budget.kind, budget_asked=alloc.limit, budget_reached=alloc.used,
-        control_params=params_of(ctrl, m.num_embeddings), duration_seconds=time.perf_counter() - t0,
-        rows_used=len(sample), params=params_of(dims, m.num_embeddings),
-        details={"per_parameter": per_parameter, "batch_size": batch_size, "loss": loss,
-                 "kappa": budget.kappa if budget.kind == "params" else None,
-                 "field_saliency": {f: float(v.sum()) for f, v in s.items()},
-                 "field_check": field_check.to_dict() if field_check is not None else None})
+    return make_result("sseds", s, budget, m.dims, m.num_embeddings, started=t0, rows_used=len(sample),
+                       rank_by=rank_by, field_check=field_check,
+                       details={"per_parameter": per_parameter, "batch_size": batch_size, "loss": loss,
+                                "field_saliency": {f: float(v.sum()) for f, v in s.items()}})
 
 
 @register
@@ -99,6 +88,7 @@ class SSEDS(SearchMethod):
     """`--search sseds`: SSEDS on the most recent `rows` rows (knobs as `sseds_search`)."""
 
     name = "sseds"
+    default = True  # one gradient pass: cheap enough for the hourly job (the paper's premise)
 
     def __init__(self, rows: int | None = 8192, batch_size: int = 2048, per_parameter: bool = False):
         self.rows, self.batch_size, self.per_parameter = rows, batch_size, per_parameter

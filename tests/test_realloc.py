@@ -4,6 +4,7 @@ import torch
 
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig
+from dimstream.models.heads import HEADS
 from dimstream.models.realloc import reallocate
 from dimstream.stream.decode import Decoder
 from tests.helpers import tiny_batch, tiny_schema
@@ -97,3 +98,50 @@ def test_head_adam_moments_follow_their_columns(model):
         w1, w2 = head1.cross[0].linear.weight, head2.cross[0].linear.weight
         torch.testing.assert_close(st(slim2, w2)[8:, 8:], st(slim, w1)[4:, 4:])
     assert all(float(v["exp_avg_sq"].abs().sum()) > 0 for v in slim2.dense_optimizer.state.values())
+
+
+@pytest.mark.parametrize("model", sorted(HEADS))
+def test_every_width_dependent_head_parameter_is_declared_column_tied(model):
+    """Two heads of one type over different widths: a parameter not declared column-tied has the
+    same name and shape in both; a declared one spans, along its declared axes, exactly the
+    columns it names (one field's, or the concatenation's) and elsewhere matches its twin."""
+    fields = ["a", "b", "c", "d"]
+    heads = [HEADS[model](widths, 8, (16, 4)) for widths in ([4, 12, 8, 16], [8, 4, 20, 12])]
+    params = [dict(h.named_parameters()) for h in heads]
+    tied = [{t.key: t for t in h.column_tied(fields)} for h in heads]
+    assert tied[0].keys() == tied[1].keys() and tied[0]
+    for h, ps, ts, widths in zip(heads, params, tied, ([4, 12, 8, 16], [8, 4, 20, 12])):
+        declared = {id(t.param) for t in ts.values() if t.param is not None}
+        assert declared <= {id(p) for p in ps.values()}
+        for t in ts.values():
+            cols = widths[fields.index(t.field)] if t.field is not None else sum(widths)
+            assert all(t.value.shape[ax] == cols for ax in t.axes), t.key
+            if t.param is None:  # an implicit projection: the identity it stands for
+                torch.testing.assert_close(t.value, torch.eye(8, cols))
+            else:
+                assert torch.equal(t.value, t.param.detach())
+        untied = {n: p.shape for n, p in ps.items() if id(p) not in declared}
+        assert untied == {n: p.shape for n, p in params[0].items()
+                          if id(p) not in {id(t.param) for t in tied[0].values()}}
+    for key, t0 in tied[0].items():
+        t1 = tied[1][key]
+        assert t0.axes == t1.axes and t0.field == t1.field
+        assert [n for ax, n in enumerate(t0.value.shape) if ax not in t0.axes] == \
+               [n for ax, n in enumerate(t1.value.shape) if ax not in t1.axes]
+    # the widths really change some shapes: the declarations are not vacuous
+    assert any(t.value.shape != tied[1][k].value.shape for k, t in tied[0].items())
+
+
+def test_a_width_dependent_parameter_left_undeclared_is_refused():
+    """realloc.py trusts the declarations: a head that forgets one fails loudly, not silently."""
+    control, build, _ = _arms("deepfm")
+    spec = ArmSpec("slim", {"user": 4, "item": 8, "tags": 8, "price": 8})
+
+    def forgetful(spec):
+        arm = build(spec)
+        head = arm.model.module.head
+        head.column_tied = lambda fields: head.proj.column_tied(fields)  # the DNN input left out
+        return arm
+
+    with pytest.raises(ValueError, match="dnn.0.weight changes with the widths"):
+        reallocate(control, control, spec, forgetful)

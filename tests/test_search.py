@@ -12,9 +12,9 @@ from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig
 from dimstream.models.ctr import CTRModel
 from dimstream.models.evaluation import _ranks
-from dimstream.search import (Budget, FieldCheck, check_fields, BudgetError, Plan, PlanError, allocate, select_blocks, ham_search, masked_logits,
-                    masked_loss, ones_masks, orthogonal_regulariser, rank_blocks, read_plan,
-                    sseds_search, validate_plan, write_plan)
+from dimstream.search import (Budget, BudgetError, FieldCheck, Plan, PlanError, allocate, check_fields, ham_search,
+                              make_result, masked_logits, masked_loss, ones_masks, orthogonal_regulariser, rank_blocks,
+                              read_plan, registry, select_blocks, sseds_search, validate_plan, write_plan)
 from dimstream.search.budget import params_of
 from dimstream.search.ham import copy_arm, ham_gradient, ham_update, soft_orthogonality, split_holdout, touched_rows
 from dimstream.search.masks import mask_gradient, pooled_embeddings
@@ -366,6 +366,35 @@ def test_sseds_per_parameter_ranks_by_saliency_per_row():
     assert per.dims[best] > 0
 
 
+def test_the_registered_methods_are_the_search_functions():
+    """`--search sseds|ham` (search/registry.py) run sseds_search / ham_search with their knobs;
+    the allocation floor the daemon's policy uses is the method's (HAM: alpha > 0)."""
+    arm, batch, budget = _arm(), _decoded(256), Budget("params", 0.3)
+    a = registry.build("sseds", rows=None, steps=5).run(arm, batch, budget)  # steps: not an SSEDS knob
+    b = sseds_search(arm, batch, budget, rows=None)
+    assert (a.method, a.dims, a.kept_columns, a.saliency) == ("sseds", b.dims, b.kept_columns, b.saliency)
+    h = registry.get("ham", steps=20, batch_size=32, eval_every=10).run(arm, batch, budget)
+    g = ham_search(arm, *split_holdout(batch, 0.2), budget, steps=20, batch_size=32, eval_every=10)
+    assert (h.method, h.dims, h.saliency, h.rows_used) == ("ham", g.dims, g.saliency, 256)
+    assert registry.lookup("ham").min_score == 0.0 and registry.lookup("sseds").min_score is None
+    with pytest.raises(TypeError, match="no knob rows"):
+        registry.get("ham", rows=8192)
+
+
+def test_make_result_is_the_allocation_with_its_figures():
+    """The one SearchResult builder: dims over every field, the budget in its unit, the
+    parameters of the control and of the allocation, the field check in the details."""
+    rows = {"a": 100, "b": 10, "c": 50}
+    check = FieldCheck({"a": 1.0, "b": 0.0}, {"a": 0.1, "b": 0.1}, {"a": True, "b": False}, 2.0, 10, 0.0)
+    scores = {"a": np.arange(8.0), "b": np.full(8, 9.0)}
+    r = make_result("m", scores, Budget("params", 0.5), {"a": 8, "b": 8}, rows, started=0.0, rows_used=7,
+                    field_check=check, details={"x": 1})
+    assert r.dims == {"a": 4, "b": 0, "c": 0} and r.kept_columns == {"a": [4, 5, 6, 7], "b": [], "c": []}
+    assert (r.budget_asked, r.budget_reached, r.control_params, r.params) == (440, 400, 880, 400)
+    assert r.saliency == {"a": [float(x) for x in range(8)], "b": [9.0] * 8} and r.rows_used == 7
+    assert r.details == {"x": 1, "kappa": 0.5, "field_check": check.to_dict()} and r.duration_seconds > 0
+
+
 # --- (5) the plan file ---------------------------------------------------------------------------
 
 NUM = {"a": 100, "b": 10, "c": 50}
@@ -472,8 +501,8 @@ def spearman(x, y) -> float:
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other
-    (measured 4-60x slower per step); restored afterwards."""
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other and
+    every step slows down; restored afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -545,13 +574,14 @@ def test_search_recovers_the_synthetic_truth(trained_control, held_out_check, on
 
     Both searches rank columns as the papers do and allocate after the held-out field check
     (search/fieldcheck.py) on the next window, which the control has not trained on: neither
-    saliency alone prunes the noise fields the online control has memorised (without the check,
-    SSEDS gives 0 columns to 19-24% of them and HAM to 6-11%; benchmarks/search.py).
-    SSEDS scores the whole last trained window (50,000 rows: steadier than the daemon's default
-    8,192, measured in benchmarks/search.py). HAM trains a copy
-    on the next window's first 80% and moves alpha on its last 20%; lr = 1.0 is taken from the
-    paper's grid {1, 0.1, 0.01, 0.001} (section 4.3) because on this stream |dL/dm| per column
-    is ~5e-5, so lr = 1e-3 makes the data term ~1000x smaller than mu and the search blind."""
+    saliency alone prunes the noise fields the online control has memorised (the runs without
+    the check in benchmarks/results/search.json, truth_runs). SSEDS scores the whole last trained
+    window (steadier than the daemon's default 8,192 rows: benchmarks/results/search.json,
+    steadiness). HAM trains a copy on the next window's first 80% and moves alpha on its last
+    20%; lr = 1.0 is taken from the paper's grid {1, 0.1, 0.01, 0.001} (section 4.3) because on
+    this stream |dL/dm| per column is so small that with lr = 1e-3 the data term of eq. 3 is
+    far below mu and the search is blind (compare "ham lr=0.001" with "ham lr=1" in
+    benchmarks/results/search.json, runs[])."""
     src, arm, recent, held = trained_control
     budget = Budget("params", kappa=0.25)
     if method == "sseds":

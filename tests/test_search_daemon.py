@@ -6,9 +6,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-import pytest
 
 from tests.helpers import REPO
 
@@ -41,7 +40,9 @@ def test_cron_plan_is_applied_at_the_next_window_boundary(tmp_path):
     assert plan["budget_reached"] <= plan["budget_asked"]
     assert all(d % 4 == 0 for d in plan["dims"].values())
     _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "4"])
-    assert (tmp_path / "plans" / "applied" / "000002.json").exists()
+    applied = json.loads((tmp_path / "plans" / "applied" / "000002.json").read_text())
+    assert applied["decision"]["reshape"] and applied["decision"]["reason"] == "over budget"
+    assert applied["dims"] == plan["dims"]  # the archived plan, with the policy's decision added
     assert not (tmp_path / "plans" / "pending.json").exists()
     s = _summary(tmp_path)
     assert s["windows"][2]["reallocation"]["source"] == "plan"
@@ -161,49 +162,117 @@ def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_p
     assert json.loads((state / "plans" / "pending.json").read_text())["field_check"] is None
 
 
-def test_searches_are_averaged_and_the_average_is_checkpointed_state():
-    from types import SimpleNamespace
+class _Runner:
+    """Exactly what DaemonSearch may use of a runner; __slots__: nothing can be set on it."""
+    __slots__ = ("cfg", "schema", "state_dir", "metrics", "arms", "multi")
 
-    from dimstream.ops.searching import smoothed_allocation
-    from dimstream.search.budget import SearchResult
+    def __init__(self, state_dir, **cfg):
+        from prometheus_client import CollectorRegistry
 
-    rows = {"a": 10, "b": 10}
-    runner = SimpleNamespace(cfg=SimpleNamespace(saliency_decay=0.5, budget=0.5), extra={},
-                             schema=SimpleNamespace(num_embeddings=rows))
-    control = SimpleNamespace(dims={"a": 8, "b": 8})
+        from dimstream.models.arm import ArmSpec
+        from dimstream.ops.metrics import Metrics
+        from tests.helpers import tiny_schema
+        self.schema = tiny_schema()
+        self.cfg = SimpleNamespace(**({"search": "none", "search_every": 0, "search_rows": 8192, "budget": 0.25,
+                                       "saliency_decay": 0.8, "realloc_min_gain": 0.05, "field_check_rows": 0,
+                                       "arms": ("control", "slim")} | cfg))
+        self.state_dir, self.metrics, self.multi = state_dir, Metrics(CollectorRegistry()), {"tags"}
+        self.arms = {n: self.build_arm(ArmSpec(n, {f: 16 for f in self.schema.feature_names})) for n in self.cfg.arms}
 
-    def result(a, b):
-        return SearchResult("sseds", {}, {}, {"a": a, "b": b}, "params", 80, 80, 160, 0.1, 100, 80)
+    def arm(self, name):
+        return self.arms[name]
 
-    s1, dims1, _ = smoothed_allocation(runner, result([1.0] * 8, [0.0] * 8), control)
-    assert dims1 == {"a": 8, "b": 0}
-    # one contrary shot does not flip the allocation: the average still favours a
-    s2, dims2, kept2 = smoothed_allocation(runner, result([0.0] * 8, [0.8] * 8), control)
-    assert list(s2["a"]) == [0.5] * 8 and list(s2["b"]) == [0.4] * 8
-    assert dims2 == {"a": 8, "b": 0} and kept2["a"] == list(range(8))
-    assert runner.extra["search_scores"]["scores"]["b"] == [0.4] * 8  # in the checkpoint's meta
+    def replace_arm(self, arm):
+        self.arms[arm.name] = arm
+
+    def build_arm(self, spec):
+        from dimstream.models.arm import Arm
+        from dimstream.models.config import ModelConfig
+        return Arm(spec, self.schema.num_embeddings, self.multi, ModelConfig("fm", interaction_dim=16, batch_size=64))
 
 
-def test_field_checks_are_averaged_with_the_variance_of_an_average():
-    """delta <- d delta + (1-d) delta_new, var <- d^2 var + (1-d)^2 var_new, keep = delta > z sqrt(var):
-    a field that passes once by chance is still dropped; evidence accumulates across windows."""
-    from types import SimpleNamespace
+def _window(runner, n=512, seed=0):
+    from dimstream.stream.decode import Decoder
+    from tests.helpers import tiny_batch
+    batch = Decoder(runner.schema).decode(tiny_batch(n, seed)).batch
+    for s in range(0, n, 64):
+        runner.arm("control").train_step(batch.slice(s, s + 64))
+    return SimpleNamespace(batch=batch)
 
-    from dimstream.ops.searching import averaged_check
-    from dimstream.search.fieldcheck import FieldCheck
 
-    runner = SimpleNamespace(cfg=SimpleNamespace(saliency_decay=0.5), extra={})
+def _record(index):
+    from dimstream.ops.record import WindowRecord
+    return WindowRecord(index=index, start="2026-01-01T00:00:00Z", end="2026-01-01T01:00:00Z", rows=512)
 
-    def shot(a, b):  # (delta, stderr) per field
-        return FieldCheck({"x": a[0], "y": b[0]}, {"x": a[1], "y": b[1]},
-                          {"x": a[0] > 2 * a[1], "y": b[0] > 2 * b[1]}, 2.0, 100, 0.1)
 
-    first = averaged_check(runner, shot((0.0, 1.0), (3.0, 1.0)))
-    assert first.keep == {"x": False, "y": True} and first.stderr == {"x": 1.0, "y": 1.0}
-    second = averaged_check(runner, shot((2.5, 1.0), (1.0, 1.0)))  # x passes alone, y fails alone
-    assert second.delta == {"x": 1.25, "y": 2.0}
-    assert second.stderr["x"] == pytest.approx(np.sqrt(0.25 + 0.25))  # 0.707, so the bar is 1.41
-    assert second.keep == {"x": False, "y": True}
-    assert runner.extra["field_check_avg"]["var"] == {"x": 0.5, "y": 0.5}
-    runner.cfg.saliency_decay = 0.0  # no averaging: the window's own check
-    assert averaged_check(runner, shot((1.0, 1.0), (3.0, 1.0))).keep == {"x": False, "y": True}
+def _outcomes(runner):
+    return {o: runner.metrics.plans.labels(o)._value.get() for o in ("applied", "kept", "rejected")}
+
+
+def test_a_plan_goes_through_the_policy_applied_kept_or_rejected(tmp_path):
+    """DaemonSearch on a runner with nothing but the allowed attributes: a valid plan that beats
+    the incumbent is applied and archived with the policy's decision; the same plan again gains
+    nothing and is kept out (plans/kept); a plan over the budget is rejected with its reason."""
+    from dimstream.ops.searching import DaemonSearch
+    from dimstream.search import Plan, registry, write_plan
+    from dimstream.search.budget import Budget
+
+    runner = _Runner(tmp_path)
+    search = DaemonSearch(runner)
+    window = _window(runner)
+    result = registry.build("sseds", rows=None).run(runner.arm("control"), window.batch, Budget("params", 0.25))
+    plan = Plan.from_result(result, runner.schema.fingerprint(), "ckpt-000001")
+    pending = tmp_path / "plans" / "pending.json"
+    pending.parent.mkdir()
+    write_plan(pending, plan)
+    first = _record(2)
+    search.after_training(window, first)
+    applied = json.loads((tmp_path / "plans" / "applied" / "000002.json").read_text())
+    assert applied["decision"] == {"reshape": True, "dims": plan.dims, "gain": applied["decision"]["gain"],
+                                   "reason": "over budget"}  # a control-sized slim arm is over any kappa < 1
+    assert first.reallocation["source"] == "plan" and first.reallocation["dims"] == plan.dims
+    assert runner.arm("slim").dims == plan.dims and not pending.exists()
+    write_plan(pending, plan)
+    second = _record(3)
+    search.after_training(window, second)
+    kept = json.loads((tmp_path / "plans" / "kept" / "000003.json").read_text())
+    assert kept["decision"]["gain"] == 0.0 and kept["decision"]["reshape"] is False
+    assert kept["dims"] == plan.dims and second.reallocation is None and runner.arm("slim").dims == plan.dims
+    write_plan(pending, Plan(**(plan.__dict__ | {"dims": {f: 16 for f in plan.dims},
+                                                 "kept_columns": {f: list(range(16)) for f in plan.dims}})))
+    third = _record(4)
+    search.after_training(window, third)
+    assert third.plan_rejected.startswith("over budget") and (tmp_path / "plans" / "rejected" / "000004.json").exists()
+    assert _outcomes(runner) == {"applied": 1.0, "kept": 1.0, "rejected": 1.0}
+    assert search.state_dict()["search_scores"]["method"] == "sseds"  # the plans' scores were averaged
+    assert not list((tmp_path / "plans").glob(".claimed-*"))
+
+
+def test_the_daemon_search_checks_fields_searches_and_keeps_its_state(tmp_path):
+    """before_training checks fields on the window (before the control trains on it), the
+    search after training allocates without the dropped fields, and a fresh DaemonSearch loaded
+    with the state_dict decides the next window exactly like the one that ran on."""
+    from dimstream.ops.searching import FIELD_CHECK_FILE, DaemonSearch
+
+    runner = _Runner(tmp_path, search="sseds", search_every=1, field_check_rows=256, realloc_min_gain=0.0)
+    search = DaemonSearch(runner)
+    assert search.method.rows == 8192  # the search_rows knob, offered to the method that takes it
+    window = _window(runner)
+    record = _record(0)
+    search.before_training(window, record)
+    assert record.field_check["rows"] == 256 and search.check is not None
+    saved = json.loads((tmp_path / FIELD_CHECK_FILE).read_text())
+    assert saved["window"] == 0 and saved["keep"] == search.check.keep
+    search.after_training(window, record)
+    assert record.search["method"] == "sseds" and record.reallocation["source"] == "daemon"
+    assert all(record.reallocation["dims"][f] == 0 for f in search.check.dropped)
+    twin = DaemonSearch(runner)
+    twin.load_state_dict(json.loads(json.dumps(search.state_dict())))
+    assert twin.state_dict() == search.state_dict()
+    nxt = _window(runner, seed=1)
+    a, b = _record(1), _record(1)
+    search.before_training(nxt, a)
+    twin.before_training(nxt, b)
+    same = ("delta", "stderr", "dropped", "this_window")
+    assert [a.field_check[k] for k in same] == [b.field_check[k] for k in same]
+    assert search.check.keep == twin.check.keep and twin.state_dict() == search.state_dict()
