@@ -35,6 +35,7 @@ import torch
 
 from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
+from dimstream.ops.history import read_log, reallocation_costs
 
 ARMS = ("control", "slim", "uniform")
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
@@ -53,9 +54,9 @@ def run_once(dataset: str, seed: int, search: str, budget: float, log, **options
                         budget=budget, **options)
         cfg.model.seed = seed
         t0 = time.perf_counter()
-        summary = Runner(cfg).run()
+        summary = Runner.from_config(cfg).run()
         seconds = time.perf_counter() - t0
-    ws = summary["windows"]
+        ws = read_log(d)  # every window (the summary holds a bounded recent span)
     idx = list(scored(len(ws)))
     out = {"seed": seed, "windows": len(ws), "scored_windows": [idx[0], idx[-1]], "seconds": seconds, "arms": {}}
     for arm in ARMS:
@@ -70,7 +71,7 @@ def run_once(dataset: str, seed: int, search: str, budget: float, log, **options
     searches = [w["search"]["seconds"] for w in ws if w.get("search")]
     out["search_seconds_median"] = statistics.median(searches) if searches else None
     out["searches"] = len(searches)
-    dips = [r for r in summary.get("reallocations", []) if r.get("auc_change") is not None]
+    dips = [r for r in reallocation_costs(ws) if r.get("auc_change") is not None]
     out["reallocations"] = dips
     out["reallocation_dip_mean"] = statistics.fmean(r["auc_change"] for r in dips) if dips else None
     if "truth" in summary:

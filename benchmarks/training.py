@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig
 from dimstream.ops.config import RunConfig
-from dimstream.ops.daemon import Runner
+from dimstream.ops.daemon import Runner, make_arm
 from dimstream.stream.decode import Decoder
 from dimstream.stream.synthetic import SyntheticField, SyntheticSource
 
@@ -81,11 +81,9 @@ def bench_loop() -> dict:
     with tempfile.TemporaryDirectory() as state:
         cfg = RunConfig(windows=WINDOWS, state_dir=Path(state), metrics_addr="127.0.0.1:0", progress=False,
                         rows_per_window=ROWS, control_dim=DIM, model=ModelConfig("deepfm", batch_size=BATCH))
-        runner = Runner(cfg)
-        runner.source = criteo_source()
-        runner.schema = runner.source.schema
-        runner.decoder = Decoder(runner.schema)
-        runner.arms = [runner.build_arm(ArmSpec("control", {f: DIM for f in runner.schema.feature_names}))]
+        source = criteo_source()
+        arm = make_arm(ArmSpec("control", {f: DIM for f in source.schema.feature_names}), source.schema, cfg.model)
+        runner = Runner(cfg, source, [arm])
         t0 = time.perf_counter()
         summary = runner.run()
         # the source's own cost (generating rows here, a broker in production) is not the loop's

@@ -76,3 +76,34 @@ def auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarra
     var = np.var(a10 - b10, ddof=1) / m + np.var(a01 - b01, ddof=1) / n
     diff, half = auc_a - auc_b, z * float(np.sqrt(max(var, 0.0)))
     return {"diff": diff, "ci_low": diff - half, "ci_high": diff + half}
+
+
+def progressive_val_score(arms, batch, batch_size: int, on_step=None) -> dict[str, dict]:
+    """Test-then-train over one window (progressive validation, like River's function of the
+    same name): every mini-batch is scored by every arm before that arm trains on it, the
+    scores coming from the training forward pass itself. Returns per arm its window metrics,
+    training rows/s and the scores; every other arm's AUC against the arm named "control" on the
+    same rows, with DeLong's 95% interval of the difference.
+
+    `on_step(arm_index, rows_done, seconds_so_far)` is called after every step (progress bars,
+    a stop request; it may raise to abandon the window).
+    """
+    import time
+
+    n = len(batch)
+    out: dict[str, dict] = {}
+    for i, arm in enumerate(arms):
+        t0 = time.perf_counter()
+        probs = np.empty(n, np.float32)
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            probs[lo:hi] = arm.train_step(batch.slice(lo, hi))
+            if on_step is not None:
+                on_step(i, hi, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        m = window_metrics(batch.labels, probs) if n else {}
+        out[arm.name] = m | {"train_rows_per_s": n / dt if dt > 0 else 0.0, "scores": probs}
+    for name, m in out.items():
+        if name != "control" and "control" in out and n:
+            m["auc_diff_vs_control"] = auc_difference(batch.labels, m["scores"], out["control"]["scores"])
+    return out

@@ -168,9 +168,12 @@ class Restored:
     arms: dict[str, Arm]
 
 
-def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0) -> Restored:
+def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore_rng: bool = False) -> Restored:
     """The one restore path (daemon, `dimstream search`, `dimstream export`): the arms `names`
-    (default: all, in checkpoint order) of checkpoint `ckpt`, built and loaded."""
+    (default: all, in checkpoint order) of checkpoint `ckpt`, built and loaded. The torch RNG
+    is left as the caller had it (building an arm seeds it), or set to the checkpoint's with
+    `restore_rng` (the daemon resuming: training continues as if never stopped)."""
+    rng = torch.get_rng_state()
     meta = read_meta(ckpt)
     schema = Schema.from_dict(meta["schema"])
     model = ModelConfig.from_dict(meta["model"])
@@ -186,6 +189,5 @@ def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0) -> Rest
         arm = Arm(specs[n], schema.num_embeddings, schema.multi_valued, model)
         load_arm_state(arm, tensors[n])
         arms[n] = arm
-    if "rng" in tensors:
-        torch.set_rng_state(tensors["rng"]["torch"])
+    torch.set_rng_state(tensors["rng"]["torch"] if restore_rng else rng)
     return Restored(Path(ckpt), meta, schema, model, arms)

@@ -68,7 +68,7 @@ def _run_config(args) -> RunConfig:
 def cmd_run(args) -> int:
     cfg = _run_config(args)
     from dimstream.ops.daemon import Runner  # heavy imports only once the options are valid
-    runner = Runner(cfg)
+    runner = Runner.from_config(cfg)
     summary = runner.run()
     done = len(summary["windows"])
     print(f"dimstream: {done} windows in {cfg.state_dir} (summary.json, summary.png)")

@@ -32,26 +32,33 @@ def register(sub) -> None:
 
 def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
     """Write `arm` of the latest checkpoint to directory `out` (atomically replaced)."""
-    from dimstream.models.serving import FORMAT, serving_weights
     from dimstream.ops import checkpoint
 
     ckpt = checkpoint.latest(state_dir)
     if ckpt is None:
         raise ConfigError(f"no checkpoint in {state_dir}")
-    meta = checkpoint.read_meta(ckpt)
-    spec = next((a for a in meta["arms"] if a["name"] == arm), None)
-    if spec is None:
-        raise ConfigError(f"checkpoint {ckpt.name} has no arm {arm!r} (it has "
-                          f"{', '.join(a['name'] for a in meta['arms'])})")
-    weights = serving_weights(checkpoint.read_tensors(ckpt)[arm]["model"])
+    try:
+        restored = checkpoint.load_arms(ckpt, [arm])
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return export_model(restored.arms[arm], restored.meta, out)
+
+
+def export_model(arm, meta: dict, out: Path) -> Path:
+    """Write the live `arm` with the checkpoint `meta` it belongs to (schema, model, window) to
+    directory `out`, atomically replaced: what the daemon publishes after each window."""
+    from dimstream.models.serving import FORMAT, serving_weights
+    from dimstream.ops.checkpoint import arm_state
+
+    weights = serving_weights(arm_state(arm)["model"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     torch.save(weights, tmp / "weights.pt")
     (tmp / "model.json").write_text(json.dumps({
-        "format": FORMAT, "arm": arm, "checkpoint": ckpt.name, "window": len(meta["history"]) - 1,
-        "schema": meta["schema"], "hashing": "stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)",
-        "dims": spec["dims"], "model": meta["model"]}, indent=1))
+        "format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}",
+        "window": meta["history_length"] - 1, "schema": meta["schema"], "dims": arm.dims, "model": meta["model"],
+        "hashing": "dimstream.stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)"}, indent=1))
     fsync_dir(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():

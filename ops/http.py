@@ -6,7 +6,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ class Readiness:
 
 class _Handler(BaseHTTPRequestHandler):
     readiness: Readiness
+    registry: CollectorRegistry
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         path = self.path.split("?")[0]
         if path == "/metrics":
-            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             self._send(200, b"ok\n")
         elif path == "/readyz":
@@ -61,9 +62,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(host: str, port: int, readiness: Readiness) -> ThreadingHTTPServer:
-    """Start serving in a daemon thread; port 0 picks a free port (see server.server_port)."""
-    handler = type("Handler", (_Handler,), {"readiness": readiness})
+def serve(host: str, port: int, readiness: Readiness, registry: CollectorRegistry) -> ThreadingHTTPServer:
+    """Serve `registry` in a daemon thread; port 0 picks a free port (see server.server_port)."""
+    handler = type("Handler", (_Handler,), {"readiness": readiness, "registry": registry})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

@@ -11,7 +11,7 @@ Labels:
   method -- dimension-search method: a name of search.registry.METHODS, or "field_check"
   reason -- why rows/messages were rejected: see dimstream.stream.decode.REASONS
   partition -- Kafka partition number (as a string)
-  outcome -- "applied" or "rejected" (plans)
+  outcome -- "applied", "kept" (the gain gate kept the slim arm) or "rejected" (plans)
 
 >>> from prometheus_client import CollectorRegistry, generate_latest
 >>> m = Metrics(CollectorRegistry())
@@ -95,6 +95,43 @@ class Metrics:
         self.consume_rows_per_second = Gauge("dimstream_consume_rows_per_second",
                                              "Rows consumed per second (last window)", registry=r)
         self.model_loaded = Gauge("dimstream_model_loaded", "1 once a model is built or restored", registry=r)
+
+    def observe_arms(self, arms) -> None:
+        """Size and allocation of every arm (at start and after each window: a re-shape)."""
+        for arm in arms:
+            self.arm_embedding_params.labels(arm.name).set(arm.embedding_params)
+            self.arm_embedding_bytes.labels(arm.name).set(4 * arm.embedding_params)
+            for f, d in arm.dims.items():
+                self.arm_field_dim.labels(arm.name, f).set(d)
+
+    def observe_window(self, window, record, arms) -> None:
+        """A closed window: stream counters and each arm's progressive quality."""
+        self.windows_closed.inc()
+        self.window_index.set(record.index)
+        self.window_close_time.set(time.time())
+        self.rows_consumed.inc(window.rows_read)
+        for reason, n in window.rejected_counts.items():
+            self.rows_rejected.labels(reason).inc(n)
+        if window.read_seconds > 0:
+            self.consume_rows_per_second.set(window.rows_read / window.read_seconds)
+        for name, m in record.arms.items():
+            if "auc" in m:
+                self._observe_arm(name, m)
+        self.observe_arms(arms)
+
+    def _observe_arm(self, name: str, m: dict) -> None:
+        self.arm_auc.labels(name).set(m["auc"])
+        self.arm_logloss.labels(name).set(m["logloss"])
+        self.arm_ctr_predicted.labels(name).set(m["ctr_pred"])
+        self.arm_ctr_observed.labels(name).set(m["ctr_obs"])
+        if m["ctr_obs"] > 0:
+            self.arm_ctr_calibration.labels(name).set(m["ctr_pred"] / m["ctr_obs"])
+        self.arm_train_rows_per_second.labels(name).set(m["train_rows_per_s"])
+        d = m.get("auc_diff_vs_control")
+        if d is not None:
+            self.arm_auc_diff.labels(name).set(d["diff"])
+            self.arm_auc_diff_low.labels(name).set(d["ci_low"])
+            self.arm_auc_diff_high.labels(name).set(d["ci_high"])
 
     def watch_source(self, source) -> SourceStatusCollector:
         """Export a live source's status, read at every scrape."""

@@ -1,4 +1,4 @@
-"""`dimstream report`: an HTML page with PNG plots of a state dir's history."""
+"""`dimstream report`: an HTML page with PNG plots of a state dir's whole history log."""
 from __future__ import annotations
 
 import json
@@ -15,12 +15,17 @@ def register(sub) -> None:
 
 
 def cmd_report(args) -> int:
+    from dimstream.ops.history import read_log, summary
     from dimstream.ops.report import write_report
     path = Path(args.state_dir) / "summary.json"
     try:
-        summary = json.loads(path.read_text())
+        recent = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
-    page = write_report(summary, args.out or Path(args.state_dir) / "report")
+    # the whole run: every window of the history log (summary.json holds a recent span only)
+    windows = read_log(args.state_dir) or recent["windows"]
+    header = {k: v for k, v in recent.items() if k not in ("windows", "totals", "truth", "reallocations")}
+    full = summary(header, windows, recent.get("totals"), recent.get("truth"))
+    page = write_report(full, args.out or Path(args.state_dir) / "report")
     print(f"dimstream report: {page}")
     return 0

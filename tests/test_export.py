@@ -17,7 +17,7 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
     state = tmp_path / "state"
     cfg = RunConfig(windows=2, rows_per_window=3000, state_dir=state, metrics_addr="127.0.0.1:0", progress=False,
                     arms=("control", "slim"), search="sseds")
-    runner = Runner(cfg)
+    runner = Runner.from_config(cfg)
     runner.run()
     out = export_arm(state, "slim", tmp_path / "served")
     rows = runner.source.window_table(5).slice(0, 500)  # rows neither arm has seen
@@ -44,7 +44,7 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
 def test_the_daemon_publishes_every_window_with_an_atomic_latest_pointer(tmp_path):
     cfg = RunConfig(windows=2, rows_per_window=2000, state_dir=tmp_path / "state", metrics_addr="127.0.0.1:0",
                     progress=False, export_dir=tmp_path / "served")
-    runner = Runner(cfg)
+    runner = Runner.from_config(cfg)
     runner.run()
     served = tmp_path / "served"
     assert (served / "latest").read_text().strip() == "window-000001"

@@ -3,8 +3,8 @@ import time
 import urllib.error
 import urllib.request
 
-import dimstream.ops.metrics  # noqa: F401  (registers the metrics, as the daemon does)
 from dimstream.ops.http import Readiness, serve
+from dimstream.ops.metrics import Metrics
 
 
 def _get(port, path):
@@ -18,7 +18,7 @@ def _get(port, path):
 def test_health_readiness_and_metrics():
     ready = Readiness()
     ready.window_seconds = 3600
-    server = serve("127.0.0.1", 0, ready)
+    server = serve("127.0.0.1", 0, ready, Metrics().registry)
     port = server.server_port
     try:
         assert _get(port, "/healthz") == (200, "ok\n")

@@ -21,12 +21,24 @@ def _exprs() -> list[str]:
 
 
 def _labels() -> dict[str, set[str]]:
+    """Every series name with its label names, from a live registry (the source-status
+    collector included), so the test reads what a scrape would show."""
+    from dimstream.stream.sources.base import SourceStatus
+
+    class Live:  # a live source with one partition, for the collector's series
+        def status(self):
+            return SourceStatus(up=True, lag={"0": 1}, last_message_time=0.0, handed_over_rows=0)
+
+    metrics = m.Metrics()
+    metrics.watch_source(Live())
     out = {}
-    for obj in vars(m).values():
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    for obj in vars(metrics).values():  # labelled series that have no sample yet
         if hasattr(obj, "_labelnames") and hasattr(obj, "_name"):
-            base = obj._name
             for suffix in ("", "_total", "_bucket", "_sum", "_count"):
-                out[base + suffix] = set(obj._labelnames) | ({"le"} if suffix == "_bucket" else set())
+                out.setdefault(obj._name + suffix, set()).update(set(obj._labelnames) | ({"le"} if suffix == "_bucket" else set()))
     return out
 
 

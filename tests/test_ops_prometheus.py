@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
 import dimstream.ops.metrics as m
 from tests.helpers import REPO
@@ -20,18 +19,7 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"
 
 def exported_names() -> set[str]:
     """Every series name the daemon exports (counters with _total, histograms' parts)."""
-    names = set()
-    for obj in vars(m).values():
-        if isinstance(obj, MetricWrapperBase):
-            for family in obj.describe():
-                base = family.name
-                if family.type == "counter":
-                    names.add(base + "_total")
-                elif family.type == "histogram":
-                    names |= {base + s for s in ("_bucket", "_sum", "_count")}
-                else:
-                    names.add(base)
-    return names
+    return m.exported_names(m.Metrics())
 
 
 def _promtool(*args) -> subprocess.CompletedProcess:

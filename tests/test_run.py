@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dimstream.ops.history import read_log
+
 from tests.helpers import REPO
 
 DIMSTREAM = [sys.executable, "-m", "dimstream.ops.cli"]
@@ -91,6 +93,7 @@ def test_sigkill_mid_window_then_resume_trains_every_window_exactly_once(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = _summary(state)["windows"], _summary(ref_state)["windows"]
     assert [w["index"] for w in got] == [0, 1, 2, 3, 4]
+    assert [w["index"] for w in read_log(state)] == [0, 1, 2, 3, 4]  # the log too: each window once
     assert [w["rows"] for w in got] == [20000] * 5
     # the same model state as an uninterrupted run: nothing lost, nothing trained twice
     for g, w in zip(got, want):
