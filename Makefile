@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: run test venv clean-venv bench
+.PHONY: run test lint venv clean-venv bench
 
 $(STAMP): requirements-cpu.txt requirements-torchrec.txt requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -20,7 +20,13 @@ run: $(STAMP)
 	.venv/bin/dimstream run
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -17,6 +17,7 @@ and, for the daemon before search smoothing (slim 0.7856 on seed 0, re-shaped ev
 and with the held-out field check in the daemon (benchmarks/results/arms-field-check.json):
     ... --datasets synthetic --field-check-rows 50000 --out benchmarks/results/arms-field-check.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 import torch
 
 from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
 from dimstream.ops.history import read_log, reallocation_costs
+
+REPO = Path(__file__).resolve().parents[1]
 
 ARMS = ("control", "slim", "uniform")
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
@@ -49,9 +50,19 @@ DATASETS = {
 def run_once(dataset: str, seed: int, search: str, budget: float, log, **options) -> dict:
     source, windows, window_seconds, scored = DATASETS[dataset]
     with tempfile.TemporaryDirectory() as d:
-        cfg = RunConfig(source=source, windows=windows, window_seconds=window_seconds, state_dir=Path(d),
-                        metrics_addr="127.0.0.1:0", progress=False, seed=seed, arms=ARMS, search=search,
-                        budget=budget, **options)
+        cfg = RunConfig(
+            source=source,
+            windows=windows,
+            window_seconds=window_seconds,
+            state_dir=Path(d),
+            metrics_addr="127.0.0.1:0",
+            progress=False,
+            seed=seed,
+            arms=ARMS,
+            search=search,
+            budget=budget,
+            **options,
+        )
         cfg.model.seed = seed
         t0 = time.perf_counter()
         summary = Runner.from_config(cfg).run()
@@ -60,8 +71,13 @@ def run_once(dataset: str, seed: int, search: str, budget: float, log, **options
     idx = list(scored(len(ws)))
     out = {"seed": seed, "windows": len(ws), "scored_windows": [idx[0], idx[-1]], "seconds": seconds, "arms": {}}
     for arm in ARMS:
-        rows = [ws[i]["arms"][arm] for i in idx if arm in ws[i]["arms"] and ws[i]["arms"][arm].get("auc") is not None
-                and ws[i]["arms"][arm]["auc"] == ws[i]["arms"][arm]["auc"]]  # a one-class day has no AUC
+        rows = [
+            ws[i]["arms"][arm]
+            for i in idx
+            if arm in ws[i]["arms"]
+            and ws[i]["arms"][arm].get("auc") is not None
+            and ws[i]["arms"][arm]["auc"] == ws[i]["arms"][arm]["auc"]
+        ]  # a one-class day has no AUC
         out["arms"][arm] = {
             "auc": statistics.fmean(r["auc"] for r in rows),
             "logloss": statistics.fmean(r["logloss"] for r in rows),
@@ -76,9 +92,11 @@ def run_once(dataset: str, seed: int, search: str, budget: float, log, **options
     out["reallocation_dip_mean"] = statistics.fmean(r["auc_change"] for r in dips) if dips else None
     if "truth" in summary:
         out["field_rank"] = summary["truth"]["field_rank"]
-    log(f"{dataset} seed {seed}: " + ", ".join(f"{a} {out['arms'][a]['auc']:.4f} "
-                                               f"({out['arms'][a]['embedding_params']:,} params)" for a in ARMS)
-        + f"; {len(ws)} windows in {seconds:.0f} s")
+    log(
+        f"{dataset} seed {seed}: "
+        + ", ".join(f"{a} {out['arms'][a]['auc']:.4f} ({out['arms'][a]['embedding_params']:,} params)" for a in ARMS)
+        + f"; {len(ws)} windows in {seconds:.0f} s"
+    )
     return out
 
 
@@ -86,13 +104,17 @@ def aggregate(runs: list[dict]) -> dict:
     agg = {}
     for arm in ARMS:
         aucs = [r["arms"][arm]["auc"] for r in runs]
-        agg[arm] = {"auc_mean": statistics.fmean(aucs), "auc_std": statistics.pstdev(aucs),
-                    "logloss_mean": statistics.fmean(r["arms"][arm]["logloss"] for r in runs),
-                    "embedding_params_mean": statistics.fmean(r["arms"][arm]["embedding_params"] for r in runs)}
+        agg[arm] = {
+            "auc_mean": statistics.fmean(aucs),
+            "auc_std": statistics.pstdev(aucs),
+            "logloss_mean": statistics.fmean(r["arms"][arm]["logloss"] for r in runs),
+            "embedding_params_mean": statistics.fmean(r["arms"][arm]["embedding_params"] for r in runs),
+        }
     # a day of ml-100k can hold one class only: its AUC is NaN and says nothing about the dip
     dips = [d["auc_change"] for r in runs for d in r["reallocations"] if d["auc_change"] == d["auc_change"]]
-    agg["reallocation_auc_change"] = ({"mean": statistics.fmean(dips), "min": min(dips), "n": len(dips)}
-                                      if dips else None)
+    agg["reallocation_auc_change"] = (
+        {"mean": statistics.fmean(dips), "min": min(dips), "n": len(dips)} if dips else None
+    )
     s = [r["search_seconds_median"] for r in runs if r["search_seconds_median"] is not None]
     agg["search_seconds_median"] = statistics.median(s) if s else None
     return agg
@@ -107,8 +129,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--saliency-decay", type=float, default=0.8, help="0: every search alone (no moving average)")
     ap.add_argument("--realloc-min-gain", type=float, default=0.05, help="0: re-shape whenever the allocation differs")
-    ap.add_argument("--field-check-rows", type=int, default=0,
-                    help="held-out field check on this many rows of each search window (0: off)")
+    ap.add_argument(
+        "--field-check-rows",
+        type=int,
+        default=0,
+        help="held-out field check on this many rows of each search window (0: off)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arms.json"))
     ap.add_argument("--reaggregate", action="store_true", help="recompute the means of an existing --out file")
     args = ap.parse_args()
@@ -124,23 +150,46 @@ def main() -> None:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    result = {"setup": {"search": args.search, "budget": args.budget, "arms": ARMS, "seeds": args.seeds,
-                        "saliency_decay": args.saliency_decay, "realloc_min_gain": args.realloc_min_gain,
-                        "field_check_rows": args.field_check_rows,
-                        "torch_threads": args.threads, "machine": platform.machine(), "python": platform.python_version(),
-                        "command": "python benchmarks/arms.py " + " ".join(sys.argv[1:])},
-              "datasets": {}}
+    result = {
+        "setup": {
+            "search": args.search,
+            "budget": args.budget,
+            "arms": ARMS,
+            "seeds": args.seeds,
+            "saliency_decay": args.saliency_decay,
+            "realloc_min_gain": args.realloc_min_gain,
+            "field_check_rows": args.field_check_rows,
+            "torch_threads": args.threads,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "command": "python benchmarks/arms.py " + " ".join(sys.argv[1:]),
+        },
+        "datasets": {},
+    }
     for dataset in args.datasets.split(","):
         if dataset == "ml-100k" and not (ML100K / "u.data").exists():
             log(f"skipping ml-100k: {ML100K} not found")
             continue
-        runs = [run_once(dataset, seed, args.search, args.budget, log, saliency_decay=args.saliency_decay,
-                         realloc_min_gain=args.realloc_min_gain, field_check_rows=args.field_check_rows)
-                for seed in range(args.seeds)]
+        runs = [
+            run_once(
+                dataset,
+                seed,
+                args.search,
+                args.budget,
+                log,
+                saliency_decay=args.saliency_decay,
+                realloc_min_gain=args.realloc_min_gain,
+                field_check_rows=args.field_check_rows,
+            )
+            for seed in range(args.seeds)
+        ]
         agg = aggregate(runs)
         slim, ctrl, uni = agg["slim"]["auc_mean"], agg["control"]["auc_mean"], agg["uniform"]["auc_mean"]
-        checks = ({"slim_at_least_control_minus_0.003": slim >= ctrl - 0.003, "slim_above_uniform": slim > uni}
-                  if dataset == "synthetic" else {"slim_at_least_uniform_minus_0.002": slim >= uni - 0.002})
+        checks = (
+            {"slim_at_least_control_minus_0.003": slim >= ctrl - 0.003, "slim_above_uniform": slim > uni}
+            if dataset == "synthetic"
+            else {"slim_at_least_uniform_minus_0.002": slim >= uni - 0.002}
+        )
         result["datasets"][dataset] = {"mean": agg, "acceptance": checks, "runs": runs}
         log(f"{dataset}: mean AUC control {ctrl:.4f}, slim {slim:.4f}, uniform {uni:.4f}; {checks}")
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -10,6 +10,7 @@ Checks: the close cost at window 700 (median of windows 690-699) is within 20% o
 
 Run from the repository root:  .venv/bin/python benchmarks/history.py [--windows 700]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ OUT = Path(__file__).resolve().parent / "results" / "history.json"
 def run(windows: int, rows: int) -> list[dict]:
     per_window: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
-        cfg = RunConfig(windows=windows, rows_per_window=rows, state_dir=Path(d), metrics_addr="127.0.0.1:0",
-                        progress=False, control_dim=4, model=ModelConfig("fm"))
+        cfg = RunConfig(
+            windows=windows,
+            rows_per_window=rows,
+            state_dir=Path(d),
+            metrics_addr="127.0.0.1:0",
+            progress=False,
+            control_dim=4,
+            model=ModelConfig("fm"),
+        )
         runner = Runner.from_config(cfg)
         close = runner.close_window
 
@@ -43,13 +51,21 @@ def run(windows: int, rows: int) -> list[dict]:
             close(window, record)
             total = time.perf_counter() - t0
             meta = checkpoint.latest(d) / "meta.json"
-            per_window.append({"index": record.index, "close_seconds": total,
-                               "checkpoint_seconds": record.checkpoint_seconds,
-                               "close_without_checkpoint_seconds": total - record.checkpoint_seconds,
-                               "meta_bytes": meta.stat().st_size})
+            per_window.append(
+                {
+                    "index": record.index,
+                    "close_seconds": total,
+                    "checkpoint_seconds": record.checkpoint_seconds,
+                    "close_without_checkpoint_seconds": total - record.checkpoint_seconds,
+                    "meta_bytes": meta.stat().st_size,
+                }
+            )
             if record.index % 50 == 0:
-                print(f"window {record.index}: close {1e3 * (total - record.checkpoint_seconds):.1f} ms "
-                      f"(checkpoint excluded), meta.json {meta.stat().st_size:,} B", flush=True)
+                print(
+                    f"window {record.index}: close {1e3 * (total - record.checkpoint_seconds):.1f} ms "
+                    f"(checkpoint excluded), meta.json {meta.stat().st_size:,} B",
+                    flush=True,
+                )
 
         runner.close_window = timed_close
         runner.run()
@@ -70,11 +86,16 @@ def main() -> None:
         "what": f"{args.windows} windows of {args.rows} synthetic rows, control arm, FM, width 4",
         "command": f"python benchmarks/history.py --windows {args.windows} --rows {args.rows}",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
-        "close_without_checkpoint_seconds": {"window_10_median": early, "last_10_median": late,
-                                             "ratio_last_over_10": late / early},
+        "close_without_checkpoint_seconds": {
+            "window_10_median": early,
+            "last_10_median": late,
+            "ratio_last_over_10": late / early,
+        },
         "meta_bytes": {"window_10": meta10, "window_80": meta80, "ratio_80_over_10": meta80 / meta10},
-        "checks": {"close_cost_at_700_within_20pct_of_10": late <= 1.2 * early,
-                   "meta_at_80_under_1.5x_of_10": meta80 < 1.5 * meta10},
+        "checks": {
+            "close_cost_at_700_within_20pct_of_10": late <= 1.2 * early,
+            "meta_at_80_under_1.5x_of_10": meta80 < 1.5 * meta10,
+        },
         "per_window": ws,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)

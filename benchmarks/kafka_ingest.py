@@ -4,20 +4,21 @@ ratio to the training rate of benchmarks/results/training.json.
 
 Writes benchmarks/results/kafka_ingest.json.  Run: .venv/bin/python benchmarks/kafka_ingest.py
 """
+
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from training import criteo_source  # a sibling script (sys.path[0] is benchmarks/)  # isort: skip
 
-from training import criteo_source  # a sibling script (sys.path[0] is benchmarks/)
 from dimstream.ops.replay import replay
 from dimstream.stream.decode import Decoder
-from dimstream.stream.sources.kafka import KafkaSource
 from dimstream.stream.kafka.tansu import Broker
+from dimstream.stream.sources.kafka import KafkaSource
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROWS = {1: 20_000, 1000: 200_000, 8192: 200_000}
 DEFAULT_ROWS_PER_MESSAGE = 1000  # dimstream replay's default
@@ -42,8 +43,7 @@ class _Capped:
 def ingest(broker: Broker, rows_per_message: int, rows: int) -> float:
     topic = f"ingest{rows_per_message}"
     src = criteo_source()
-    replay(_Capped(src, rows), f"kafka://{broker.bootstrap}/{topic}", rows_per_message=rows_per_message,
-           progress=False)
+    replay(_Capped(src, rows), f"kafka://{broker.bootstrap}/{topic}", rows_per_message=rows_per_message, progress=False)
     kafka = KafkaSource(broker.bootstrap, topic, src.schema, group=f"bench{rows_per_message}")
     dec = Decoder(src.schema)
     got, t0 = 0, None
@@ -69,9 +69,11 @@ def main() -> None:
         broker.stop()
     training = ROOT / "benchmarks" / "results" / "training.json"
     train_rate = json.loads(training.read_text())["bare_train_rows_per_s"] if training.exists() else None
-    result = {"what": "Criteo-shaped rows from tansu through Arrow decoding to KeyedJaggedTensors (batch 2048), no training",
-              "rows_per_s_by_rows_per_message": {str(k): v for k, v in rates.items()},
-              "bare_train_rows_per_s": train_rate}
+    result = {
+        "what": "Criteo-shaped rows from tansu through Arrow decoding to KeyedJaggedTensors (batch 2048), no training",
+        "rows_per_s_by_rows_per_message": {str(k): v for k, v in rates.items()},
+        "bare_train_rows_per_s": train_rate,
+    }
     if train_rate:
         ratio = rates[DEFAULT_ROWS_PER_MESSAGE] / train_rate
         result["ingest_over_training_at_default_message_size"] = ratio

@@ -1,4 +1,5 @@
 """Run every benchmark script and refresh benchmarks/results/*.json.  `make bench`."""
+
 import subprocess
 import sys
 from pathlib import Path

@@ -19,6 +19,7 @@ default windows (50,000 rows each), timing each window's training. Then:
 
 Run from the repository root:  .venv/bin/python benchmarks/search.py [--seeds 3] [--ham-steps 1000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,6 @@ import warnings
 from itertools import combinations
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 import numpy as np
 import torch
 
@@ -45,6 +44,8 @@ from dimstream.search import Budget, allocate, check_fields, ham_search, split_h
 from dimstream.search.masks import ctr_model, masked_loss, ones_masks, pooled_embeddings
 from dimstream.stream.decode import Decoder
 from dimstream.stream.synthetic import TRUTH_COLUMN, SyntheticSource
+
+REPO = Path(__file__).resolve().parents[1]
 
 OUT = REPO / "benchmarks" / "results" / "search.json"
 CONTROL_DIM, WINDOWS, KAPPA, SEARCH_ROWS = 32, 12, 0.25, 8192
@@ -62,18 +63,27 @@ def truth_figures(rank: dict, dims: dict) -> dict:
     noise = [f for f in rank if rank[f] == 0]
     signal = [f for f in rank if rank[f] > 0]
     pruned = sum(dims[f] == 0 for f in noise)
-    return {"noise_pruned": pruned, "noise_fields": len(noise), "noise_pruned_share": pruned / len(noise),
-            "spearman_rank_dim": spearman([rank[f] for f in signal], [dims[f] for f in signal]),
-            "passes": bool(pruned >= 0.75 * len(noise)
-                           and spearman([rank[f] for f in signal], [dims[f] for f in signal]) >= 0.6)}
+    return {
+        "noise_pruned": pruned,
+        "noise_fields": len(noise),
+        "noise_pruned_share": pruned / len(noise),
+        "spearman_rank_dim": spearman([rank[f] for f in signal], [dims[f] for f in signal]),
+        "passes": bool(
+            pruned >= 0.75 * len(noise) and spearman([rank[f] for f in signal], [dims[f] for f in signal]) >= 0.6
+        ),
+    }
 
 
 def train_control(seed: int, log) -> tuple:
     src = SyntheticSource(seed=seed)
     dec = Decoder(src.schema)
     multi = {f.name for f in src.schema.fields if f.kind == "multi"}
-    arm = Arm(ArmSpec("control", {f: CONTROL_DIM for f in src.schema.feature_names}), src.schema.num_embeddings,
-              multi, ModelConfig("deepfm"))
+    arm = Arm(
+        ArmSpec("control", {f: CONTROL_DIM for f in src.schema.feature_names}),
+        src.schema.num_embeddings,
+        multi,
+        ModelConfig("deepfm"),
+    )
     batches, seconds = {}, []
     bs = arm.config.batch_size
     for w in range(WINDOWS):
@@ -86,10 +96,14 @@ def train_control(seed: int, log) -> tuple:
             batches[w] = batch
     table = src.window_table(WINDOWS)
     batches[WINDOWS] = dec.decode(table).batch  # the next window, never trained on
-    quality = {"auc_next_window": auc(batches[WINDOWS].labels, arm.predict(batches[WINDOWS])),
-               "bayes_auc_next_window": auc(batches[WINDOWS].labels, table.column(TRUTH_COLUMN).to_numpy())}
-    log(f"seed {seed}: trained {WINDOWS} windows, median {statistics.median(seconds[1:]):.2f}s/window, "
-        f"AUC {quality['auc_next_window']:.4f} (Bayes {quality['bayes_auc_next_window']:.4f})")
+    quality = {
+        "auc_next_window": auc(batches[WINDOWS].labels, arm.predict(batches[WINDOWS])),
+        "bayes_auc_next_window": auc(batches[WINDOWS].labels, table.column(TRUTH_COLUMN).to_numpy()),
+    }
+    log(
+        f"seed {seed}: trained {WINDOWS} windows, median {statistics.median(seconds[1:]):.2f}s/window, "
+        f"AUC {quality['auc_next_window']:.4f} (Bayes {quality['bayes_auc_next_window']:.4f})"
+    )
     return src, arm, batches, seconds, quality
 
 
@@ -110,8 +124,11 @@ def oracle_field_drop(arm, batch) -> dict:
 
 def summarise(values: list[float]) -> dict:
     v = [x for x in values if x == x]
-    return {"mean": float(np.mean(v)) if v else float("nan"), "std": float(np.std(v)) if v else float("nan"),
-            "n": len(v)}
+    return {
+        "mean": float(np.mean(v)) if v else float("nan"),
+        "std": float(np.std(v)) if v else float("nan"),
+        "n": len(v),
+    }
 
 
 def main() -> None:
@@ -130,9 +147,9 @@ def main() -> None:
 
     budget = Budget("params", kappa=KAPPA)
     runs, timing_train, timing_sseds, timing_ham, timing_check = [], [], [], {}, []
-    field_sal: dict = {}   # (variant rows) -> {(seed, window): {field: saliency}}
-    dims_of: dict = {}     # same keys -> dims
-    truth: dict = {}       # (variant rows) -> list of truth figures
+    field_sal: dict = {}  # (variant rows) -> {(seed, window): {field: saliency}}
+    dims_of: dict = {}  # same keys -> dims
+    truth: dict = {}  # (variant rows) -> list of truth figures
     rank = None
     for seed in range(args.seeds):
         src, arm, batches, seconds, quality = train_control(seed, log)
@@ -143,19 +160,26 @@ def main() -> None:
         for _ in range(5):
             timing_sseds.append(sseds_search(arm, recent, budget, rows=SEARCH_ROWS).duration_seconds)
         run = {"seed": seed, "control": quality, "oracle_field_drop": oracle_field_drop(arm, batches[WINDOWS])}
-        run["oracle_spearman_rank_drop"] = spearman([rank[f] for f in rank if rank[f] > 0],
-                                                    [run["oracle_field_drop"][f] for f in rank if rank[f] > 0])
+        run["oracle_spearman_rank_drop"] = spearman(
+            [rank[f] for f in rank if rank[f] > 0], [run["oracle_field_drop"][f] for f in rank if rank[f] > 0]
+        )
         noise = [f for f in rank if rank[f] == 0]
         drops = run["oracle_field_drop"]
         run["oracle_noise_below_every_signal_field"] = sum(
-            drops[f] < min(drops[g] for g in rank if rank[g] > 0) for f in noise)
+            drops[f] < min(drops[g] for g in rank if rank[g] > 0) for f in noise
+        )
         check = check_fields(arm, batches[WINDOWS])
         small = check_fields(arm, batches[WINDOWS].slice(0, SEARCH_ROWS))
         timing_check.append(check.seconds)
         for key, c in (("field_check", check), (f"field_check rows={SEARCH_ROWS}", small)):
-            run[key] = {"seconds": c.seconds, "dropped": c.dropped, "delta": c.delta, "stderr": c.stderr,
-                        "noise_dropped": sum(f in c.dropped for f in noise),
-                        "signal_dropped": [f"{f} (rank {rank[f]})" for f in c.dropped if rank[f] > 0]}
+            run[key] = {
+                "seconds": c.seconds,
+                "dropped": c.dropped,
+                "delta": c.delta,
+                "stderr": c.stderr,
+                "noise_dropped": sum(f in c.dropped for f in noise),
+                "signal_dropped": [f"{f} (rank {rank[f]})" for f in c.dropped if rank[f] > 0],
+            }
         log(f"seed {seed}: field check {check.seconds:.1f}s drops {check.dropped}")
         for rows in (SEARCH_ROWS, 50_000):
             key = f"full rows={rows} + check"
@@ -179,23 +203,34 @@ def main() -> None:
             key = f"ham lr={lr:g}"
             timing_ham.setdefault(key, []).append(r.duration_seconds)
             truth.setdefault(key, []).append(truth_figures(rank, r.dims) | {"seed": seed, "window": WINDOWS})
-            run[key] = {"dims": r.dims, "steps_run": r.details["steps_run"],
-                        "stopped_early_at": r.details["stopped_early_at"], "seconds": r.duration_seconds,
-                        "trace": [(t["step"], t["spent"], round(t["val_auc"], 4)) for t in r.details["trace"]],
-                        "field_alpha_sum": {f: float(sum(v)) for f, v in r.saliency.items()}}
+            run[key] = {
+                "dims": r.dims,
+                "steps_run": r.details["steps_run"],
+                "stopped_early_at": r.details["stopped_early_at"],
+                "seconds": r.duration_seconds,
+                "trace": [(t["step"], t["spent"], round(t["val_auc"], 4)) for t in r.details["trace"]],
+                "field_alpha_sum": {f: float(sum(v)) for f, v in r.saliency.items()},
+            }
             log(f"seed {seed} {key}: {r.duration_seconds:.1f}s, {truth[key][-1]}")
             # the same alphas allocated after the field check (what ham_search(field_check=...) does)
             alpha = {f: np.asarray(v) for f, v in r.saliency.items()}
             m = ctr_model(arm)
             gated = allocate(alpha, budget, m.dims, m.num_embeddings, min_score=0.0, keep_fields=check.keep)
             truth.setdefault(f"{key} + check", []).append(
-                truth_figures(rank, {f: 0 for f in rank} | gated.dims) | {"seed": seed, "window": WINDOWS})
+                truth_figures(rank, {f: 0 for f in rank} | gated.dims) | {"seed": seed, "window": WINDOWS}
+            )
             log(f"seed {seed} {key} + check: {truth[key + ' + check'][-1]}")
-        run["sseds_default"] = {"dims": dims_of[f"full rows={SEARCH_ROWS}"][(seed, WINDOWS - 1)],
-                                "field_saliency": field_sal[f"full rows={SEARCH_ROWS}"][(seed, WINDOWS - 1)]}
+        run["sseds_default"] = {
+            "dims": dims_of[f"full rows={SEARCH_ROWS}"][(seed, WINDOWS - 1)],
+            "field_saliency": field_sal[f"full rows={SEARCH_ROWS}"][(seed, WINDOWS - 1)],
+        }
         runs.append(run)
-        log(f"seed {seed}: SSEDS default " + str(next(t for t in truth[f"full rows={SEARCH_ROWS}"]
-                                                      if t["seed"] == seed and t["window"] == WINDOWS - 1)))
+        log(
+            f"seed {seed}: SSEDS default "
+            + str(
+                next(t for t in truth[f"full rows={SEARCH_ROWS}"] if t["seed"] == seed and t["window"] == WINDOWS - 1)
+            )
+        )
 
     # steadiness: same control, other windows; other seeds, same window
     steadiness = {}
@@ -206,55 +241,83 @@ def main() -> None:
         across_w = [spearman(vec[a], vec[b]) for a, b in combinations(vec, 2) if a[0] == b[0]]
         across_w_dims = [spearman(dvec[a], dvec[b]) for a, b in combinations(dvec, 2) if a[0] == b[0]]
         across_s = [spearman(vec[a], vec[b]) for a, b in combinations(vec, 2) if a[1] == b[1] and a[0] != b[0]]
-        steadiness[key] = {"field_saliency_across_windows": summarise(across_w),
-                           "allocation_across_windows": summarise(across_w_dims),
-                           "field_saliency_across_seeds": summarise(across_s)}
+        steadiness[key] = {
+            "field_saliency_across_windows": summarise(across_w),
+            "allocation_across_windows": summarise(across_w_dims),
+            "field_saliency_across_seeds": summarise(across_s),
+        }
+
     def fig(v):
-        return {"spearman_rank_dim": summarise([t["spearman_rank_dim"] for t in v]),
-                "noise_pruned_share": summarise([t["noise_pruned_share"] for t in v]),
-                "passes": sum(t["passes"] for t in v), "runs": len(v)}
+        return {
+            "spearman_rank_dim": summarise([t["spearman_rank_dim"] for t in v]),
+            "noise_pruned_share": summarise([t["noise_pruned_share"] for t in v]),
+            "passes": sum(t["passes"] for t in v),
+            "runs": len(v),
+        }
+
     truth_summary = {k: fig(v) for k, v in truth.items()}
     # SSEDS on rows the control has trained on (the daemon's recent rows) vs the next, fresh window
-    truth_by_rows = {k: {"trained_rows": fig([t for t in v if t["window"] < WINDOWS]),
-                         "fresh_rows": fig([t for t in v if t["window"] == WINDOWS])}
-                     for k, v in truth.items() if not k.startswith("ham")}
+    truth_by_rows = {
+        k: {
+            "trained_rows": fig([t for t in v if t["window"] < WINDOWS]),
+            "fresh_rows": fig([t for t in v if t["window"] == WINDOWS]),
+        }
+        for k, v in truth.items()
+        if not k.startswith("ham")
+    }
     t_train = statistics.median(timing_train)
     t_sseds = statistics.median(timing_sseds)
     full = [k for k in steadiness if k.startswith("full")]
     steadiest = {m: max(full, key=lambda k: steadiness[k][m]["mean"]) for m in steadiness[full[0]]}
-    best_truth = max((k for k in truth_summary if not k.startswith("ham")),
-                     key=lambda k: truth_summary[k]["spearman_rank_dim"]["mean"])
+    best_truth = max(
+        (k for k in truth_summary if not k.startswith("ham")),
+        key=lambda k: truth_summary[k]["spearman_rank_dim"]["mean"],
+    )
     result = {
-        "setup": {"control": f"DeepFM, width {CONTROL_DIM} on every field, ModelConfig() defaults",
-                  "windows_trained": WINDOWS, "rows_per_window": 50_000, "seeds": args.seeds, "kappa": KAPPA,
-                  "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                  "python": platform.python_version(), "torch": torch.__version__,
-                  "sseds_rows_default": SEARCH_ROWS, "ham_steps": args.ham_steps,
-                  "synthetic_env": {k: v for k, v in os.environ.items() if k.startswith("DS_")}},
-        "timing": {"train_one_window_seconds_median": t_train,
-                   "sseds_seconds_median": t_sseds, "sseds_rows": SEARCH_ROWS,
-                   "sseds_over_train_window": t_sseds / t_train,
-                   "sseds_within_10_percent": bool(t_sseds <= 0.1 * t_train),
-                   "ham_seconds_median": {k: statistics.median(v) for k, v in timing_ham.items()},
-                   "ham_over_train_window": {k: statistics.median(v) / t_train for k, v in timing_ham.items()},
-                   "field_check_seconds_median": statistics.median(timing_check), "field_check_rows": 50_000,
-                   "field_check_over_train_window": statistics.median(timing_check) / t_train},
+        "setup": {
+            "control": f"DeepFM, width {CONTROL_DIM} on every field, ModelConfig() defaults",
+            "windows_trained": WINDOWS,
+            "rows_per_window": 50_000,
+            "seeds": args.seeds,
+            "kappa": KAPPA,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "sseds_rows_default": SEARCH_ROWS,
+            "ham_steps": args.ham_steps,
+            "synthetic_env": {k: v for k, v in os.environ.items() if k.startswith("DS_")},
+        },
+        "timing": {
+            "train_one_window_seconds_median": t_train,
+            "sseds_seconds_median": t_sseds,
+            "sseds_rows": SEARCH_ROWS,
+            "sseds_over_train_window": t_sseds / t_train,
+            "sseds_within_10_percent": bool(t_sseds <= 0.1 * t_train),
+            "ham_seconds_median": {k: statistics.median(v) for k, v in timing_ham.items()},
+            "ham_over_train_window": {k: statistics.median(v) / t_train for k, v in timing_ham.items()},
+            "field_check_seconds_median": statistics.median(timing_check),
+            "field_check_rows": 50_000,
+            "field_check_over_train_window": statistics.median(timing_check) / t_train,
+        },
         "truth": truth_summary,
         "truth_trained_vs_fresh_rows": truth_by_rows,
         "steadiness": steadiness,
         "conclusions": {
             "steadiest_full_saliency_variant": steadiest,
             "note_per_parameter": "per-parameter allocations look steady across windows because dividing by "
-                                  "rows_i (2 .. 200,000) dominates the saliency: small tables get all 32 "
-                                  "columns whatever the rows say, large ones none",
+            "rows_i (2 .. 200,000) dominates the saliency: small tables get all 32 "
+            "columns whatever the rows say, large ones none",
             "note_one_minibatch": "rows=512 and rows=2048 are one mini-batch (the paper's D_b); "
-                                  "larger samples accumulate gradients over 2,048-row mini-batches",
+            "larger samples accumulate gradients over 2,048-row mini-batches",
             "best_spearman_rank_dim": best_truth,
-            "any_sseds_variant_passes_ground_truth": any(truth_summary[k]["passes"] for k in truth_summary
-                                                         if not k.startswith("ham")),
+            "any_sseds_variant_passes_ground_truth": any(
+                truth_summary[k]["passes"] for k in truth_summary if not k.startswith("ham")
+            ),
             "ham_passes_ground_truth": {k: truth_summary[k]["passes"] for k in truth_summary if k.startswith("ham")},
-            "with_field_check": {k: f"{v['passes']}/{v['runs']} runs pass" for k, v in truth_summary.items()
-                                 if k.endswith("+ check")},
+            "with_field_check": {
+                k: f"{v['passes']}/{v['runs']} runs pass" for k, v in truth_summary.items() if k.endswith("+ check")
+            },
             "oracle_spearman_rank_drop": summarise([r["oracle_spearman_rank_drop"] for r in runs]),
         },
         "runs": runs,

@@ -4,6 +4,7 @@ The window loop evaluates every arm on a window before training it (test-then-tr
 Sparse parameters are updated by TorchRec's fused optimizer inside backward
 (`apply_optimizer_in_backward`); dense parameters by Adam.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from dimstream.stream.batch import SparseBatch
 @dataclass
 class ArmSpec:
     """Configuration of one arm: a name and its embedding dimension per field."""
+
     name: str
     dims: dict[str, int]
     column_ids: dict[str, list[int]] = field(default_factory=dict)  # control column of each column
@@ -38,13 +40,13 @@ def _sparse_optimizer(config: ModelConfig):
         return torch.optim.SGD, {"lr": config.sparse_lr}
     if config.sparse_optimizer == "rowwise_adam":  # FBGEMM's partial row-wise Adam
         from torchrec.optim import PartialRowWiseAdam
+
         return PartialRowWiseAdam, {"lr": config.sparse_lr}
     raise ValueError(f"unknown sparse optimizer {config.sparse_optimizer!r}")
 
 
 class Arm:
-    def __init__(self, spec: ArmSpec, num_embeddings: dict[str, int], multi_valued: set[str],
-                 config: ModelConfig):
+    def __init__(self, spec: ArmSpec, num_embeddings: dict[str, int], multi_valued: set[str], config: ModelConfig):
         self.spec = spec
         self.name = spec.name
         self.config = config

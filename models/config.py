@@ -1,4 +1,5 @@
 """Model configuration, a plain dataclass."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -15,7 +16,7 @@ class ModelConfig:
     # None = the control arm's uniform width, fixed across re-allocations so that a slim arm
     # starts as exactly the masked control model ("winning ticket").
     interaction_dim: int | None = None
-    sparse_optimizer: str = "adagrad"   # fused in backward: "adagrad" or "rowwise_adam"
+    sparse_optimizer: str = "adagrad"  # fused in backward: "adagrad" or "rowwise_adam"
     sparse_lr: float = 0.02  # chosen on the synthetic stream against 0.05 and 0.1
     dense_lr: float = 1e-3
     batch_size: int = 512
@@ -36,6 +37,6 @@ class ModelConfig:
         return asdict(self) | {"mlp": list(self.mlp)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

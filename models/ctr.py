@@ -10,6 +10,7 @@
 >>> ctr_model(m) is m
 True
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,14 +23,25 @@ from dimstream.models.heads import HEADS, USES_WIDE, ColumnTied
 
 
 class CTRModel(nn.Module):
-    def __init__(self, dims: dict[str, int], num_embeddings: dict[str, int], multi_valued: set[str],
-                 config: ModelConfig, device: torch.device | None = None):
+    def __init__(
+        self,
+        dims: dict[str, int],
+        num_embeddings: dict[str, int],
+        multi_valued: set[str],
+        config: ModelConfig,
+        device: torch.device | None = None,
+    ):
         super().__init__()
         self.config = config
         self.num_embeddings = dict(num_embeddings)
-        self.embedding = MixedEmbedding(dims, num_embeddings, multi_valued,
-                                        wide=USES_WIDE[config.model], device=device,
-                                        init_range=config.init_range)
+        self.embedding = MixedEmbedding(
+            dims,
+            num_embeddings,
+            multi_valued,
+            wide=USES_WIDE[config.model],
+            device=device,
+            init_range=config.init_range,
+        )
         widths = [self.embedding.dims[f] for f in self.embedding.feature_names]
         k = config.interaction_dim or max(widths)
         head_cls = HEADS[config.model]
@@ -60,8 +72,8 @@ class CTRModel(nn.Module):
 
 def ctr_model(model) -> CTRModel:
     """The CTRModel inside an Arm, a DistributedModelParallel, or the CTRModel itself."""
-    inner = getattr(model, "model", model)       # Arm -> DMP (or a CTRModel has no .model)
-    inner = getattr(inner, "module", inner)      # DMP -> CTRModel
+    inner = getattr(model, "model", model)  # Arm -> DMP (or a CTRModel has no .model)
+    inner = getattr(inner, "module", inner)  # DMP -> CTRModel
     if not isinstance(inner, CTRModel):
         raise TypeError(f"expected an Arm, a DistributedModelParallel or a CTRModel, got {type(model).__name__}")
     return inner

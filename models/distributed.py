@@ -2,6 +2,7 @@
 
 A single process runs as world size 1 over gloo; `torchrun --nproc_per_node N` adds ranks
 without any other change."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def shard(module: torch.nn.Module) -> DistributedModelParallel:
     which bypasses the fused optimizer (and, for widths not divisible by 4, runs a backward
     PyTorch warns may be incorrect). Widths are therefore always multiples of 4."""
     ensure_process_group()
-    constraints = {t: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"])
-                   for t in table_names(module)}
+    constraints = {
+        t: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]) for t in table_names(module)
+    }
     topology = Topology(world_size=world_size(), compute_device="cpu")
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(module, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)

@@ -4,6 +4,7 @@
 The first-order (wide) weights are a second collection of width-4 tables whose 4 columns are
 summed: a width-1 table would be placed on a dense kernel with an unreliable backward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,14 +31,24 @@ def check_dims(dims: dict[str, int], num_embeddings: dict[str, int]) -> None:
         raise AllocationError("allocation keeps no field")
 
 
-def _tables(prefix: str, widths: dict[str, int], num_embeddings: dict[str, int],
-            pooling: dict[str, PoolingType], init: float) -> list[EmbeddingBagConfig]:
+def _tables(
+    prefix: str, widths: dict[str, int], num_embeddings: dict[str, int], pooling: dict[str, PoolingType], init: float
+) -> list[EmbeddingBagConfig]:
     # explicit init range: TorchRec's default, sqrt(1/rows), is 0.5 for a 4-row table
     # and 0.002 for a 200k-row one
-    return [EmbeddingBagConfig(name=f"{prefix}{f}", embedding_dim=d, num_embeddings=num_embeddings[f],
-                               feature_names=[f], pooling=pooling.get(f, PoolingType.SUM),
-                               weight_init_min=-init, weight_init_max=init)
-            for f, d in widths.items() if d > 0]
+    return [
+        EmbeddingBagConfig(
+            name=f"{prefix}{f}",
+            embedding_dim=d,
+            num_embeddings=num_embeddings[f],
+            feature_names=[f],
+            pooling=pooling.get(f, PoolingType.SUM),
+            weight_init_min=-init,
+            weight_init_max=init,
+        )
+        for f, d in widths.items()
+        if d > 0
+    ]
 
 
 class MixedEmbedding(nn.Module):
@@ -48,18 +59,31 @@ class MixedEmbedding(nn.Module):
     so this equals masking the table's columns (the auxiliary mask alpha of SSEDS eq. 8 and HAM).
     """
 
-    def __init__(self, dims: dict[str, int], num_embeddings: dict[str, int], multi_valued: set[str],
-                 wide: bool = True, device: torch.device | None = None, init_range: float = 0.05):
+    def __init__(
+        self,
+        dims: dict[str, int],
+        num_embeddings: dict[str, int],
+        multi_valued: set[str],
+        wide: bool = True,
+        device: torch.device | None = None,
+        init_range: float = 0.05,
+    ):
         super().__init__()
         check_dims(dims, num_embeddings)
         self.dims = {f: int(d) for f, d in dims.items() if d > 0}
         self.feature_names = list(self.dims)
         pooling = {f: PoolingType.MEAN for f in multi_valued}
         device = device or torch.device("meta")  # DMP materialises the shards
-        self.deep = EmbeddingBagCollection(_tables("emb_", self.dims, num_embeddings, pooling, init_range), device=device)
-        self.wide = (EmbeddingBagCollection(
-            _tables("wide_", {f: WIDE_WIDTH for f in self.dims}, num_embeddings, pooling, 1e-3), device=device)
-            if wide else None)
+        self.deep = EmbeddingBagCollection(
+            _tables("emb_", self.dims, num_embeddings, pooling, init_range), device=device
+        )
+        self.wide = (
+            EmbeddingBagCollection(
+                _tables("wide_", {f: WIDE_WIDTH for f in self.dims}, num_embeddings, pooling, 1e-3), device=device
+            )
+            if wide
+            else None
+        )
 
     def forward(self, kjt: KeyedJaggedTensor, column_mask: dict[str, torch.Tensor] | None = None):
         kt = self.deep(kjt).to_dict()

@@ -4,6 +4,7 @@
 >>> auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
 0.75
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,9 +43,12 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def window_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs),
-            "ctr_pred": float(np.mean(probs)) if len(probs) else float("nan"),
-            "ctr_obs": float(np.mean(labels)) if len(labels) else float("nan")}
+    return {
+        "auc": auc(labels, probs),
+        "logloss": logloss(labels, probs),
+        "ctr_pred": float(np.mean(probs)) if len(probs) else float("nan"),
+        "ctr_obs": float(np.mean(labels)) if len(labels) else float("nan"),
+    }
 
 
 def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -58,8 +62,9 @@ def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[float, np.nda
     return float(v10.mean()), v10, v01
 
 
-def auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
-                   z: float = 1.959964) -> dict[str, float]:
+def auc_difference(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, z: float = 1.959964
+) -> dict[str, float]:
     """AUC(a) - AUC(b) on the same rows with DeLong's 95% interval (paired; DeLong et al. 1988,
     the fast form of Sun & Xu 2014). NaNs when a class is missing.
 

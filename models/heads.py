@@ -9,6 +9,7 @@ Every head declares which of its parameters are tied to the embedding columns
 (`column_tied(fields)`): re-allocation (models/realloc.py) gathers those column by column and
 carries every other parameter over unchanged, so a new head type needs no change there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class ColumnTied:
     field: None for the concatenation of every field's columns (model order), else the one
            field whose columns index `axes`.
     """
+
     key: str
     value: torch.Tensor
     param: nn.Parameter | None
@@ -141,7 +143,7 @@ class CrossLayer(nn.Module):
         super().__init__()
         self.linear = nn.Linear(width, width)
         nn.init.zeros_(self.linear.bias)
-        nn.init.normal_(self.linear.weight, std=width ** -0.5 * 0.1)
+        nn.init.normal_(self.linear.weight, std=width**-0.5 * 0.1)
 
     def forward(self, x0, x):
         return x0 * self.linear(x) + x
@@ -167,8 +169,10 @@ class DCNv2Head(nn.Module):
         out = []
         for n, layer in enumerate(self.cross):
             w, b = layer.linear.weight, layer.linear.bias
-            out += [ColumnTied(f"cross.{n}.linear.weight", w.detach(), w, (0, 1)),
-                    ColumnTied(f"cross.{n}.linear.bias", b.detach(), b, (0,))]
+            out += [
+                ColumnTied(f"cross.{n}.linear.weight", w.detach(), w, (0, 1)),
+                ColumnTied(f"cross.{n}.linear.bias", b.detach(), b, (0,)),
+            ]
         return out + dnn_input(self.dnn)
 
 

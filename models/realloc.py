@@ -15,6 +15,7 @@ layers on both axes), each with its Adam moments gathered the same way. Everythi
 interaction width fixed to the control's, a slim arm cut from the control this way computes
 exactly the masked control model (tests/test_realloc.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,14 @@ def _local(t):
     return t.local_shards()[0].tensor if isinstance(t, ShardedTensor) else t
 
 
-def _gather(new_cols: list[Column], old_cols: list[Column], ctrl_cols: list[Column],
-            old: torch.Tensor | None, ctrl: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+def _gather(
+    new_cols: list[Column],
+    old_cols: list[Column],
+    ctrl_cols: list[Column],
+    old: torch.Tensor | None,
+    ctrl: torch.Tensor,
+    axes: tuple[int, ...],
+) -> torch.Tensor:
     """Gather along `axes` (all indexed by the same column list): from `old` where every index
     of the element is an old column, else from `ctrl`."""
     old_pos = {c: i for i, c in enumerate(old_cols)}
@@ -76,10 +83,10 @@ def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:
     for key, target in sd_new.items():
         if not isinstance(target, ShardedTensor):
             continue
-        table = key.rsplit(".", 2)[-2]           # emb_<field> or wide_<field>
+        table = key.rsplit(".", 2)[-2]  # emb_<field> or wide_<field>
         kind, field = table.split("_", 1)
         in_old = key in sd_old
-        if kind == "wide":                      # first order: one scalar per row, not per column
+        if kind == "wide":  # first order: one scalar per row, not per column
             src, src_state = (sd_old, st_old) if in_old else (sd_ctl, st_ctl)
             _local(target).copy_(_local(src[key]))
             for name, val in st_new[key].items():
@@ -94,9 +101,9 @@ def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:
             v = _local(val)
             o = _local(st_old[key][name]) if in_old else None
             c = _local(st_ctl[key][name])
-            if v.dim() == 2:   # per-element state (Adagrad): gathered like the weights
+            if v.dim() == 2:  # per-element state (Adagrad): gathered like the weights
                 v.copy_(_gather(fcols, ocols, ccols, o, c, (1,)))
-            else:              # row-wise state: the row's, from whichever arm holds the field
+            else:  # row-wise state: the row's, from whichever arm holds the field
                 v.copy_(o if o is not None else c)
 
 
@@ -134,8 +141,17 @@ def _carry_head(new: Arm, old: Arm, control: Arm) -> None:
         fields = [t.field] if t.field is not None else None
         cols = [_columns(a.spec, fields or ctr_model(a).feature_names) for a in (new, old, control)]
         o, c = old_tied.get(t.key), ctl_tied[t.key]
-        _carry_tied(t.param, lambda ow, cw, cols=cols, axes=t.axes: _gather(*cols, ow, cw, axes),
-                    o.value if o else None, c.value, o.param if o else None, c.param, new, old, control)
+        _carry_tied(
+            t.param,
+            lambda ow, cw, cols=cols, axes=t.axes: _gather(*cols, ow, cw, axes),
+            o.value if o else None,
+            c.value,
+            o.param if o else None,
+            c.param,
+            new,
+            old,
+            control,
+        )
     _carry_untied(m_new, m_old, tied, new, old)
 
 
@@ -150,5 +166,6 @@ def _carry_untied(m_new, m_old, tied: set, new: Arm, old: Arm) -> None:
             raise ValueError(f"head parameter {name} changes with the widths but is not declared column-tied")
         p.copy_(q)
         if q in old.dense_optimizer.state:
-            new.dense_optimizer.state[p] = {k: (v.clone() if torch.is_tensor(v) else v)
-                                            for k, v in old.dense_optimizer.state[q].items()}
+            new.dense_optimizer.state[p] = {
+                k: (v.clone() if torch.is_tensor(v) else v) for k, v in old.dense_optimizer.state[q].items()
+            }

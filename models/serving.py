@@ -7,12 +7,12 @@
 `ServingModel.load(dir)` rebuilds the same heads (models/heads.py) over nn.EmbeddingBag tables;
 the stable hash (stream/hashing.py) maps ids to the same rows as in training.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,8 +35,11 @@ class ServingModel(nn.Module):
         rows = schema.num_embeddings
         self.emb = nn.ModuleDict({f: nn.EmbeddingBag(rows[f], d, mode=mode[f]) for f, d in self.dims.items()})
         self.use_wide = USES_WIDE[config.model]
-        self.wide = nn.ModuleDict({f: nn.EmbeddingBag(rows[f], WIDE_WIDTH, mode=mode[f]) for f in self.dims}) \
-            if self.use_wide else None
+        self.wide = (
+            nn.ModuleDict({f: nn.EmbeddingBag(rows[f], WIDE_WIDTH, mode=mode[f]) for f in self.dims})
+            if self.use_wide
+            else None
+        )
         widths = [self.dims[f] for f in self.feature_names]
         kwargs = {"layers": config.dcn_layers} if config.model == "dcnv2" else {}
         self.head = HEADS[config.model](widths, config.interaction_dim or max(widths), config.mlp, **kwargs)
@@ -54,7 +57,7 @@ class ServingModel(nn.Module):
         return torch.sigmoid(self.head(embs, wide))
 
     @classmethod
-    def load(cls, directory: Path) -> "ServingModel":
+    def load(cls, directory: Path) -> ServingModel:
         d = Path(directory)
         meta = json.loads((d / "model.json").read_text())
         if meta.get("format") != FORMAT:

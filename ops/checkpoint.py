@@ -9,6 +9,7 @@ Tensors are loaded with torch.load(weights_only=True).
 Sharded tensors (TorchRec's table-wise shards) are stored as their local shards, so each
 rank saves and restores its own part; a world of one holds whole tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -70,9 +70,11 @@ def _restore(target: dict, saved: dict, where: str) -> None:
 
 
 def arm_state(arm) -> dict:
-    return {"model": _flatten(arm.model.state_dict()),
-            "fused": _flatten(arm.model.fused_optimizer.state_dict()["state"]),
-            "dense": arm.dense_optimizer.state_dict()}
+    return {
+        "model": _flatten(arm.model.state_dict()),
+        "fused": _flatten(arm.model.fused_optimizer.state_dict()["state"]),
+        "dense": arm.dense_optimizer.state_dict(),
+    }
 
 
 def load_arm_state(arm, state: dict) -> None:
@@ -161,6 +163,7 @@ def read_tensors(ckpt: Path, rank: int = 0) -> dict:
 @dataclass
 class Restored:
     """Arms rebuilt from a checkpoint, with what they were built for."""
+
     checkpoint: Path
     meta: dict
     schema: Schema
@@ -181,8 +184,9 @@ def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore
     names = list(specs) if names is None else list(names)
     missing = [n for n in names if n not in specs]
     if missing:
-        raise CheckpointError(f"checkpoint {Path(ckpt).name} has no arm {', '.join(map(repr, missing))} "
-                              f"(it has {', '.join(specs)})")
+        raise CheckpointError(
+            f"checkpoint {Path(ckpt).name} has no arm {', '.join(map(repr, missing))} (it has {', '.join(specs)})"
+        )
     tensors = read_tensors(ckpt, rank)
     arms = {}
     for n in names:

@@ -2,15 +2,15 @@
 
 Bad options or config give one clear line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from dimstream.ops.config import ConfigError, RunConfig, parse_duration
+from dimstream.ops.config import ConfigError, RunConfig
 
 log = logging.getLogger("dimstream")
 
@@ -25,7 +25,9 @@ def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train on a stream (the daemon)")
     p.set_defaults(func=cmd_run)
     p.add_argument("--config", type=Path, help="TOML file with the same keys as the options")
-    p.add_argument("--source", help="synthetic | files:DIR | ml-100k:DIR | criteo:FILE | avazu:FILE | kafka://HOST:PORT/TOPIC")
+    p.add_argument(
+        "--source", help="synthetic | files:DIR | ml-100k:DIR | criteo:FILE | avazu:FILE | kafka://HOST:PORT/TOPIC"
+    )
     p.add_argument("--model", choices=["deepfm", "wdl", "fm", "dcnv2"])
     p.add_argument("--windows", type=int, help="total windows to have processed (default 24)")
     p.add_argument("--window", help="window length: 1h (default), 1d, 30m, ...")
@@ -33,8 +35,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (port 0: any free port)")
     p.add_argument("--seed", type=int)
     p.add_argument("--arms", help="comma-separated: control,slim,uniform")
-    p.add_argument("--search", metavar="METHOD",
-                   help="dimension search: a registered method (sseds, ham, ...) or none; checked by the config")
+    p.add_argument(
+        "--search",
+        metavar="METHOD",
+        help="dimension search: a registered method (sseds, ham, ...) or none; checked by the config",
+    )
     p.add_argument("--budget", type=float, help="kappa: slim params <= kappa x control params (default 0.25)")
     p.add_argument("--search-every", type=int, help="windows between searches; 0 = only apply cron plans")
     p.add_argument("--control-dim", type=int, help="uniform width of the control arm (multiple of 4)")
@@ -44,19 +49,48 @@ def _run_parser(sub) -> None:
     p.add_argument("--idle-timeout", type=float, help="close the open window after this many seconds without data")
     p.add_argument("--export-dir", type=Path, help="publish the slim arm for serving after every window")
     p.add_argument("--linger-seconds", type=float, help="keep serving /metrics this long after the run ends")
-    p.add_argument("--realloc-min-gain", type=float,
-                   help="re-shape the slim arm only if the search's allocation scores this fraction above its current one (0.05)")
-    p.add_argument("--saliency-decay", type=float,
-                   help="moving average of the searches' column scores, s <- decay*s + (1-decay)*s_new (0.8; 0 = latest only)")
-    p.add_argument("--field-check-rows", type=int,
-                   help="before a search window trains, check each field on this many of its rows (held out then); 0 = off")
+    p.add_argument(
+        "--realloc-min-gain",
+        type=float,
+        help="re-shape the slim arm only if the search's allocation scores this fraction above its current one (0.05)",
+    )
+    p.add_argument(
+        "--saliency-decay",
+        type=float,
+        help="moving average of the searches' column scores, s <- decay*s + (1-decay)*s_new (0.8; 0 = latest only)",
+    )
+    p.add_argument(
+        "--field-check-rows",
+        type=int,
+        help="before a search window trains, check each field on this many of its rows (held out then); 0 = off",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_config(args) -> RunConfig:
-    keys = ["source", "model", "windows", "window", "state_dir", "metrics_addr", "seed", "arms", "search",
-            "budget", "search_every", "control_dim", "rows_per_window", "grace_seconds", "linger_seconds", "export_dir", "allowed_lateness", "idle_timeout",
-            "realloc_min_gain", "saliency_decay", "field_check_rows"]
+    keys = [
+        "source",
+        "model",
+        "windows",
+        "window",
+        "state_dir",
+        "metrics_addr",
+        "seed",
+        "arms",
+        "search",
+        "budget",
+        "search_every",
+        "control_dim",
+        "rows_per_window",
+        "grace_seconds",
+        "linger_seconds",
+        "export_dir",
+        "allowed_lateness",
+        "idle_timeout",
+        "realloc_min_gain",
+        "saliency_decay",
+        "field_check_rows",
+    ]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
         given["progress"] = False
@@ -68,6 +102,7 @@ def _run_config(args) -> RunConfig:
 def cmd_run(args) -> int:
     cfg = _run_config(args)
     from dimstream.ops.daemon import Runner  # heavy imports only once the options are valid
+
     runner = Runner.from_config(cfg)
     summary = runner.run()
     done = len(summary["windows"])
@@ -91,8 +126,7 @@ def subcommands() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) if hasattr(args, "func") else cmd_run(args)
@@ -107,6 +141,7 @@ def _extra_commands():
     """Sub-commands defined in their own modules (search, replay, export, ...)."""
     import importlib
     import importlib.util
+
     mods = ("dimstream.ops.search_cli", "dimstream.ops.replay_cli", "dimstream.ops.export", "dimstream.ops.report_cli")
     return [importlib.import_module(m).register for m in mods if importlib.util.find_spec(m) is not None]
 

@@ -13,6 +13,7 @@ again, once. A crash after 2 resumes after the window; 3-5 are redone or re-told
 
 Rank 0 alone writes 1, 3, 4 and 5 (`rank0`); every rank writes its shard in 2.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,16 +30,22 @@ from dimstream.stream.window import Window
 
 
 class Committer:
-    def __init__(self, state_dir: Path, source, *, rank0: bool, recent_rows: int,
-                 export_dir: Path | None = None):
+    def __init__(self, state_dir: Path, source, *, rank0: bool, recent_rows: int, export_dir: Path | None = None):
         self.state_dir = Path(state_dir)
         self.source = source
         self.rank0 = rank0
         self.recent_rows = recent_rows
         self.export_dir = Path(export_dir) if export_dir is not None else None
 
-    def close(self, window: Window, record: WindowRecord, meta: Callable[[WindowRecord], dict],
-              arms: list, history: History, publish=None) -> None:
+    def close(
+        self,
+        window: Window,
+        record: WindowRecord,
+        meta: Callable[[WindowRecord], dict],
+        arms: list,
+        history: History,
+        publish=None,
+    ) -> None:
         """Steps 1-5 for `window`; `meta(record)` is the checkpoint's meta (built after step 1),
         `publish` the arm exported for serving."""
         if self.rank0:
@@ -74,6 +81,7 @@ class Committer:
         """Export the arm as checkpointed for serving and move `latest` atomically, the way
         online systems publish a model every hour."""
         from dimstream.ops.export import export_model
+
         name = f"window-{index:06d}"
         export_model(arm, meta, self.export_dir / name)
         write_bytes(self.export_dir / "latest", f"{name}\n".encode())

@@ -4,6 +4,7 @@
 >>> c.model.model, c.windows, c.window_seconds
 ('fm', 3, 86400)
 """
+
 from __future__ import annotations
 
 import re
@@ -38,34 +39,34 @@ def parse_addr(text: str) -> tuple[str, int]:
 @dataclass
 class RunConfig:
     source: str = "synthetic"
-    windows: int = 24                 # total windows to have processed in this state dir
+    windows: int = 24  # total windows to have processed in this state dir
     window_seconds: int | None = None  # None: the source's own default (1h synthetic, 1d ml-100k)
     state_dir: Path = Path("dimstream-state")
     metrics_addr: str = "127.0.0.1:9100"
     seed: int = 0
     arms: tuple[str, ...] = ("control",)
-    control_dim: int | None = None    # None: 32 when searching (0, 4, ..., 32 per field), else 16
-    search: str = "none"              # a name of dimstream.search.registry.METHODS, or none
-    budget: float = 0.25              # kappa: slim embedding params <= kappa x control's
-    search_every: int = 1             # windows between searches (0: only apply cron plans)
+    control_dim: int | None = None  # None: 32 when searching (0, 4, ..., 32 per field), else 16
+    search: str = "none"  # a name of dimstream.search.registry.METHODS, or none
+    budget: float = 0.25  # kappa: slim embedding params <= kappa x control's
+    search_every: int = 1  # windows between searches (0: only apply cron plans)
     search_rows: int = 8192
     # re-shape the slim arm only if the searched allocation's total saliency beats the slim arm's
     # current columns by this fraction (scored on the same rows); 0 = whenever it differs
     realloc_min_gain: float = 0.05
-    saliency_decay: float = 0.8       # moving average of the searches' column scores (0 = latest only)
+    saliency_decay: float = 0.8  # moving average of the searches' column scores (0 = latest only)
     # held-out field check (search/fieldcheck.py) on this many of a search window's rows, run
     # before the control trains on them; 0 = off (it costs one head forward per field per row)
     field_check_rows: int = 0
-    rows_per_window: int = 50_000     # synthetic source
+    rows_per_window: int = 50_000  # synthetic source
     allowed_lateness: int = 0
     idle_timeout: float | None = None
-    recent_rows: int = 50_000         # bounded buffer of recent rows kept for `dimstream search`
+    recent_rows: int = 50_000  # bounded buffer of recent rows kept for `dimstream search`
     progress: bool = True
-    export_dir: Path | None = None    # if set: after each window, the slim arm (else control) is
-                                      # exported to EXPORT_DIR/window-<n>, EXPORT_DIR/latest names it
-    linger_seconds: float = 0.0       # keep serving /metrics this long after a finite run ends
-    grace_seconds: float = 30.0       # on SIGTERM: finish the window if it fits, else abandon it
-    schema: dict | None = None        # for files:DIR (and kafka): the declared schema
+    export_dir: Path | None = None  # if set: after each window, the slim arm (else control) is
+    # exported to EXPORT_DIR/window-<n>, EXPORT_DIR/latest names it
+    linger_seconds: float = 0.0  # keep serving /metrics this long after a finite run ends
+    grace_seconds: float = 30.0  # on SIGTERM: finish the window if it fits, else abandon it
+    schema: dict | None = None  # for files:DIR (and kafka): the declared schema
     kafka: dict = field(default_factory=dict)  # kafka-python security options pass through
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -73,7 +74,7 @@ class RunConfig:
         self.validate()
 
     @classmethod
-    def from_mapping(cls, d: dict) -> "RunConfig":
+    def from_mapping(cls, d: dict) -> RunConfig:
         d = dict(d)
         model_keys = {f.name for f in fields(ModelConfig)}
         model = {k: d.pop(k) for k in list(d) if k in model_keys and k != "seed"}
@@ -99,7 +100,7 @@ class RunConfig:
             raise ConfigError(str(e)) from None
 
     @classmethod
-    def from_toml(cls, path: Path, overrides: dict | None = None) -> "RunConfig":
+    def from_toml(cls, path: Path, overrides: dict | None = None) -> RunConfig:
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -118,6 +119,7 @@ class RunConfig:
         if self.control_dim <= 0 or self.control_dim % 4:
             raise ConfigError("control_dim must be a positive multiple of 4 (FBGEMM fused kernels)")
         from dimstream.search.registry import names
+
         if self.search != "none" and self.search not in names():
             raise ConfigError(f"search must be one of {', '.join(names())} or none, got {self.search!r}")
         if not 0 < self.budget <= 1:

@@ -13,6 +13,7 @@ caller (tests, benchmarks). Per closed window the runner
 Ranks: every rank trains and writes its checkpoint shard; rank 0 alone writes the summary, the
 plot, the history log, dead letters, the publication and the source commit (`self.rank0`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,12 +48,17 @@ from dimstream.stream.window import Window, Windower
 
 log = logging.getLogger("dimstream")
 PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
-CHECKPOINT_FORMAT = 2      # 2: history in STATE/history.jsonl, the checkpoint holds its length
+CHECKPOINT_FORMAT = 2  # 2: history in STATE/history.jsonl, the checkpoint holds its length
 
 
 def open_source(cfg: RunConfig) -> Source:
-    options = SourceOptions(schema_config=cfg.schema, seed=cfg.seed, kafka=cfg.kafka or {},
-                            rows_per_window=cfg.rows_per_window, window_seconds=cfg.window_seconds)
+    options = SourceOptions(
+        schema_config=cfg.schema,
+        seed=cfg.seed,
+        kafka=cfg.kafka or {},
+        rows_per_window=cfg.rows_per_window,
+        window_seconds=cfg.window_seconds,
+    )
     try:
         return open_spec(cfg.source, options)
     except (ValueError, OSError) as e:
@@ -82,6 +88,7 @@ def make_arm(spec: ArmSpec, schema, model) -> Arm:
 @dataclass
 class Resume:
     """Where a checkpoint leaves the run: source positions, the log's length, the search."""
+
     position: dict | None = None
     watermark: int | None = None
     read_upto: dict | None = None
@@ -91,8 +98,14 @@ class Resume:
 
     @classmethod
     def from_meta(cls, meta: dict) -> Resume:
-        return cls(meta["position"], meta["watermark"], meta["read_upto"], meta["history_length"],
-                   meta.get("last_record"), meta.get("search"))
+        return cls(
+            meta["position"],
+            meta["watermark"],
+            meta["read_upto"],
+            meta["history_length"],
+            meta.get("last_record"),
+            meta.get("search"),
+        )
 
 
 def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
@@ -106,8 +119,10 @@ def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
     if meta.get("schema_fingerprint") != schema.fingerprint():
         raise ConfigError(f"state dir {cfg.state_dir} was written for another schema; use a fresh --state-dir")
     if meta.get("model") != cfg.model.to_dict():
-        raise ConfigError(f"state dir {cfg.state_dir} holds a {meta['model']['model']} model with other "
-                          "settings; use the same options or a fresh --state-dir")
+        raise ConfigError(
+            f"state dir {cfg.state_dir} holds a {meta['model']['model']} model with other "
+            "settings; use the same options or a fresh --state-dir"
+        )
     restored = checkpoint.load_arms(ckpt, restore_rng=True)
     log.info("resumed from %s: %d windows done", ckpt.name, meta["history_length"])
     return list(restored.arms.values()), Resume.from_meta(meta)
@@ -118,8 +133,15 @@ class WindowAbandoned(Exception):
 
 
 class Runner:
-    def __init__(self, cfg: RunConfig, source: Source, arms: list[Arm], *, metrics: Metrics | None = None,
-                 resume: Resume | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        source: Source,
+        arms: list[Arm],
+        *,
+        metrics: Metrics | None = None,
+        resume: Resume | None = None,
+    ):
         self.cfg = cfg
         self.source = source
         self.schema = source.schema
@@ -139,11 +161,13 @@ class Runner:
         self.observers: list = []
         self.history = History(self.state_dir)
         self.history.resume(self.resume.history_length, self.resume.last_record)
-        self.committer = Committer(self.state_dir, source, rank0=self.rank0, recent_rows=cfg.recent_rows,
-                                   export_dir=cfg.export_dir)
+        self.committer = Committer(
+            self.state_dir, source, rank0=self.rank0, recent_rows=cfg.recent_rows, export_dir=cfg.export_dir
+        )
         self.search = None
         if "slim" in cfg.arms:
             from dimstream.ops.searching import DaemonSearch
+
             self.search = DaemonSearch(self)
             if self.resume.search is not None:
                 self.search.load_state_dict(self.resume.search)
@@ -175,14 +199,21 @@ class Runner:
 
     def meta(self, record: WindowRecord) -> dict:
         """The checkpoint's meta: what resuming needs, bounded whatever the daemon's age."""
-        return {"format": CHECKPOINT_FORMAT, "schema_fingerprint": self.schema.fingerprint(),
-                "schema": self.schema.to_dict(), "model": self.cfg.model.to_dict(), "source": self.cfg.source,
-                "window_seconds": self.window_seconds,
-                "arms": [{"name": a.name, "dims": a.spec.dims, "column_ids": a.spec.column_ids} for a in self.arms],
-                "position": self.resume.position, "watermark": self.resume.watermark,
-                "read_upto": self.resume.read_upto, "history_length": len(self.history) + 1,
-                "last_record": record.to_dict(),
-                "search": self.search.state_dict() if self.search is not None else None}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "schema_fingerprint": self.schema.fingerprint(),
+            "schema": self.schema.to_dict(),
+            "model": self.cfg.model.to_dict(),
+            "source": self.cfg.source,
+            "window_seconds": self.window_seconds,
+            "arms": [{"name": a.name, "dims": a.spec.dims, "column_ids": a.spec.column_ids} for a in self.arms],
+            "position": self.resume.position,
+            "watermark": self.resume.watermark,
+            "read_upto": self.resume.read_upto,
+            "history_length": len(self.history) + 1,
+            "last_record": record.to_dict(),
+            "search": self.search.state_dict() if self.search is not None else None,
+        }
 
     # --- the loop ---
     def run(self) -> dict:
@@ -192,8 +223,10 @@ class Runner:
         try:
             server = serve(host, port, self.readiness, self.metrics.registry)
         except OSError as e:
-            raise ConfigError(f"cannot serve metrics on {self.cfg.metrics_addr}: {e.strerror} "
-                              "(use --metrics-addr HOST:PORT; port 0 picks a free one)") from None
+            raise ConfigError(
+                f"cannot serve metrics on {self.cfg.metrics_addr}: {e.strerror} "
+                "(use --metrics-addr HOST:PORT; port 0 picks a free one)"
+            ) from None
         log.info("metrics on http://%s:%d/metrics", host, server.server_port)
         self.metrics_port = server.server_port
         self.readiness.model_loaded = True
@@ -225,8 +258,9 @@ class Runner:
             time.sleep(0.2)
 
     def _on_sigterm(self, *_):
-        log.warning("SIGTERM: finishing the current window if it fits in %.0fs, else abandoning it",
-                    self.cfg.grace_seconds)
+        log.warning(
+            "SIGTERM: finishing the current window if it fits in %.0fs, else abandoning it", self.cfg.grace_seconds
+        )
         self.stop_requested = True
         self.stop_deadline = time.monotonic() + self.cfg.grace_seconds
 
@@ -235,9 +269,17 @@ class Runner:
         if isinstance(self.source, LiveSource) and r.position is not None:
             # a crash may have come between the checkpoint and telling the source: tell it now
             self.source.recover(r.position, r.watermark, r.read_upto, len(self.history) - 1)
-        windower = Windower(self.source, self.decoder, self.window_seconds, self.cfg.allowed_lateness,
-                            self.cfg.idle_timeout, r.position, r.watermark, r.read_upto,
-                            stop=lambda: self.stop_requested)
+        windower = Windower(
+            self.source,
+            self.decoder,
+            self.window_seconds,
+            self.cfg.allowed_lateness,
+            self.cfg.idle_timeout,
+            r.position,
+            r.watermark,
+            r.read_upto,
+            stop=lambda: self.stop_requested,
+        )
         for window in windower.windows():
             try:
                 record = self.process(window)
@@ -257,9 +299,15 @@ class Runner:
     def process(self, window: Window) -> WindowRecord:
         """Test-then-train every arm on the window (the search's field check first)."""
         batch = window.batch
-        record = WindowRecord(index=len(self.history), start=_iso(window.start), end=_iso(window.end),
-                              rows=len(batch), rejected_rows=sum(window.rejected_counts.values()),
-                              rejected=dict(window.rejected_counts), replayed_rows=window.replayed_rows)
+        record = WindowRecord(
+            index=len(self.history),
+            start=_iso(window.start),
+            end=_iso(window.end),
+            rows=len(batch),
+            rejected_rows=sum(window.rejected_counts.values()),
+            rejected=dict(window.rejected_counts),
+            replayed_rows=window.replayed_rows,
+        )
         if window.table is not None and TRUTH_COLUMN in window.table.column_names:
             record.bayes_auc = auc(batch.labels, window.table.column(TRUTH_COLUMN).to_numpy())
         if self.search is not None:
@@ -269,8 +317,11 @@ class Runner:
         for arm in self.arms:
             m = results[arm.name]
             quality = {k: m[k] for k in ("auc", "logloss", "ctr_pred", "ctr_obs") if k in m}
-            record.arms[arm.name] = quality | {"embedding_params": arm.embedding_params, "dims": arm.dims,
-                                               "train_rows_per_s": m["train_rows_per_s"]}
+            record.arms[arm.name] = quality | {
+                "embedding_params": arm.embedding_params,
+                "dims": arm.dims,
+                "train_rows_per_s": m["train_rows_per_s"],
+            }
             if "auc_diff_vs_control" in m:
                 record.arms[arm.name]["auc_diff_vs_control"] = m["auc_diff_vs_control"]
             self.metrics.arm_rows_trained.labels(arm.name).inc(len(batch))
@@ -303,12 +354,22 @@ class Runner:
         return summary(header, list(self.history.recent), self.history.totals, self.source.truth())
 
     def _log_window(self, r: WindowRecord) -> None:
-        arms = " | ".join(f"{n} auc {m.get('auc', float('nan')):.4f} logloss {m.get('logloss', float('nan')):.4f} "
-                          f"params {m['embedding_params']:,} {m.get('train_rows_per_s', 0):,.0f} rows/s"
-                          for n, m in r.arms.items())
+        arms = " | ".join(
+            f"{n} auc {m.get('auc', float('nan')):.4f} logloss {m.get('logloss', float('nan')):.4f} "
+            f"params {m['embedding_params']:,} {m.get('train_rows_per_s', 0):,.0f} rows/s"
+            for n, m in r.arms.items()
+        )
         bayes = f" bayes {r.bayes_auc:.4f}" if r.bayes_auc is not None else ""
-        log.info("window %d [%s .. %s] rows %d rejected %d%s | %s", r.index, r.start, r.end,
-                 r.rows, r.rejected_rows, bayes, arms)
+        log.info(
+            "window %d [%s .. %s] rows %d rejected %d%s | %s",
+            r.index,
+            r.start,
+            r.end,
+            r.rows,
+            r.rejected_rows,
+            bayes,
+            arms,
+        )
 
 
 class _Progress:
@@ -331,9 +392,15 @@ class _Progress:
             if self.bar is not None:
                 self.bar.close()
             self.arm, self.shown = arm, 0
-            self.bar = tqdm(total=self.rows, unit="row", unit_scale=True, leave=False, file=sys.stderr,
-                            desc=f"window {self.index} {self.runner.arms[arm].name}",
-                            disable=not self.runner.cfg.progress)
+            self.bar = tqdm(
+                total=self.rows,
+                unit="row",
+                unit_scale=True,
+                leave=False,
+                file=sys.stderr,
+                desc=f"window {self.index} {self.runner.arms[arm].name}",
+                disable=not self.runner.cfg.progress,
+            )
         self.bar.update(done - self.shown)
         self.shown = done
         if self.runner.stop_requested:
@@ -347,7 +414,7 @@ class _Progress:
 
 
 def _iso(t: int) -> str:
-    return datetime.fromtimestamp(int(t), tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(int(t), tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def _main_thread() -> bool:

@@ -1,4 +1,5 @@
 """`dimstream export` (an arm of the last checkpoint, for serving) and `dimstream predict`."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import torch
 
-from dimstream.stream.atomic import fsync_dir
 from dimstream.ops.config import ConfigError
+from dimstream.stream.atomic import fsync_dir
 
 
 def register(sub) -> None:
@@ -55,10 +56,21 @@ def export_model(arm, meta: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     torch.save(weights, tmp / "weights.pt")
-    (tmp / "model.json").write_text(json.dumps({
-        "format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}",
-        "window": meta["history_length"] - 1, "schema": meta["schema"], "dims": arm.dims, "model": meta["model"],
-        "hashing": "dimstream.stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)"}, indent=1))
+    (tmp / "model.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "arm": arm.name,
+                "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}",
+                "window": meta["history_length"] - 1,
+                "schema": meta["schema"],
+                "dims": arm.dims,
+                "model": meta["model"],
+                "hashing": "dimstream.stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)",
+            },
+            indent=1,
+        )
+    )
     fsync_dir(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():
@@ -70,6 +82,7 @@ def export_model(arm, meta: dict, out: Path) -> Path:
 
 def read_rows(path: Path) -> pa.Table:
     from dimstream.stream.sources.files import read_ipc
+
     if path.suffix in (".jsonl", ".json"):
         return pajson.read_json(path)  # bulk, not row by row
     return read_ipc(path)

@@ -20,6 +20,7 @@ the checkpoint names but that never reached the disk is re-appended from the che
 >>> [r["index"] for r in read_log(d)], h2.totals["rows"]
 ([0], 5)
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,10 @@ class History:
         if len(records) == length - 1 and last is not None:
             records.append(last)
         if len(records) != length:
-            raise RuntimeError(f"{self.path} holds {len(records)} windows, the checkpoint {length}: "
-                               "the log was edited or lost; use a fresh --state-dir")
+            raise RuntimeError(
+                f"{self.path} holds {len(records)} windows, the checkpoint {length}: "
+                "the log was edited or lost; use a fresh --state-dir"
+            )
         self._rewrite(records)
         self.recent.clear()
         self.totals, self._length = _empty_totals(), 0
@@ -120,9 +123,16 @@ def reallocation_costs(history: list[dict]) -> list[dict]:
         if not change or "slim" not in before["arms"] or "slim" not in after["arms"]:
             continue
         a0, a1 = before["arms"]["slim"].get("auc"), after["arms"]["slim"].get("auc")
-        out.append({"window": before["index"], "source": change.get("source"), "method": change.get("method"),
-                    "auc_before": a0, "auc_after": a1,
-                    "auc_change": (a1 - a0) if a0 is not None and a1 is not None else None})
+        out.append(
+            {
+                "window": before["index"],
+                "source": change.get("source"),
+                "method": change.get("method"),
+                "auc_before": a0,
+                "auc_after": a1,
+                "auc_change": (a1 - a0) if a0 is not None and a1 is not None else None,
+            }
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """The daemon's HTTP endpoint: /metrics (Prometheus), /healthz and /readyz."""
+
 from __future__ import annotations
 
 import logging

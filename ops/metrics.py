@@ -19,6 +19,7 @@ Labels:
 >>> b"dimstream_windows_closed_total 1.0" in generate_latest(m.registry)
 True
 """
+
 from __future__ import annotations
 
 import time
@@ -41,59 +42,94 @@ class Metrics:
         self.registry = r = registry
         # --- per arm: quality of the last closed window (progressive, test-then-train) ---
         self.arm_auc = Gauge("dimstream_arm_auc", "Progressive AUC of the last closed window", ["arm"], registry=r)
-        self.arm_logloss = Gauge("dimstream_arm_logloss", "Progressive log-loss of the last closed window", ["arm"],
-                                 registry=r)
-        self.arm_ctr_predicted = Gauge("dimstream_arm_ctr_predicted_ratio", "Mean predicted CTR, last window",
-                                       ["arm"], registry=r)
-        self.arm_ctr_observed = Gauge("dimstream_arm_ctr_observed_ratio", "Observed CTR, last window", ["arm"],
-                                      registry=r)
-        self.arm_ctr_calibration = Gauge("dimstream_arm_ctr_calibration_ratio",
-                                         "Predicted over observed CTR, last window (1 = calibrated)", ["arm"],
-                                         registry=r)
-        self.arm_auc_diff = Gauge("dimstream_arm_auc_diff_vs_control", "AUC minus control's AUC, last window",
-                                  ["arm"], registry=r)
-        self.arm_auc_diff_low = Gauge("dimstream_arm_auc_diff_vs_control_ci_low",
-                                      "Lower end of the 95% interval of the AUC difference to control", ["arm"],
-                                      registry=r)
-        self.arm_auc_diff_high = Gauge("dimstream_arm_auc_diff_vs_control_ci_high",
-                                       "Upper end of the 95% interval of the AUC difference to control", ["arm"],
-                                       registry=r)
-        self.arm_embedding_params = Gauge("dimstream_arm_embedding_params", "Embedding parameters (rows x dims)",
-                                          ["arm"], registry=r)
-        self.arm_embedding_bytes = Gauge("dimstream_arm_embedding_bytes", "Embedding weights in bytes (fp32)",
-                                         ["arm"], registry=r)
-        self.arm_rows_trained = Counter("dimstream_arm_rows_trained_total", "Rows trained into the arm", ["arm"],
-                                        registry=r)
-        self.arm_train_rows_per_second = Gauge("dimstream_arm_train_rows_per_second",
-                                               "Training throughput of the last window", ["arm"], registry=r)
-        self.arm_field_dim = Gauge("dimstream_arm_field_embedding_dim",
-                                   "Embedding dimension per arm and field (0 = pruned)", ["arm", "field"],
-                                   registry=r)
+        self.arm_logloss = Gauge(
+            "dimstream_arm_logloss", "Progressive log-loss of the last closed window", ["arm"], registry=r
+        )
+        self.arm_ctr_predicted = Gauge(
+            "dimstream_arm_ctr_predicted_ratio", "Mean predicted CTR, last window", ["arm"], registry=r
+        )
+        self.arm_ctr_observed = Gauge(
+            "dimstream_arm_ctr_observed_ratio", "Observed CTR, last window", ["arm"], registry=r
+        )
+        self.arm_ctr_calibration = Gauge(
+            "dimstream_arm_ctr_calibration_ratio",
+            "Predicted over observed CTR, last window (1 = calibrated)",
+            ["arm"],
+            registry=r,
+        )
+        self.arm_auc_diff = Gauge(
+            "dimstream_arm_auc_diff_vs_control", "AUC minus control's AUC, last window", ["arm"], registry=r
+        )
+        self.arm_auc_diff_low = Gauge(
+            "dimstream_arm_auc_diff_vs_control_ci_low",
+            "Lower end of the 95% interval of the AUC difference to control",
+            ["arm"],
+            registry=r,
+        )
+        self.arm_auc_diff_high = Gauge(
+            "dimstream_arm_auc_diff_vs_control_ci_high",
+            "Upper end of the 95% interval of the AUC difference to control",
+            ["arm"],
+            registry=r,
+        )
+        self.arm_embedding_params = Gauge(
+            "dimstream_arm_embedding_params", "Embedding parameters (rows x dims)", ["arm"], registry=r
+        )
+        self.arm_embedding_bytes = Gauge(
+            "dimstream_arm_embedding_bytes", "Embedding weights in bytes (fp32)", ["arm"], registry=r
+        )
+        self.arm_rows_trained = Counter(
+            "dimstream_arm_rows_trained_total", "Rows trained into the arm", ["arm"], registry=r
+        )
+        self.arm_train_rows_per_second = Gauge(
+            "dimstream_arm_train_rows_per_second", "Training throughput of the last window", ["arm"], registry=r
+        )
+        self.arm_field_dim = Gauge(
+            "dimstream_arm_field_embedding_dim",
+            "Embedding dimension per arm and field (0 = pruned)",
+            ["arm", "field"],
+            registry=r,
+        )
         # --- dimension search and re-allocation ---
-        self.search_duration = Histogram("dimstream_search_duration_seconds", "Duration of one dimension search",
-                                         ["method"], buckets=SEARCH_BUCKETS, registry=r)
-        self.search_last_success = Gauge("dimstream_search_last_success_timestamp_seconds",
-                                         "Unix time of the last successful search", ["method"], registry=r)
-        self.field_check_keep = Gauge("dimstream_field_check_keep",
-                                      "Last held-out field check: 1 if the field's removal raised held-out loss, "
-                                      "else 0", ["field"], registry=r)
-        self.plans = Counter("dimstream_plans_total", "Allocation plans handled by the daemon", ["outcome"],
-                             registry=r)
-        self.reallocations = Counter("dimstream_reallocations_total", "Re-allocations applied to an arm", ["arm"],
-                                     registry=r)
+        self.search_duration = Histogram(
+            "dimstream_search_duration_seconds",
+            "Duration of one dimension search",
+            ["method"],
+            buckets=SEARCH_BUCKETS,
+            registry=r,
+        )
+        self.search_last_success = Gauge(
+            "dimstream_search_last_success_timestamp_seconds",
+            "Unix time of the last successful search",
+            ["method"],
+            registry=r,
+        )
+        self.field_check_keep = Gauge(
+            "dimstream_field_check_keep",
+            "Last held-out field check: 1 if the field's removal raised held-out loss, else 0",
+            ["field"],
+            registry=r,
+        )
+        self.plans = Counter("dimstream_plans_total", "Allocation plans handled by the daemon", ["outcome"], registry=r)
+        self.reallocations = Counter(
+            "dimstream_reallocations_total", "Re-allocations applied to an arm", ["arm"], registry=r
+        )
         # --- stream ---
         self.rows_consumed = Counter("dimstream_rows_consumed_total", "Rows read from the source", registry=r)
-        self.rows_rejected = Counter("dimstream_rows_rejected_total", "Rows (or batches) rejected, by reason",
-                                     ["reason"], registry=r)
-        self.windows_closed = Counter("dimstream_windows_closed_total", "Windows trained and checkpointed",
-                                      registry=r)
+        self.rows_rejected = Counter(
+            "dimstream_rows_rejected_total", "Rows (or batches) rejected, by reason", ["reason"], registry=r
+        )
+        self.windows_closed = Counter("dimstream_windows_closed_total", "Windows trained and checkpointed", registry=r)
         self.window_index = Gauge("dimstream_window_index", "Index of the last closed window", registry=r)
-        self.window_close_time = Gauge("dimstream_window_close_timestamp_seconds",
-                                       "Unix time the last window closed", registry=r)
-        self.window_seconds = Gauge("dimstream_window_length_seconds", "Configured window length (event time)",
-                                    registry=r)
-        self.consume_rows_per_second = Gauge("dimstream_consume_rows_per_second",
-                                             "Rows consumed per second (last window)", registry=r)
+        self.window_close_time = Gauge(
+            "dimstream_window_close_timestamp_seconds", "Unix time the last window closed", registry=r
+        )
+        self.window_seconds = Gauge(
+            "dimstream_window_length_seconds", "Configured window length (event time)", registry=r
+        )
+        self.consume_rows_per_second = Gauge(
+            "dimstream_consume_rows_per_second", "Rows consumed per second (last window)", registry=r
+        )
         self.model_loaded = Gauge("dimstream_model_loaded", "1 once a model is built or restored", registry=r)
 
     def observe_arms(self, arms) -> None:
@@ -153,13 +189,17 @@ class SourceStatusCollector(Collector):
         if status == "read":
             status = self.source.status()
         up = GaugeMetricFamily("dimstream_kafka_up", "1 if the Kafka broker answers, else 0")
-        lag = GaugeMetricFamily("dimstream_kafka_consumer_lag_messages", "Consumer lag per partition",
-                                labels=["partition"])
-        since = GaugeMetricFamily("dimstream_seconds_since_last_message",
-                                  "Seconds since the source last delivered data")
-        handed = CounterMetricFamily("dimstream_kafka_rows_handed_over",
-                                     "Rows skipped after a rebalance or restart because an earlier owner of "
-                                     "the partition had already trained them")
+        lag = GaugeMetricFamily(
+            "dimstream_kafka_consumer_lag_messages", "Consumer lag per partition", labels=["partition"]
+        )
+        since = GaugeMetricFamily(
+            "dimstream_seconds_since_last_message", "Seconds since the source last delivered data"
+        )
+        handed = CounterMetricFamily(
+            "dimstream_kafka_rows_handed_over",
+            "Rows skipped after a rebalance or restart because an earlier owner of "
+            "the partition had already trained them",
+        )
         if status is not None:
             up.add_metric([], 1.0 if status.up else 0.0)
             for partition, n in sorted(status.lag.items()):
@@ -173,6 +213,7 @@ class SourceStatusCollector(Collector):
 def exported_names(metrics: Metrics, source_status: bool = True) -> set[str]:
     """Every series name the daemon can export (counters with _total, histograms' parts)."""
     from prometheus_client.metrics import MetricWrapperBase
+
     families = [f for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase) for f in obj.describe()]
     if source_status:
         families += SourceStatusCollector(None).describe()

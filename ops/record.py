@@ -10,6 +10,7 @@ not happen, so the JSON of a window without a search has no "search" key.
 >>> WindowRecord.from_dict(r.to_dict()) == r
 True
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -20,15 +21,15 @@ _OPTIONAL = ("bayes_auc", "search", "reallocation", "field_check", "plan_rejecte
 @dataclass
 class WindowRecord:
     index: int
-    start: str                      # ISO 8601, UTC
+    start: str  # ISO 8601, UTC
     end: str
-    rows: int                       # accepted (trained) rows
+    rows: int  # accepted (trained) rows
     rejected_rows: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # by reason
-    replayed_rows: int = 0          # skipped after a restart: handled before the crash
+    replayed_rows: int = 0  # skipped after a restart: handled before the crash
     arms: dict[str, dict] = field(default_factory=dict)  # per arm: window_metrics + params, dims, rows/s
     bayes_auc: float | None = None  # synthetic stream: the AUC of the true probabilities
-    search: dict | None = None      # the search run at this window's close
+    search: dict | None = None  # the search run at this window's close
     reallocation: dict | None = None  # the re-shape of the slim arm it (or a plan) caused
     field_check: dict | None = None
     plan_rejected: str | None = None

@@ -7,6 +7,7 @@ per partition (vectorised: one stable argsort per batch), so every row of a give
 lands in the same partition, in event-time order, and each message is keyed by its partition's
 hash bucket (header `key` names the column).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,6 +31,7 @@ def parse_kafka_url(url: str) -> tuple[str, str]:
 def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
+
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dimstream-replay")
     try:
         if topic not in admin.list_topics():
@@ -57,13 +59,21 @@ def split_by_key(rb: pa.RecordBatch, key: str, partitions: int) -> list[tuple[in
     return [(int(p), grouped.slice(int(lo), int(hi - lo))) for p, lo, hi in zip(present, bounds[:-1], bounds[1:])]
 
 
-def replay(source, url: str, rows_per_message: int = 1000, speed: float | None = None,
-           partitions: int = 1, max_rows: int | None = None, progress: bool = True,
-           key: str | None = None) -> dict:
+def replay(
+    source,
+    url: str,
+    rows_per_message: int = 1000,
+    speed: float | None = None,
+    partitions: int = 1,
+    max_rows: int | None = None,
+    progress: bool = True,
+    key: str | None = None,
+) -> dict:
     """Send `source`'s rows as Arrow messages; speed None = as fast as possible, X = X times
     the event-time rate; key None = round-robin over partitions, else rows are partitioned by
     that column. Returns {"rows", "messages", "partitions"}."""
     from kafka import KafkaProducer
+
     bootstrap, topic = parse_kafka_url(url)
     ensure_topic(bootstrap, topic, partitions)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_request_size=64 << 20)
@@ -80,8 +90,9 @@ def replay(source, url: str, rows_per_message: int = 1000, speed: float | None =
                 runs = [(None, sb.batch)]
             else:
                 if key not in sb.batch.schema.names:
-                    raise ValueError(f"--key {key!r} is not a column of the source (columns: "
-                                     f"{', '.join(sb.batch.schema.names)})")
+                    raise ValueError(
+                        f"--key {key!r} is not a column of the source (columns: {', '.join(sb.batch.schema.names)})"
+                    )
                 runs = split_by_key(sb.batch, key, n_parts)
             for part, run in runs:
                 for start in range(0, run.num_rows, rows_per_message):
@@ -97,8 +108,13 @@ def replay(source, url: str, rows_per_message: int = 1000, speed: float | None =
                     if part is None:  # round-robin
                         producer.send(topic, value=value, headers=headers, partition=messages % n_parts)
                     else:
-                        producer.send(topic, value=value, headers=headers + [("key", key.encode())],
-                                      key=str(part).encode(), partition=part)
+                        producer.send(
+                            topic,
+                            value=value,
+                            headers=headers + [("key", key.encode())],
+                            key=str(part).encode(),
+                            partition=part,
+                        )
                     rows += rb.num_rows
                     messages += 1
                     bar.update(rb.num_rows)

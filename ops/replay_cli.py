@@ -1,4 +1,5 @@
 """`dimstream replay --source SPEC --to kafka://HOST:PORT/TOPIC`."""
+
 from __future__ import annotations
 
 from dimstream.ops.config import ConfigError
@@ -10,9 +11,12 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, help="kafka://HOST:PORT/TOPIC (created if missing)")
     p.add_argument("--rows-per-message", type=int, default=1000)
     p.add_argument("--partitions", type=int, default=1, help="partitions of a topic it creates")
-    p.add_argument("--key", metavar="COLUMN",
-                   help="partition rows by a hash of this column (every row of a key value in one partition); "
-                        "default: messages round-robin over the partitions")
+    p.add_argument(
+        "--key",
+        metavar="COLUMN",
+        help="partition rows by a hash of this column (every row of a key value in one partition); "
+        "default: messages round-robin over the partitions",
+    )
     p.add_argument("--max-rows", type=int, help="stop after this many rows (the synthetic stream is endless)")
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--speed", type=float, help="X times the event-time rate")
@@ -23,6 +27,7 @@ def register(sub) -> None:
 def cmd_replay(args) -> int:
     from dimstream.ops.replay import parse_kafka_url, replay
     from dimstream.stream.sources.registry import open_source
+
     try:
         parse_kafka_url(args.to)
         source = open_source(args.source)
@@ -31,11 +36,12 @@ def cmd_replay(args) -> int:
     if args.rows_per_message < 1:
         raise ConfigError("--rows-per-message must be >= 1")
     try:
-        done = replay(source, args.to, args.rows_per_message, args.speed, args.partitions, args.max_rows,
-                      key=args.key)
+        done = replay(source, args.to, args.rows_per_message, args.speed, args.partitions, args.max_rows, key=args.key)
     except ValueError as e:  # e.g. --key names no column of the source
         raise ConfigError(str(e)) from None
     how = f"partitioned by {args.key}" if args.key else "round-robin"
-    print(f"dimstream replay: {done['rows']:,} rows in {done['messages']:,} messages to {args.to} "
-          f"({done['partitions']} partitions, {how})")
+    print(
+        f"dimstream replay: {done['rows']:,} rows in {done['messages']:,} messages to {args.to} "
+        f"({done['partitions']} partitions, {how})"
+    )
     return 0

@@ -1,11 +1,11 @@
 """Plots of the metrics history (summary.json): AUC and log-loss per window per arm."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,7 +65,7 @@ def report_pngs(summary: dict, out: Path) -> list[tuple[str, str]]:
     a1.set(title="Progressive AUC per arm", xlabel="window", ylabel="AUC")
     a2.set(title="Progressive log-loss per arm", xlabel="window", ylabel="log-loss")
     for a in (a1, a2):
-        a.grid(alpha=.3), a.legend()
+        a.grid(alpha=0.3), a.legend()
     made.append(("AUC and log-loss", _save(fig, out / "auc_logloss.png")))
 
     fig, ax = plt.subplots(figsize=(13, 4.5))
@@ -73,18 +73,19 @@ def report_pngs(summary: dict, out: Path) -> list[tuple[str, str]]:
         d = [w["arms"].get(arm, {}).get("auc_diff_vs_control", {}) for w in windows]
         diff = [v.get("diff", float("nan")) for v in d]
         ax.plot(x, diff, marker="o", ms=3, label=f"{arm} - control")
-        ax.fill_between(x, [v.get("ci_low", float("nan")) for v in d], [v.get("ci_high", float("nan")) for v in d],
-                        alpha=.2)
+        ax.fill_between(
+            x, [v.get("ci_low", float("nan")) for v in d], [v.get("ci_high", float("nan")) for v in d], alpha=0.2
+        )
     ax.axhline(0, color="k", lw=1)
     ax.set(title="AUC difference to control with DeLong 95% interval", xlabel="window", ylabel="AUC difference")
-    ax.grid(alpha=.3), ax.legend()
+    ax.grid(alpha=0.3), ax.legend()
     made.append(("AUC difference to control", _save(fig, out / "auc_diff.png")))
 
     fig, ax = plt.subplots(figsize=(13, 4.5))
     for arm in arms:
         ax.plot(x, [p / 1e6 for p in _series(windows, arm, "embedding_params")], marker="o", ms=3, label=arm)
     ax.set(title="Embedding parameters per arm", xlabel="window", ylabel="millions")
-    ax.grid(alpha=.3), ax.legend()
+    ax.grid(alpha=0.3), ax.legend()
     made.append(("Parameters", _save(fig, out / "params.png")))
 
     arm = "slim" if "slim" in arms else arms[0]
@@ -107,7 +108,7 @@ def report_pngs(summary: dict, out: Path) -> list[tuple[str, str]]:
         a2.plot(x, _series(windows, arm, "train_rows_per_s"), marker="o", ms=3, label=arm)
     a2.set(title="Training throughput", xlabel="window", ylabel="rows/s")
     for a in (a1, a2):
-        a.grid(alpha=.3)
+        a.grid(alpha=0.3)
     a2.legend()
     made.append(("Search time and throughput", _save(fig, out / "search_throughput.png")))
     return made
@@ -123,13 +124,18 @@ def write_report(summary: dict, out: Path) -> Path:
         for arm, m in last["arms"].items():
             d = m.get("auc_diff_vs_control")
             ci = f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "—"
-            rows += (f"<tr><td>{arm}</td><td>{m.get('auc', float('nan')):.4f}</td><td>{m.get('logloss', float('nan')):.4f}"
-                     f"</td><td>{m['embedding_params']:,}</td><td>{ci}</td></tr>")
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>dimstream report</title>"
-            f"<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}td,th{{padding:4px 10px}}</style>"
-            f"</head><body><h1>dimstream report</h1><p>source {summary.get('source')}, model {summary.get('model')}, "
-            f"{len(windows)} windows</p><h2>Last window</h2><table border=1><tr><th>arm</th><th>AUC</th>"
-            f"<th>log-loss</th><th>embedding params</th><th>AUC - control [95% CI]</th></tr>{rows}</table>"
-            + "".join(f"<h2>{t}</h2><img src='{f}' alt='{t}'>" for t, f in pngs) + "</body></html>")
+            rows += (
+                f"<tr><td>{arm}</td><td>{m.get('auc', float('nan')):.4f}</td><td>{m.get('logloss', float('nan')):.4f}"
+                f"</td><td>{m['embedding_params']:,}</td><td>{ci}</td></tr>"
+            )
+    html = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>dimstream report</title>"
+        f"<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}td,th{{padding:4px 10px}}</style>"
+        f"</head><body><h1>dimstream report</h1><p>source {summary.get('source')}, model {summary.get('model')}, "
+        f"{len(windows)} windows</p><h2>Last window</h2><table border=1><tr><th>arm</th><th>AUC</th>"
+        f"<th>log-loss</th><th>embedding params</th><th>AUC - control [95% CI]</th></tr>{rows}</table>"
+        + "".join(f"<h2>{t}</h2><img src='{f}' alt='{t}'>" for t, f in pngs)
+        + "</body></html>"
+    )
     (out / "index.html").write_text(html)
     return out / "index.html"

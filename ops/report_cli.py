@@ -1,4 +1,5 @@
 """`dimstream report`: an HTML page with PNG plots of a state dir's whole history log."""
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ def register(sub) -> None:
 def cmd_report(args) -> int:
     from dimstream.ops.history import read_log, summary
     from dimstream.ops.report import write_report
+
     path = Path(args.state_dir) / "summary.json"
     try:
         recent = json.loads(path.read_text())

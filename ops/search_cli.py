@@ -9,6 +9,7 @@ If the daemon runs the held-out field check (--field-check-rows), its latest res
 (STATE/field_check.json) is applied to the allocation too: the job's recent rows are rows the
 checkpoint has trained on, on which the check cannot be made.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -31,24 +32,38 @@ class _Registered:
 
     def __contains__(self, name) -> bool:
         from dimstream.search import registry
+
         return name in registry.names()
 
     def __iter__(self):
         from dimstream.search import registry
+
         return iter(registry.names())
 
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="the re-pruning job: search on the latest checkpoint, write a plan")
     p.add_argument("--state-dir", type=Path, default=Path("dimstream-state"))
-    p.add_argument("--method", choices=_Registered(), metavar="METHOD",
-                   help="a registered search method (search/registry.py); default: the registry's default method")
+    p.add_argument(
+        "--method",
+        choices=_Registered(),
+        metavar="METHOD",
+        help="a registered search method (search/registry.py); default: the registry's default method",
+    )
     p.add_argument("--budget", type=float, default=0.25, help="kappa (default 0.25)")
-    p.add_argument("--rows", type=int, default=8192,
-                   help="recent rows to score on, for a method that takes a row count (default 8192)")
-    p.add_argument("--field-check", choices=["auto", "off"], default="auto",
-                   help="auto: allocate after the daemon's latest held-out field check "
-                        "(STATE/field_check.json, written with --field-check-rows) if there is one")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=8192,
+        help="recent rows to score on, for a method that takes a row count (default 8192)",
+    )
+    p.add_argument(
+        "--field-check",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: allocate after the daemon's latest held-out field check "
+        "(STATE/field_check.json, written with --field-check-rows) if there is one",
+    )
     p.set_defaults(func=cmd_search)
 
 
@@ -66,6 +81,7 @@ def load_control(state_dir: Path):
 def recent_rows(state_dir: Path, schema):
     from dimstream.stream.decode import Decoder
     from dimstream.stream.sources.files import read_ipc
+
     path = Path(state_dir) / "recent" / "rows.arrow"
     try:
         table = read_ipc(path)
@@ -78,6 +94,7 @@ def latest_field_check(state_dir: Path, fields: list[str]):
     """The daemon's latest held-out field check, or None if it has written none."""
     from dimstream.ops.searching import FIELD_CHECK_FILE
     from dimstream.search.fieldcheck import FieldCheck
+
     path = Path(state_dir) / FIELD_CHECK_FILE
     if not path.exists():
         return None
@@ -86,8 +103,9 @@ def latest_field_check(state_dir: Path, fields: list[str]):
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ConfigError(f"cannot use the field check {path}: {e}; delete it or pass --field-check off") from None
     if set(check.keep) != set(fields):
-        raise ConfigError(f"the field check {path} is for other fields than the checkpoint's; "
-                          "delete it or pass --field-check off")
+        raise ConfigError(
+            f"the field check {path} is for other fields than the checkpoint's; delete it or pass --field-check off"
+        )
     return check
 
 
@@ -121,7 +139,9 @@ def cmd_search(args) -> int:
         write_plan(d / "pending.json", plan)
     kept = sum(1 for v in plan.dims.values() if v)
     dropped = f", {len(check.dropped)} dropped by the field check" if check is not None else ""
-    print(f"dimstream search: {result.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept{dropped}, "
-          f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}) "
-          f"in {time.perf_counter() - t0:.1f}s -> {d / 'pending.json'}")
+    print(
+        f"dimstream search: {result.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept{dropped}, "
+        f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}) "
+        f"in {time.perf_counter() - t0:.1f}s -> {d / 'pending.json'}"
+    )
     return 0

@@ -19,6 +19,7 @@
      whether the slim arm is re-shaped (models/realloc.py).
 The policy's state is `state_dict()`, checkpointed by the runner.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,24 +67,39 @@ class DaemonSearch:
         if cfg.field_check_rows <= 0 or not self._due(record.index) or len(window.batch) < 2:
             return
         batch = window.batch
-        shot = check_fields(self.runner.arm("control"), batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch)))
+        shot = check_fields(
+            self.runner.arm("control"), batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch))
+        )
         self.runner.metrics.search_duration.labels("field_check").observe(shot.seconds)
         check = self.policy.average_check(shot)
         for f, keep in check.keep.items():
             self.runner.metrics.field_check_keep.labels(f).set(int(keep))
-        record.field_check = {"rows": shot.rows, "seconds": shot.seconds, "z": check.z,
-                              "dropped": check.dropped, "delta": check.delta, "stderr": check.stderr,
-                              "this_window": {"delta": shot.delta, "stderr": shot.stderr}}
+        record.field_check = {
+            "rows": shot.rows,
+            "seconds": shot.seconds,
+            "z": check.z,
+            "dropped": check.dropped,
+            "delta": check.delta,
+            "stderr": check.stderr,
+            "this_window": {"delta": shot.delta, "stderr": shot.stderr},
+        }
         if not any(check.keep.values()):  # e.g. a control that has not learnt anything yet
             record.field_check["ignored"] = "no field passed"
             log.warning("field check on %d rows: no field passed; this search allocates without it", shot.rows)
             return
         self.check = check
         # for `dimstream search` (its recent rows are trained rows: it cannot check fields itself)
-        write_bytes(Path(self.runner.state_dir) / FIELD_CHECK_FILE,
-                    json.dumps(check.to_dict() | {"window": record.index}).encode())
-        log.info("field check on %d held-out rows in %.1fs: %d fields carry nothing (%s)", shot.rows,
-                 shot.seconds, len(check.dropped), ", ".join(check.dropped) or "none")
+        write_bytes(
+            Path(self.runner.state_dir) / FIELD_CHECK_FILE,
+            json.dumps(check.to_dict() | {"window": record.index}).encode(),
+        )
+        log.info(
+            "field check on %d held-out rows in %.1fs: %d fields carry nothing (%s)",
+            shot.rows,
+            shot.seconds,
+            len(check.dropped),
+            ", ".join(check.dropped) or "none",
+        )
 
     def after_training(self, window, record) -> None:
         """A pending plan, then the due search; each through the policy."""
@@ -94,9 +110,13 @@ class DaemonSearch:
         budget = Budget("params", kappa=self.runner.cfg.budget)
         result = self.method.run(control, window.batch, budget, field_check=self.check)
         self._observe(result.method, result.duration_seconds)
-        record.search = {"method": result.method, "seconds": result.duration_seconds,
-                         "budget_asked": result.budget_asked, "budget_reached": result.budget_reached,
-                         "rows": result.rows_used}
+        record.search = {
+            "method": result.method,
+            "seconds": result.duration_seconds,
+            "budget_asked": result.budget_asked,
+            "budget_reached": result.budget_reached,
+            "rows": result.rows_used,
+        }
         keep = self.check.keep if self.check is not None else None
         decision = self._decide(result, keep, self.method.min_score)
         record.search["gain_over_current"] = decision.to_dict()["gain"]
@@ -125,17 +145,27 @@ class DaemonSearch:
         return {f: spec.column_ids[f][: spec.dims[f]] for f in spec.dims}
 
     def _decide(self, proposal, keep: dict[str, bool] | None, min_score: float | None) -> Decision:
-        return self.policy.decide(proposal, self.runner.arm("control").dims, self.runner.schema.num_embeddings,
-                                  self._incumbent(), keep=keep, min_score=min_score)
+        return self.policy.decide(
+            proposal,
+            self.runner.arm("control").dims,
+            self.runner.schema.num_embeddings,
+            self._incumbent(),
+            keep=keep,
+            min_score=min_score,
+        )
 
     def _reshape(self, decision: Decision, source: str, method: str, record) -> bool:
         """Re-shape the slim arm to the decision; False if it already has that allocation."""
         runner, fields = self.runner, self.runner.schema.feature_names
         slim = runner.arm("slim")
-        spec = ArmSpec("slim", {f: int(decision.dims.get(f, 0)) for f in fields},
-                       {f: sorted(int(j) for j in decision.kept_columns.get(f, [])) for f in fields})
-        if spec.dims == slim.spec.dims and all(spec.column_ids[f] == slim.spec.column_ids[f][: spec.dims[f]]
-                                               for f in fields):
+        spec = ArmSpec(
+            "slim",
+            {f: int(decision.dims.get(f, 0)) for f in fields},
+            {f: sorted(int(j) for j in decision.kept_columns.get(f, [])) for f in fields},
+        )
+        if spec.dims == slim.spec.dims and all(
+            spec.column_ids[f] == slim.spec.column_ids[f][: spec.dims[f]] for f in fields
+        ):
             return False  # an allocation equal to the current one changes nothing
         runner.replace_arm(reallocate(slim, runner.arm("control"), spec, runner.build_arm))
         runner.metrics.reallocations.labels("slim").inc()
@@ -153,8 +183,13 @@ class DaemonSearch:
             return
         try:
             plan = read_plan(claimed)
-            validate_plan(plan, self.runner.schema.fingerprint(), self.runner.schema.num_embeddings,
-                          self.runner.arm("control").dims, self.runner.cfg.budget)
+            validate_plan(
+                plan,
+                self.runner.schema.fingerprint(),
+                self.runner.schema.num_embeddings,
+                self.runner.arm("control").dims,
+                self.runner.cfg.budget,
+            )
         except PlanError as e:
             self._archive(claimed, "rejected", record.index)
             record.plan_rejected = str(e)
@@ -168,14 +203,17 @@ class DaemonSearch:
         self._archive(claimed, "applied" if decision.reshape else "kept", record.index, plan, decision)
         self._observe(plan.method, plan.duration_seconds)
 
-    def _archive(self, claimed: Path, outcome: str, index: int, plan: Plan | None = None,
-                 decision: Decision | None = None) -> None:
+    def _archive(
+        self, claimed: Path, outcome: str, index: int, plan: Plan | None = None, decision: Decision | None = None
+    ) -> None:
         """plans/<outcome>/<window>.json: the claimed file, with the policy's decision if any."""
         dest = plans_dir(self.runner.state_dir) / outcome
         dest.mkdir(exist_ok=True)
         if decision is not None:
-            write_bytes(dest / f"{index:06d}.json",
-                        json.dumps(plan.to_dict() | {"decision": decision.to_dict()}, indent=1).encode())
+            write_bytes(
+                dest / f"{index:06d}.json",
+                json.dumps(plan.to_dict() | {"decision": decision.to_dict()}, indent=1).encode(),
+            )
             claimed.unlink()
         else:
             os.replace(claimed, dest / f"{index:06d}.json")

@@ -18,9 +18,21 @@ rows: which fields may keep columns at all), policy (moving average, gain gate a
 field check deciding when the slim arm is re-shaped), plan (the plan file). Imports models and
 stream, never ops.
 """
+
 from dimstream.search import registry
-from dimstream.search.budget import (Allocation, Budget, BudgetError, SearchResult, allocate, kept_score, make_result,
-                                     params_of, rank_blocks, relative_gain, select_blocks)
+from dimstream.search.budget import (
+    Allocation,
+    Budget,
+    BudgetError,
+    SearchResult,
+    allocate,
+    kept_score,
+    make_result,
+    params_of,
+    rank_blocks,
+    relative_gain,
+    select_blocks,
+)
 from dimstream.search.fieldcheck import FieldCheck, check_fields
 from dimstream.search.ham import ham_search, orthogonal_regulariser, split_holdout
 from dimstream.search.masks import masked_logits, masked_loss, ones_masks, pooled_embeddings
@@ -29,8 +41,37 @@ from dimstream.search.policy import AllocationPolicy, Decision
 from dimstream.search.registry import SearchMethod, register
 from dimstream.search.sseds import saliency_scores, sseds_search
 
-__all__ = ["registry", "SearchMethod", "register", "FieldCheck", "check_fields", "Allocation", "Budget",
-           "BudgetError", "SearchResult", "allocate", "kept_score", "make_result", "relative_gain", "select_blocks",
-           "params_of", "rank_blocks", "ham_search", "orthogonal_regulariser", "split_holdout", "masked_logits",
-           "masked_loss", "ones_masks", "pooled_embeddings", "Plan", "PlanError", "read_plan", "validate_plan",
-           "write_plan", "AllocationPolicy", "Decision", "saliency_scores", "sseds_search"]
+__all__ = [
+    "registry",
+    "SearchMethod",
+    "register",
+    "FieldCheck",
+    "check_fields",
+    "Allocation",
+    "Budget",
+    "BudgetError",
+    "SearchResult",
+    "allocate",
+    "kept_score",
+    "make_result",
+    "relative_gain",
+    "select_blocks",
+    "params_of",
+    "rank_blocks",
+    "ham_search",
+    "orthogonal_regulariser",
+    "split_holdout",
+    "masked_logits",
+    "masked_loss",
+    "ones_masks",
+    "pooled_embeddings",
+    "Plan",
+    "PlanError",
+    "read_plan",
+    "validate_plan",
+    "write_plan",
+    "AllocationPolicy",
+    "Decision",
+    "saliency_scores",
+    "sseds_search",
+]

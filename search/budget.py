@@ -35,6 +35,7 @@ sample) would otherwise be rounded up to 4 columns, its 3 other columns riding o
 >>> alloc.dims, alloc.used   # blocks: a[:4] 3.5, b[:4] 2.25 (fits exactly), a[4:] 1.0 overflows
 ({'a': 4, 'b': 4}, 4040)
 """
+
 from __future__ import annotations
 
 import time
@@ -61,6 +62,7 @@ class Budget:
     kind "params":  sum_i rows_i * d_i <= floor(kappa * sum_i rows_i * control_d_i)  (SSEDS eq. 4/8)
     kind "columns": sum_i d_i <= columns  (HAM's target embedding size s)
     """
+
     kind: str = "params"
     kappa: float = 0.25
     columns: int | None = None
@@ -97,10 +99,10 @@ def params_of(dims: dict[str, int], num_embeddings: dict[str, int]) -> int:
 
 @dataclass
 class Allocation:
-    dims: dict[str, int]              # every field of the control arm; 0 = pruned
+    dims: dict[str, int]  # every field of the control arm; 0 = pruned
     kept_columns: dict[str, list[int]]  # control-arm column indices kept, sorted
-    used: int                         # spent, in the budget's unit
-    limit: int                        # the budget, in the same unit
+    used: int  # spent, in the budget's unit
+    limit: int  # the budget, in the same unit
 
 
 @dataclass
@@ -114,6 +116,7 @@ class SearchResult:
     allocation (whatever the budget kind). `details` holds method-specific
     figures (options, HAM's trace); it is informative only.
     """
+
     method: str
     dims: dict[str, int]
     kept_columns: dict[str, list[int]]
@@ -124,17 +127,27 @@ class SearchResult:
     control_params: int
     duration_seconds: float
     rows_used: int
-    params: int                       # sum_i rows_i * d_i of the allocation
+    params: int  # sum_i rows_i * d_i of the allocation
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def make_result(method: str, scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[str, int],
-                num_embeddings: dict[str, int], *, started: float, rows_used: int,
-                rank_by: dict[str, np.ndarray] | None = None, min_score: float | None = None,
-                field_check: FieldCheck | None = None, details: dict | None = None) -> SearchResult:
+def make_result(
+    method: str,
+    scores: dict[str, np.ndarray],
+    budget: Budget,
+    control_dims: dict[str, int],
+    num_embeddings: dict[str, int],
+    *,
+    started: float,
+    rows_used: int,
+    rank_by: dict[str, np.ndarray] | None = None,
+    min_score: float | None = None,
+    field_check: FieldCheck | None = None,
+    details: dict | None = None,
+) -> SearchResult:
     """What every search method returns: its column `scores` allocated by `allocate` (after
     the field check's keep rule, if any) and the figures around it.
 
@@ -147,36 +160,55 @@ def make_result(method: str, scores: dict[str, np.ndarray], budget: Budget, cont
     >>> r.dims, r.kept_columns["a"], r.budget_asked, r.budget_reached, r.control_params
     ({'a': 4, 'b': 0, 'c': 0}, [0, 1, 2, 3], 60, 40, 120)
     """
-    alloc = allocate(scores, budget, control_dims, num_embeddings, rank_by=rank_by, min_score=min_score,
-                     keep_fields=field_check.keep if field_check is not None else None)
+    alloc = allocate(
+        scores,
+        budget,
+        control_dims,
+        num_embeddings,
+        rank_by=rank_by,
+        min_score=min_score,
+        keep_fields=field_check.keep if field_check is not None else None,
+    )
     dims = {f: 0 for f in num_embeddings} | alloc.dims
     kept = {f: [] for f in num_embeddings} | alloc.kept_columns
     return SearchResult(
-        method=method, dims=dims, kept_columns=kept,
+        method=method,
+        dims=dims,
+        kept_columns=kept,
         saliency={f: [float(x) for x in np.ravel(v)] for f, v in scores.items()},
-        budget_kind=budget.kind, budget_asked=alloc.limit, budget_reached=alloc.used,
-        control_params=params_of(control_dims, num_embeddings), duration_seconds=time.perf_counter() - started,
-        rows_used=int(rows_used), params=params_of(dims, num_embeddings),
-        details=dict(details or {}) | {"kappa": budget.kappa if budget.kind == "params" else None,
-                                       "field_check": field_check.to_dict() if field_check is not None else None})
+        budget_kind=budget.kind,
+        budget_asked=alloc.limit,
+        budget_reached=alloc.used,
+        control_params=params_of(control_dims, num_embeddings),
+        duration_seconds=time.perf_counter() - started,
+        rows_used=int(rows_used),
+        params=params_of(dims, num_embeddings),
+        details=dict(details or {})
+        | {
+            "kappa": budget.kappa if budget.kind == "params" else None,
+            "field_check": field_check.to_dict() if field_check is not None else None,
+        },
+    )
 
 
-def rank_blocks(scores: dict[str, np.ndarray], eligible: dict[str, bool] | None = None,
-                min_score: float | None = None) -> tuple[list[tuple[str, int]], dict[str, np.ndarray]]:
+def rank_blocks(
+    scores: dict[str, np.ndarray], eligible: dict[str, bool] | None = None, min_score: float | None = None
+) -> tuple[list[tuple[str, int]], dict[str, np.ndarray]]:
     """Blocks of 4 columns, best mean score first (rule 1-3 of the module docstring).
 
     Returns ([(field, block index)], {field: its columns best first}); block b of field f is
     columns order[f][4b:4b+4]. Ties: field order, then block index. `eligible[f]` False leaves
     every block of f out."""
-    order = {f: np.lexsort((np.arange(len(np.ravel(s))), -np.asarray(s, np.float64).ravel()))
-             for f, s in scores.items()}
+    order = {
+        f: np.lexsort((np.arange(len(np.ravel(s))), -np.asarray(s, np.float64).ravel())) for f, s in scores.items()
+    }
     rows = []
     for i, (f, s) in enumerate(scores.items()):
         if eligible is not None and not eligible.get(f, True):
             continue
         s = np.asarray(s, np.float64).ravel()
         for b in range(len(s) // QUANTUM):
-            mean = float(s[order[f][QUANTUM * b:QUANTUM * (b + 1)]].mean())
+            mean = float(s[order[f][QUANTUM * b : QUANTUM * (b + 1)]].mean())
             if min_score is None or mean > min_score:
                 rows.append((-mean, i, b, f))
     rows.sort()
@@ -201,8 +233,13 @@ def select_blocks(ranking: list[tuple[str, int]], cost: dict[str, int], limit: i
 
 def kept_score(scores: dict[str, np.ndarray], kept_columns: dict[str, list[int]]) -> float:
     """sum of the scores of the kept columns: what eq. 12 maximises within the budget."""
-    return float(sum(np.asarray(scores[f], np.float64).ravel()[list(c)].sum()
-                     for f, c in kept_columns.items() if c and f in scores))
+    return float(
+        sum(
+            np.asarray(scores[f], np.float64).ravel()[list(c)].sum()
+            for f, c in kept_columns.items()
+            if c and f in scores
+        )
+    )
 
 
 def relative_gain(scores: dict[str, np.ndarray], new: dict[str, list[int]], incumbent: dict[str, list[int]]) -> float:
@@ -218,9 +255,15 @@ def relative_gain(scores: dict[str, np.ndarray], new: dict[str, list[int]], incu
     return (s_new - s_inc) / abs(s_inc) if s_inc else float("inf")
 
 
-def allocate(scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[str, int],
-             num_embeddings: dict[str, int], rank_by: dict[str, np.ndarray] | None = None,
-             min_score: float | None = None, keep_fields: dict[str, bool] | None = None) -> Allocation:
+def allocate(
+    scores: dict[str, np.ndarray],
+    budget: Budget,
+    control_dims: dict[str, int],
+    num_embeddings: dict[str, int],
+    rank_by: dict[str, np.ndarray] | None = None,
+    min_score: float | None = None,
+    keep_fields: dict[str, bool] | None = None,
+) -> Allocation:
     """Blocks of 4 columns kept by SSEDS eq. 12 within `budget` (rule: module docstring).
 
     scores[f]: one score per control column of field f (higher = keep first). `rank_by`, if
@@ -236,12 +279,13 @@ def allocate(scores: dict[str, np.ndarray], budget: Budget, control_dims: dict[s
     key = {f: np.asarray((rank_by or scores)[f], np.float64).ravel() for f in fields}
     cost = budget.cost({f: num_embeddings[f] for f in fields})
     limit = budget.limit(control_dims, num_embeddings)
-    eligible = {f: QUANTUM * cost[f] <= limit and (keep_fields is None or bool(keep_fields.get(f, True)))
-                for f in fields}
+    eligible = {
+        f: QUANTUM * cost[f] <= limit and (keep_fields is None or bool(keep_fields.get(f, True))) for f in fields
+    }
     ranking, order = rank_blocks(key, eligible, min_score)
     blocks = select_blocks(ranking, cost, limit)
     dims = {f: 0 for f in control_dims} | {f: QUANTUM * n for f, n in blocks.items()}
     if not any(dims.values()):
         raise BudgetError(f"the {budget.kind} budget {limit} is too small to keep {QUANTUM} columns of any field")
-    kept_columns = {f: sorted(int(j) for j in order[f][:dims[f]]) if f in order else [] for f in control_dims}
+    kept_columns = {f: sorted(int(j) for j in order[f][: dims[f]]) if f in order else [] for f in control_dims}
     return Allocation(dims, kept_columns, budget.spent(dims, num_embeddings), limit)

@@ -31,6 +31,7 @@ Cost: one head forward per field over the rows (the embeddings are looked up onc
     check.keep            # {field: bool}
     sseds_search(control_arm, recent_rows, budget, field_check=check)
 """
+
 from __future__ import annotations
 
 import time
@@ -49,6 +50,7 @@ from dimstream.stream.batch import SparseBatch
 class FieldCheck:
     """delta[f]: held-out loss increase when field f is replaced by its mean (SSEDS eq. 9 at
     field level); stderr[f]: its standard error; keep[f]: delta > z * stderr."""
+
     delta: dict[str, float]
     stderr: dict[str, float]
     keep: dict[str, bool]
@@ -57,8 +59,9 @@ class FieldCheck:
     seconds: float
 
     @classmethod
-    def decide(cls, delta: dict[str, float], stderr: dict[str, float], z: float, rows: int,
-               seconds: float) -> "FieldCheck":
+    def decide(
+        cls, delta: dict[str, float], stderr: dict[str, float], z: float, rows: int, seconds: float
+    ) -> FieldCheck:
         """The check that keeps field f iff delta[f] > z * stderr[f] (one-sided test)."""
         keep = {f: delta[f] > z * stderr[f] for f in delta}
         return cls(delta, stderr, keep, float(z), int(rows), float(seconds))
@@ -71,11 +74,17 @@ class FieldCheck:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FieldCheck":
+    def from_dict(cls, d: dict) -> FieldCheck:
         """The inverse of to_dict; ValueError if `d` is not a whole, consistent check."""
         try:
-            check = cls({f: float(v) for f, v in d["delta"].items()}, {f: float(v) for f, v in d["stderr"].items()},
-                        {f: bool(v) for f, v in d["keep"].items()}, float(d["z"]), int(d["rows"]), float(d["seconds"]))
+            check = cls(
+                {f: float(v) for f, v in d["delta"].items()},
+                {f: float(v) for f, v in d["stderr"].items()},
+                {f: bool(v) for f, v in d["keep"].items()},
+                float(d["z"]),
+                int(d["rows"]),
+                float(d["seconds"]),
+            )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a field check: {e!r}") from None
         if not set(check.delta) == set(check.stderr) == set(check.keep):

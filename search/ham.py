@@ -20,6 +20,7 @@ keeping only blocks whose mean alpha is > 0 (the indicator 1[alpha > 0] of eq. 2
 `orthogonal_regulariser` is the soft orthogonality penalty of eq. 1 for pretraining the control
 arm; it is not applied by the search itself.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,6 +47,7 @@ MIN_SCORE = 0.0  # the allocation keeps a block only if its mean alpha is > 0 (e
 
 # --- eq. 2: the hard mask with a straight-through gradient -------------------------------------
 
+
 def ste_mask(alpha: torch.Tensor) -> torch.Tensor:
     """1[alpha > 0] in the forward pass; identity gradient in the backward pass (HAM eq. 2):
     dL/dalpha := dL/d1[alpha>0]."""
@@ -67,16 +69,18 @@ def ham_gradient(model, batch: SparseBatch, alpha: dict[str, torch.Tensor]) -> t
     return dict(zip(names, grads)), float(loss.detach())
 
 
-def budget_sign(alpha: dict[str, torch.Tensor], budget: Budget, num_embeddings: dict[str, int],
-                limit: int) -> tuple[float, int]:
+def budget_sign(
+    alpha: dict[str, torch.Tensor], budget: Budget, num_embeddings: dict[str, int], limit: int
+) -> tuple[float, int]:
     """sign(spent(1[alpha>0]) - limit) of eq. 3 and the spend itself."""
     hard = {f: int((a > 0).sum()) for f, a in alpha.items()}
     spent = budget.spent(hard, num_embeddings)
     return float(np.sign(spent - limit)), spent
 
 
-def ham_update(alpha: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], sign: float,
-               lr: float, mu: float) -> None:
+def ham_update(
+    alpha: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], sign: float, lr: float, mu: float
+) -> None:
     """HAM eq. 3, in place: alpha <- alpha - lr * grad - mu * sign * 1."""
     with torch.no_grad():
         for f, a in alpha.items():
@@ -84,6 +88,7 @@ def ham_update(alpha: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], si
 
 
 # --- the working copy of the control arm -------------------------------------------------------
+
 
 def _copy_into(dst, src) -> None:
     """Copy tensors of state dict `src` into the live tensors of `dst` (same structure)."""
@@ -112,8 +117,9 @@ def copy_arm(arm: Arm, name: str | None = None) -> Arm:
     rng = torch.get_rng_state()
     try:
         m = ctr_model(arm)
-        spec = ArmSpec(name or f"{arm.name}-copy", dict(arm.spec.dims),
-                       {f: list(c) for f, c in arm.spec.column_ids.items()})
+        spec = ArmSpec(
+            name or f"{arm.name}-copy", dict(arm.spec.dims), {f: list(c) for f, c in arm.spec.column_ids.items()}
+        )
         twin = Arm(spec, m.num_embeddings, multi_valued(arm), arm.config)
     finally:
         torch.set_rng_state(rng)
@@ -142,12 +148,27 @@ def _masked_auc(model, batch: SparseBatch, mask: dict[str, torch.Tensor], batch_
 
 # --- Algorithm 1, search stage -----------------------------------------------------------------
 
-def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | None = None, *,
-               steps: int = 1000, lr: float = 1e-3, mu: float = 5e-5, epsilon: float = 0.01,
-               batch_size: int = 2048, train_weights: bool = True, weight_passes: float = 1.0,
-               eval_every: int = 50,
-               eval_rows: int | None = 10_000, patience: int = 3, min_delta: float = 1e-4,
-               settle_tolerance: float = 0.05, field_check: FieldCheck | None = None) -> SearchResult:
+
+def ham_search(
+    control,
+    train: SparseBatch,
+    val: SparseBatch,
+    budget: Budget | None = None,
+    *,
+    steps: int = 1000,
+    lr: float = 1e-3,
+    mu: float = 5e-5,
+    epsilon: float = 0.01,
+    batch_size: int = 2048,
+    train_weights: bool = True,
+    weight_passes: float = 1.0,
+    eval_every: int = 50,
+    eval_rows: int | None = 10_000,
+    patience: int = 3,
+    min_delta: float = 1e-4,
+    settle_tolerance: float = 0.05,
+    field_check: FieldCheck | None = None,
+) -> SearchResult:
     """Run HAM's search stage (Algorithm 1) from the pretrained `control` and allocate.
 
     control:   the control Arm (a copy is trained; the control is never modified). With
@@ -212,19 +233,38 @@ def ham_search(control, train: SparseBatch, val: SparseBatch, budget: Budget | N
         work.dense_optimizer.zero_grad(set_to_none=True)
     a_np = {f: a.numpy().astype(np.float64) for f, a in alpha.items()}
     positive = {f: int((a > 0).sum()) for f, a in a_np.items()}
-    return make_result("ham", a_np, budget, ctrl, rows, started=t0, min_score=MIN_SCORE, field_check=field_check,
-                       rows_used=len(val) + (len(train) if train_weights else 0),
-                       details={"steps_run": trace[-1]["step"] if trace else 0, "stopped_early_at": stopped,
-                                "positive_alphas": sum(positive.values()),
-                                "spent_by_positive_alphas": budget.spent(positive, rows),
-                                "lr": lr, "mu": mu, "epsilon": epsilon, "batch_size": batch_size,
-                                "train_weights": train_weights, "weight_passes": weight_passes, "trace": trace})
+    return make_result(
+        "ham",
+        a_np,
+        budget,
+        ctrl,
+        rows,
+        started=t0,
+        min_score=MIN_SCORE,
+        field_check=field_check,
+        rows_used=len(val) + (len(train) if train_weights else 0),
+        details={
+            "steps_run": trace[-1]["step"] if trace else 0,
+            "stopped_early_at": stopped,
+            "positive_alphas": sum(positive.values()),
+            "spent_by_positive_alphas": budget.spent(positive, rows),
+            "lr": lr,
+            "mu": mu,
+            "epsilon": epsilon,
+            "batch_size": batch_size,
+            "train_weights": train_weights,
+            "weight_passes": weight_passes,
+            "trace": trace,
+        },
+    )
 
 
 # --- eq. 1: soft orthogonality -----------------------------------------------------------------
 
-def soft_orthogonality(tables: dict[str, torch.Tensor], scale: dict[str, float] | None = None,
-                       normalise: bool = False) -> torch.Tensor:
+
+def soft_orthogonality(
+    tables: dict[str, torch.Tensor], scale: dict[str, float] | None = None, normalise: bool = False
+) -> torch.Tensor:
     """R(V) = sum_j ||V_j^T V_j - I||_F^2 / d_j^2 (HAM eq. 1) over the given [n_j, d_j] matrices.
 
     scale[j] multiplies the Gram matrix (an estimate of the full V_j^T V_j from a subset of
@@ -237,7 +277,7 @@ def soft_orthogonality(tables: dict[str, torch.Tensor], scale: dict[str, float] 
         gram = v.t() @ v
         if scale is not None and not normalise:
             gram = gram * scale[f]
-        r = ((gram - torch.eye(d, dtype=v.dtype)) ** 2).sum() / d ** 2
+        r = ((gram - torch.eye(d, dtype=v.dtype)) ** 2).sum() / d**2
         total = r if total is None else total + r
     return total if total is not None else torch.zeros(())
 
@@ -250,12 +290,17 @@ def touched_rows(model, kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor,
     feats = kjt.to_dict()
     uniq = {f: torch.unique(feats[f].values()) for f in m.feature_names}
     width = max(1, max(len(u) for u in uniq.values()))
-    lengths = torch.cat([torch.cat([torch.ones(len(u), dtype=torch.int64),
-                                    torch.zeros(width - len(u), dtype=torch.int64)]) for u in uniq.values()])
+    lengths = torch.cat(
+        [
+            torch.cat([torch.ones(len(u), dtype=torch.int64), torch.zeros(width - len(u), dtype=torch.int64)])
+            for u in uniq.values()
+        ]
+    )
     one_per_bag = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(uniq), values=torch.cat(list(uniq.values())), lengths=lengths)
+        keys=list(uniq), values=torch.cat(list(uniq.values())), lengths=lengths
+    )
     rows = m.embedding.deep(one_per_bag).to_dict()
-    return {f: (u, rows[f][:len(u)]) for f, u in uniq.items()}
+    return {f: (u, rows[f][: len(u)]) for f, u in uniq.items()}
 
 
 def orthogonal_regulariser(model, kjt: KeyedJaggedTensor, lam: float = 1e-3, normalise: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ updated by a FUSED optimizer inside backward, so any backward that reached them 
 the control arm. Gradients are taken with torch.autograd.grad with respect to the masks only,
 which leaves every parameter's .grad untouched.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,12 @@ def pooled_embeddings(model, kjt: KeyedJaggedTensor) -> tuple[list[torch.Tensor]
     return [e.detach() for e in embs], (wide.detach() if wide is not None else None)
 
 
-def masked_logits(model, kjt: KeyedJaggedTensor | None, masks: dict[str, torch.Tensor],
-                  pooled: tuple[list[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+def masked_logits(
+    model,
+    kjt: KeyedJaggedTensor | None,
+    masks: dict[str, torch.Tensor],
+    pooled: tuple[list[torch.Tensor], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """Logits [B] of the head on e_i * alpha_i (SSEDS eq. 8 / HAM's masked model).
 
     `pooled` (from `pooled_embeddings`) skips the lookup when the same rows are scored twice.
@@ -48,8 +53,13 @@ def masked_logits(model, kjt: KeyedJaggedTensor | None, masks: dict[str, torch.T
     return m.head(out, wide.to(dtype) if wide is not None else 0.0)
 
 
-def masked_loss(model, kjt: KeyedJaggedTensor | None, labels: torch.Tensor, masks: dict[str, torch.Tensor],
-                pooled: tuple[list[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+def masked_loss(
+    model,
+    kjt: KeyedJaggedTensor | None,
+    labels: torch.Tensor,
+    masks: dict[str, torch.Tensor],
+    pooled: tuple[list[torch.Tensor], torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """Mean log-loss of the masked model on one mini-batch (SSEDS eq. 7, averaged)."""
     logits = masked_logits(model, kjt, masks, pooled)
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -17,6 +17,7 @@ directory), so the daemon reads the old plan or the new one, never half of one. 
 checks structure and types; `validate_plan` checks the plan against the running schema,
 table sizes, control widths and budget. Both raise PlanError(reason, detail).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,21 +53,30 @@ class Plan:
     budget_asked: int
     budget_reached: int
     schema_fingerprint: str
-    checkpoint: str | None          # name of the checkpoint the control arm was read from
-    created_at: str                 # ISO 8601, UTC
+    checkpoint: str | None  # name of the checkpoint the control arm was read from
+    created_at: str  # ISO 8601, UTC
     duration_seconds: float
     # informative, optional: the held-out field check the allocation followed (rows, z, dropped)
     field_check: dict | None = None
 
     @classmethod
-    def from_result(cls, result: SearchResult, schema_fingerprint: str, checkpoint: str | None,
-                    created_at: str | None = None) -> "Plan":
-        return cls(dims=dict(result.dims), kept_columns={f: list(c) for f, c in result.kept_columns.items()},
-                   saliency={f: list(s) for f, s in result.saliency.items()}, method=result.method,
-                   budget_kind=result.budget_kind, budget_asked=int(result.budget_asked),
-                   budget_reached=int(result.budget_reached), schema_fingerprint=schema_fingerprint,
-                   checkpoint=checkpoint, created_at=created_at or utc_now(),
-                   duration_seconds=float(result.duration_seconds), field_check=_check_summary(result))
+    def from_result(
+        cls, result: SearchResult, schema_fingerprint: str, checkpoint: str | None, created_at: str | None = None
+    ) -> Plan:
+        return cls(
+            dims=dict(result.dims),
+            kept_columns={f: list(c) for f, c in result.kept_columns.items()},
+            saliency={f: list(s) for f, s in result.saliency.items()},
+            method=result.method,
+            budget_kind=result.budget_kind,
+            budget_asked=int(result.budget_asked),
+            budget_reached=int(result.budget_reached),
+            schema_fingerprint=schema_fingerprint,
+            checkpoint=checkpoint,
+            created_at=created_at or utc_now(),
+            duration_seconds=float(result.duration_seconds),
+            field_check=_check_summary(result),
+        )
 
     def to_dict(self) -> dict:
         return {"format": FORMAT} | asdict(self)
@@ -89,6 +99,7 @@ def write_plan(path: str | Path, plan: Plan) -> None:
 
 
 # --- reading: structure and types ---------------------------------------------------------------
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -123,14 +134,20 @@ def read_plan(path: str | Path) -> Plan:
     missing = [k for k in names if k not in d and k not in optional]
     if missing:
         raise PlanError("missing key", f"{path} lacks {', '.join(missing)}")
-    _check(isinstance(d["dims"], dict) and all(isinstance(f, str) and _is_int(v) for f, v in d["dims"].items()),
-           "dims must map field names to integers")
-    _check(isinstance(d["kept_columns"], dict) and all(
-        isinstance(c, list) and all(_is_int(j) for j in c) for c in d["kept_columns"].values()),
-        "kept_columns must map field names to lists of integers")
-    _check(isinstance(d["saliency"], dict) and all(
-        isinstance(s, list) and all(_is_num(x) for x in s) for s in d["saliency"].values()),
-        "saliency must map field names to lists of finite numbers")
+    _check(
+        isinstance(d["dims"], dict) and all(isinstance(f, str) and _is_int(v) for f, v in d["dims"].items()),
+        "dims must map field names to integers",
+    )
+    _check(
+        isinstance(d["kept_columns"], dict)
+        and all(isinstance(c, list) and all(_is_int(j) for j in c) for c in d["kept_columns"].values()),
+        "kept_columns must map field names to lists of integers",
+    )
+    _check(
+        isinstance(d["saliency"], dict)
+        and all(isinstance(s, list) and all(_is_num(x) for x in s) for s in d["saliency"].values()),
+        "saliency must map field names to lists of finite numbers",
+    )
     _check(isinstance(d["method"], str) and d["method"] != "", "method must be a non-empty string")
     _check(d["budget_kind"] in KINDS, f"budget_kind must be one of {KINDS}")
     _check(_is_num(d["budget_asked"]) and _is_num(d["budget_reached"]), "budget_asked/budget_reached must be numbers")
@@ -144,8 +161,10 @@ def read_plan(path: str | Path) -> Plan:
 
 # --- validation against the running daemon -------------------------------------------------------
 
-def validate_plan(plan: Plan, schema_fingerprint: str, num_embeddings: dict[str, int],
-                  control_dims: dict[str, int], kappa: float) -> None:
+
+def validate_plan(
+    plan: Plan, schema_fingerprint: str, num_embeddings: dict[str, int], control_dims: dict[str, int], kappa: float
+) -> None:
     """Raise PlanError unless `plan` can shape the slim arm of this daemon:
     same schema, only known fields and every control field, widths multiples of 4 and no
     wider than the control, kept columns consistent with the widths, and
@@ -153,8 +172,9 @@ def validate_plan(plan: Plan, schema_fingerprint: str, num_embeddings: dict[str,
     kind, the slim arm's budget is in parameters). A columns-kind plan must also keep
     sum_i d_i <= its budget_asked."""
     if plan.schema_fingerprint != schema_fingerprint:
-        raise PlanError("another schema", f"plan made for schema {plan.schema_fingerprint}, "
-                                          f"the daemon runs {schema_fingerprint}")
+        raise PlanError(
+            "another schema", f"plan made for schema {plan.schema_fingerprint}, the daemon runs {schema_fingerprint}"
+        )
     unknown = sorted(set(plan.dims) - set(num_embeddings)) + sorted(set(plan.kept_columns) - set(num_embeddings))
     if unknown:
         raise PlanError("unknown field", f"the schema has no field {', '.join(sorted(set(unknown)))}")
@@ -171,14 +191,16 @@ def validate_plan(plan: Plan, schema_fingerprint: str, num_embeddings: dict[str,
     for f, d in plan.dims.items():
         cols = plan.kept_columns.get(f, [])
         if len(cols) != d or len(set(cols)) != len(cols) or any(j < 0 or j >= control_dims.get(f, 0) for j in cols):
-            raise PlanError("bad kept columns", f"field {f}: width {d} but kept columns {cols} "
-                                                f"(must be {d} distinct indices < {control_dims.get(f, 0)})")
+            raise PlanError(
+                "bad kept columns",
+                f"field {f}: width {d} but kept columns {cols} "
+                f"(must be {d} distinct indices < {control_dims.get(f, 0)})",
+            )
     if not any(plan.dims.values()):
         raise PlanError("keeps no field", "every field has width 0")
     used = params_of(plan.dims, num_embeddings)
     limit = math.floor(kappa * params_of(ctrl, num_embeddings))
     if used > limit:
-        raise PlanError("over budget", f"{used:,} embedding parameters > kappa {kappa} x control "
-                                       f"= {limit:,}")
+        raise PlanError("over budget", f"{used:,} embedding parameters > kappa {kappa} x control = {limit:,}")
     if plan.budget_kind == "columns" and sum(plan.dims.values()) > plan.budget_asked:
         raise PlanError("over budget", f"{sum(plan.dims.values())} columns > target {plan.budget_asked}")

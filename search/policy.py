@@ -34,6 +34,7 @@ The policy knows no runner: its state is `state_dict()` (JSON), checkpointed by 
 >>> d.reshape, d.dims, d.reason
 (True, {'a': 4, 'b': 0}, 'over budget')
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,10 +49,11 @@ from dimstream.search.fieldcheck import FieldCheck
 @dataclass
 class Decision:
     """What to do with the slim arm after one proposal."""
+
     reshape: bool
-    dims: dict[str, int]               # the allocation the policy chose (every control field)
+    dims: dict[str, int]  # the allocation the policy chose (every control field)
     kept_columns: dict[str, list[int]]
-    gain: float                        # relative_gain over the incumbent; inf if it scores 0
+    gain: float  # relative_gain over the incumbent; inf if it scores 0
     reason: str
 
     def to_dict(self) -> dict:
@@ -70,7 +72,7 @@ class AllocationPolicy:
         self.budget = Budget("params", kappa=kappa)
         self.decay, self.min_gain = decay, min_gain
         self._scores: dict | None = None  # {"method": name, "scores": {field: [score per column]}}
-        self._check: dict | None = None   # {"delta": {field: x}, "var": {field: x}}
+        self._check: dict | None = None  # {"delta": {field: x}, "var": {field: x}}
 
     # --- 3. the field check ---
     def average_check(self, shot: FieldCheck) -> FieldCheck:
@@ -86,8 +88,14 @@ class AllocationPolicy:
         return FieldCheck.decide(delta, stderr, shot.z, shot.rows, shot.seconds)
 
     # --- 1. the moving average ---
-    def smooth(self, proposal, control_dims: dict[str, int], num_embeddings: dict[str, int],
-               keep: dict[str, bool] | None = None, min_score: float | None = None) -> tuple[dict, dict, dict]:
+    def smooth(
+        self,
+        proposal,
+        control_dims: dict[str, int],
+        num_embeddings: dict[str, int],
+        keep: dict[str, bool] | None = None,
+        min_score: float | None = None,
+    ) -> tuple[dict, dict, dict]:
         """(averaged scores, dims, kept columns); the average restarts when the method changes
         or the fields do (scores of two methods are not on one scale)."""
         new = {f: np.asarray(v, np.float64) for f, v in proposal.saliency.items()}
@@ -101,17 +109,25 @@ class AllocationPolicy:
         return new, alloc.dims, alloc.kept_columns
 
     # --- 2. the gate ---
-    def decide(self, proposal, control_dims: dict[str, int], num_embeddings: dict[str, int],
-               current: dict[str, list[int]], *, keep: dict[str, bool] | None = None,
-               min_score: float | None = None) -> Decision:
+    def decide(
+        self,
+        proposal,
+        control_dims: dict[str, int],
+        num_embeddings: dict[str, int],
+        current: dict[str, list[int]],
+        *,
+        keep: dict[str, bool] | None = None,
+        min_score: float | None = None,
+    ) -> Decision:
         """Feed one proposal through the average and the gate.
 
         current: the slim arm's kept control columns per field (its incumbent allocation);
         keep: the field check the proposal followed ({field: False} = dropped), or None;
         min_score: the proposing method's floor (SearchMethod.min_score)."""
         scores, dims, kept = self.smooth(proposal, control_dims, num_embeddings, keep, min_score)
-        over = params_of({f: len(c) for f, c in current.items()}, num_embeddings) > \
-            self.budget.limit(control_dims, num_embeddings)
+        over = params_of({f: len(c) for f, c in current.items()}, num_embeddings) > self.budget.limit(
+            control_dims, num_embeddings
+        )
         if keep is not None:  # a field found to carry nothing is worth nothing to the incumbent either
             scores = {f: v * 0.0 if not keep.get(f, True) else v for f, v in scores.items()}
         gain = relative_gain(scores, kept, current)

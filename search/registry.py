@@ -15,6 +15,7 @@ offer it, and `build` passes it only to a method whose constructor names it.
 >>> build("sseds", rows=100).rows, "rows" in knobs("ham"), default_name()
 (100, False, 'sseds')
 """
+
 from __future__ import annotations
 
 import inspect
@@ -48,8 +49,7 @@ class SearchMethod(ABC):
         return {p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
 
     @abstractmethod
-    def run(self, control, rows: SparseBatch, budget: Budget, *,
-            field_check: FieldCheck | None = None) -> SearchResult:
+    def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:
         """Search on `control` (an Arm) with the recent `rows` (most recent last)."""
 
 
@@ -65,6 +65,7 @@ def register(cls: type[SearchMethod]) -> type[SearchMethod]:
 
 def _load_builtin() -> None:
     import importlib
+
     for module in _BUILTIN:
         importlib.import_module(module)
 

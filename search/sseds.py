@@ -11,6 +11,7 @@ embeddings are computed without gradient and only alpha receives one.
     result.dims          # {field: d}, multiples of 4, 0 = field removed
     result.kept_columns  # {field: control column indices}: the slim arm's "winning ticket"
 """
+
 from __future__ import annotations
 
 import time
@@ -39,8 +40,9 @@ def minibatches(batch: SparseBatch, batch_size: int) -> list[SparseBatch]:
     return [batch.slice(s, min(s + batch_size, len(batch))) for s in range(0, len(batch), batch_size)]
 
 
-def saliency_scores(control, batch: SparseBatch, batch_size: int = 2048
-                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+def saliency_scores(
+    control, batch: SparseBatch, batch_size: int = 2048
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
     """(g, s, loss): g_ij = dL/dalpha_ij at alpha = 1 (eq. 10), the mean log-loss L being
     accumulated over mini-batches of `batch`; s_ij = |g_ij| / sum |g| (eq. 11)."""
     m = ctr_model(control)
@@ -49,14 +51,23 @@ def saliency_scores(control, batch: SparseBatch, batch_size: int = 2048
     g_np = {f: v.detach().double().numpy() for f, v in g.items()}
     total = float(sum(np.abs(v).sum() for v in g_np.values()))
     # eq. 11; a zero gradient everywhere (e.g. a constant model) ranks all columns equal
-    s = {f: (np.abs(v) / total if total > 0 else np.full(v.shape, 1.0 / sum(len(x) for x in g_np.values())))
-         for f, v in g_np.items()}
+    s = {
+        f: (np.abs(v) / total if total > 0 else np.full(v.shape, 1.0 / sum(len(x) for x in g_np.values())))
+        for f, v in g_np.items()
+    }
     return g_np, s, loss
 
 
-def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, rows: int | None = 8192,
-                 batch_size: int = 2048, per_parameter: bool = False,
-                 field_check: FieldCheck | None = None) -> SearchResult:
+def sseds_search(
+    control,
+    batch: SparseBatch,
+    budget: Budget | None = None,
+    *,
+    rows: int | None = 8192,
+    batch_size: int = 2048,
+    per_parameter: bool = False,
+    field_check: FieldCheck | None = None,
+) -> SearchResult:
     """Run SSEDS on `control` (an Arm, its DMP or a CTRModel) with the recent rows `batch`.
 
     rows:          how many of the most recent rows of `batch` to score on (None = all); they
@@ -77,10 +88,23 @@ def sseds_search(control, batch: SparseBatch, budget: Budget | None = None, *, r
         raise ValueError("SSEDS needs at least one row")
     _, s, loss = saliency_scores(m, sample, batch_size)
     rank_by = {f: s[f] / m.num_embeddings[f] for f in s} if per_parameter else None
-    return make_result("sseds", s, budget, m.dims, m.num_embeddings, started=t0, rows_used=len(sample),
-                       rank_by=rank_by, field_check=field_check,
-                       details={"per_parameter": per_parameter, "batch_size": batch_size, "loss": loss,
-                                "field_saliency": {f: float(v.sum()) for f, v in s.items()}})
+    return make_result(
+        "sseds",
+        s,
+        budget,
+        m.dims,
+        m.num_embeddings,
+        started=t0,
+        rows_used=len(sample),
+        rank_by=rank_by,
+        field_check=field_check,
+        details={
+            "per_parameter": per_parameter,
+            "batch_size": batch_size,
+            "loss": loss,
+            "field_saliency": {f: float(v.sum()) for f, v in s.items()},
+        },
+    )
 
 
 @register
@@ -94,5 +118,12 @@ class SSEDS(SearchMethod):
         self.rows, self.batch_size, self.per_parameter = rows, batch_size, per_parameter
 
     def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:
-        return sseds_search(control, rows, budget, rows=self.rows, batch_size=self.batch_size,
-                            per_parameter=self.per_parameter, field_check=field_check)
+        return sseds_search(
+            control,
+            rows,
+            budget,
+            rows=self.rows,
+            batch_size=self.batch_size,
+            per_parameter=self.per_parameter,
+            field_check=field_check,
+        )

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never a partial one.
 
 Shared by the daemon (checkpoints, summaries, dead letters) and the search (plans)."""
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ into mini-batches with `slice`, each turned into a TorchRec KeyedJaggedTensor by
 >>> b.to_kjt().lengths().tolist()
 [1, 2]
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,24 +24,24 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 @dataclass
 class SparseBatch:
     keys: list[str]
-    values: dict[str, np.ndarray]   # int64 embedding rows, all rows' ids concatenated
+    values: dict[str, np.ndarray]  # int64 embedding rows, all rows' ids concatenated
     offsets: dict[str, np.ndarray]  # int64, len n+1: row r's ids are values[offsets[r]:offsets[r+1]]
-    labels: np.ndarray              # float32 in {0, 1}
-    event_time: np.ndarray          # int64 unix seconds
+    labels: np.ndarray  # float32 in {0, 1}
+    event_time: np.ndarray  # int64 unix seconds
 
     def __len__(self) -> int:
         return int(len(self.labels))
 
-    def slice(self, start: int, stop: int) -> "SparseBatch":
+    def slice(self, start: int, stop: int) -> SparseBatch:
         values, offsets = {}, {}
         for k in self.keys:
             off = self.offsets[k]
             lo, hi = off[start], off[stop]
             values[k] = self.values[k][lo:hi]
-            offsets[k] = off[start:stop + 1] - lo
+            offsets[k] = off[start : stop + 1] - lo
         return SparseBatch(self.keys, values, offsets, self.labels[start:stop], self.event_time[start:stop])
 
-    def take(self, mask: np.ndarray) -> "SparseBatch":
+    def take(self, mask: np.ndarray) -> SparseBatch:
         """Rows where `mask` is true (vectorised; used to split a batch at a window boundary)."""
         idx = np.flatnonzero(mask)
         if len(idx) == len(self.labels) and (len(idx) == 0 or idx[-1] == len(idx) - 1):
@@ -59,7 +60,7 @@ class SparseBatch:
         return SparseBatch(self.keys, values, offsets, self.labels[idx], self.event_time[idx])
 
     @staticmethod
-    def concat(batches: list["SparseBatch"]) -> "SparseBatch":
+    def concat(batches: list[SparseBatch]) -> SparseBatch:
         if len(batches) == 1:
             return batches[0]
         keys = batches[0].keys
@@ -71,15 +72,20 @@ class SparseBatch:
                 parts.append(b.offsets[k][1:] + base)
                 base += int(b.offsets[k][-1])
             offsets[k] = np.concatenate(parts)
-        return SparseBatch(keys, values, offsets,
-                           np.concatenate([b.labels for b in batches]),
-                           np.concatenate([b.event_time for b in batches]))
+        return SparseBatch(
+            keys,
+            values,
+            offsets,
+            np.concatenate([b.labels for b in batches]),
+            np.concatenate([b.event_time for b in batches]),
+        )
 
     @staticmethod
-    def empty(keys: list[str]) -> "SparseBatch":
+    def empty(keys: list[str]) -> SparseBatch:
         z = np.zeros(0, np.int64)
-        return SparseBatch(list(keys), {k: z for k in keys}, {k: np.zeros(1, np.int64) for k in keys},
-                           np.zeros(0, np.float32), z)
+        return SparseBatch(
+            list(keys), {k: z for k in keys}, {k: np.zeros(1, np.int64) for k in keys}, np.zeros(0, np.float32), z
+        )
 
     def to_kjt(self, keys: list[str] | None = None) -> KeyedJaggedTensor:
         """KeyedJaggedTensor over `keys` (default: all); fields left out of a model are dropped."""
@@ -87,7 +93,8 @@ class SparseBatch:
         values = np.concatenate([self.values[k] for k in keys]) if keys else np.zeros(0, np.int64)
         lengths = np.concatenate([np.diff(self.offsets[k]) for k in keys]) if keys else np.zeros(0, np.int64)
         return KeyedJaggedTensor.from_lengths_sync(
-            keys=list(keys), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths))
+            keys=list(keys), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+        )
 
     def labels_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.labels)

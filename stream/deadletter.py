@@ -4,6 +4,7 @@ One Arrow IPC file per window, STATE/deadletter/window-<index>.arrow, columns
 reason, detail, row (the rejected row as JSON; rows of any schema fit one file).
 Rejections are rare, so turning rows into JSON row by row is off the hot path.
 """
+
 from __future__ import annotations
 
 import json

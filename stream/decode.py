@@ -12,6 +12,7 @@ is missing or of the wrong type; single rows when their label or event time is b
 >>> len(r.batch), r.rejected_counts
 (2, {'label_out_of_range': 1})
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,13 +25,24 @@ from dimstream.stream.batch import SparseBatch
 from dimstream.stream.hashing import NULL_ID, hash_ids
 from dimstream.stream.schema import FieldSpec, Schema
 
-REASONS = ("empty_batch", "missing_column", "wrong_type", "null_label", "nan_label",
-           "label_out_of_range", "null_event_time", "corrupt_input", "late", "unknown_schema")
+REASONS = (
+    "empty_batch",
+    "missing_column",
+    "wrong_type",
+    "null_label",
+    "nan_label",
+    "label_out_of_range",
+    "null_event_time",
+    "corrupt_input",
+    "late",
+    "unknown_schema",
+)
 
 
 @dataclass
 class Rejected:
     """Rows (or a whole batch) refused by the decoder, with one reason each."""
+
     reason: str
     detail: str
     rows: pa.Table | None  # None when there were no rows to keep (empty batch, unreadable input)
@@ -76,8 +88,15 @@ def _event_seconds(col: pa.Array) -> np.ndarray:
 
 
 def _type_ok(spec: FieldSpec, t: pa.DataType) -> bool:
-    is_id = lambda u: (pa.types.is_integer(u) or pa.types.is_string(u) or pa.types.is_large_string(u)
-                       or pa.types.is_binary(u) or pa.types.is_dictionary(u))
+    def is_id(u):
+        return (
+            pa.types.is_integer(u)
+            or pa.types.is_string(u)
+            or pa.types.is_large_string(u)
+            or pa.types.is_binary(u)
+            or pa.types.is_dictionary(u)
+        )
+
     if spec.kind == "categorical":
         return is_id(t)
     if spec.kind == "multi":
@@ -96,13 +115,13 @@ class Decoder:
         keys = self.schema.feature_names
         table = pa.Table.from_batches([rb]) if isinstance(rb, pa.RecordBatch) else rb
         if table.num_rows == 0:
-            return DecodeResult(SparseBatch.empty(keys), [Rejected("empty_batch", "batch has no rows", None)],
-                                {"empty_batch": 1})
+            return DecodeResult(
+                SparseBatch.empty(keys), [Rejected("empty_batch", "batch has no rows", None)], {"empty_batch": 1}
+            )
         whole = self._check_columns(table)
         if whole is not None:
             reason, detail = whole
-            return DecodeResult(SparseBatch.empty(keys), [Rejected(reason, detail, table)],
-                                {reason: table.num_rows})
+            return DecodeResult(SparseBatch.empty(keys), [Rejected(reason, detail, table)], {reason: table.num_rows})
         keep, rejected, counts = self._check_rows(table)
         good = table if keep is None else table.filter(pa.array(keep))
         ignored = [c for c in table.column_names if c not in self._known]
@@ -133,8 +152,12 @@ class Decoder:
         nan = np.isnan(y) & ~null
         out = ~null & ~nan & (y != 0) & (y != 1)
         t_null = np.asarray(table.column(s.event_time).combine_chunks().is_null().to_numpy(zero_copy_only=False))
-        reasons = [("null_label", null), ("nan_label", nan), ("label_out_of_range", out),
-                   ("null_event_time", t_null & ~(null | nan | out))]
+        reasons = [
+            ("null_label", null),
+            ("nan_label", nan),
+            ("label_out_of_range", out),
+            ("null_event_time", t_null & ~(null | nan | out)),
+        ]
         bad = null | nan | out | t_null
         if not bad.any():
             return None, [], {}
@@ -165,5 +188,6 @@ class Decoder:
             np.cumsum(lengths, out=off[1:])
             offsets[f.name] = off
         labels = pc.cast(table.column(s.label), pa.float32()).to_numpy().astype(np.float32, copy=False)
-        return SparseBatch(s.feature_names, values, offsets, labels,
-                           _event_seconds(table.column(s.event_time).combine_chunks()))
+        return SparseBatch(
+            s.feature_names, values, offsets, labels, _event_seconds(table.column(s.event_time).combine_chunks())
+        )

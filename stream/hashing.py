@@ -12,6 +12,7 @@ The same id maps to the same row in every process and after every restart (no Py
 >>> int(hash_ids(pa.array([1, 2, 1]), "user", 10)[2]) == int(hash_ids(pa.array([1]), "user", 10)[0])
 True
 """
+
 from __future__ import annotations
 
 import zlib
@@ -71,8 +72,7 @@ def hash_ids(arr: pa.Array, field_name: str, num_embeddings: int) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     t = arr.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
-            or pa.types.is_large_binary(t):
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         raw = fnv1a_strings(arr)
     elif pa.types.is_integer(t) or pa.types.is_boolean(t):
         # nulls become the reserved NULL_ID, hashed like any other id

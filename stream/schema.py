@@ -6,6 +6,7 @@
 >>> Schema.from_dict(s.to_dict()) == s
 True
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,11 +83,10 @@ class Schema:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "event_time": self.event_time,
-                "fields": [asdict(f) for f in self.fields]}
+        return {"label": self.label, "event_time": self.event_time, "fields": [asdict(f) for f in self.fields]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Schema":
+    def from_dict(cls, d: dict) -> Schema:
         try:
             fields = [FieldSpec(**f) for f in d["fields"]]
         except (KeyError, TypeError) as e:

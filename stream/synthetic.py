@@ -15,11 +15,12 @@ restart at any row without replaying earlier windows.
 >>> sb.batch.num_rows, sb.position, sb.next_position
 (1000, {'row': 0}, {'row': 1000})
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +36,7 @@ TRUTH_COLUMN = "p_true"
 class SyntheticField:
     name: str
     cardinality: int  # distinct ids (for numeric: ignored)
-    rank: int         # latent rank carrying signal; 0 = pure noise
+    rank: int  # latent rank carrying signal; 0 = pure noise
     kind: str = "categorical"
     zipf: float = 1.5  # steep enough that the ids carrying most traffic are learnable in hours
     string_ids: bool = False
@@ -120,8 +121,9 @@ class _HiddenModel:
                 self.proj[f.name] = q.astype(np.float32)
         # first-order weights of norm ~FIRST_ORDER: a field's first-order variance grows with
         # its rank instead of being ~1 for every field (which let rank-1 fields dominate)
-        self.first = {f.name: FIRST_ORDER * rng.standard_normal(f.rank).astype(np.float32)
-                      for f in fields if f.rank > 0}
+        self.first = {
+            f.name: FIRST_ORDER * rng.standard_normal(f.rank).astype(np.float32) for f in fields if f.rank > 0
+        }
         self.base_logit = float(np.log(base_ctr / (1 - base_ctr)))
         self.scale = 1.0
         self.logit_std = logit_std
@@ -162,9 +164,16 @@ class SyntheticSource(Source):
 
     name = "synthetic"
 
-    def __init__(self, seed: int = 0, rows_per_window: int = 50_000, window_seconds: int = 3600,
-                 batch_rows: int = 10_000, base_ctr: float = 0.05, fields=DEFAULT_FIELDS,
-                 max_windows: int | None = None):
+    def __init__(
+        self,
+        seed: int = 0,
+        rows_per_window: int = 50_000,
+        window_seconds: int = 3600,
+        batch_rows: int = 10_000,
+        base_ctr: float = 0.05,
+        fields=DEFAULT_FIELDS,
+        max_windows: int | None = None,
+    ):
         self.seed = seed
         self.rows_per_window = int(rows_per_window)
         self.window_seconds = int(window_seconds)
@@ -180,12 +189,13 @@ class SyntheticSource(Source):
         self.generate_seconds = 0.0  # time spent generating rows (benchmarks subtract it)
 
     @classmethod
-    def from_spec(cls, arg: str, options: SourceOptions) -> "SyntheticSource":
+    def from_spec(cls, arg: str, options: SourceOptions) -> SyntheticSource:
         """`--source synthetic`: the run's seed, rows per window and window length (1 h unless set)."""
         if arg:
             raise ValueError(f"synthetic takes no argument (got {arg!r})")
-        return cls(seed=options.seed, rows_per_window=options.rows_per_window,
-                   window_seconds=options.window_seconds or 3600)
+        return cls(
+            seed=options.seed, rows_per_window=options.rows_per_window, window_seconds=options.window_seconds or 3600
+        )
 
     @property
     def field_rank(self) -> dict[str, int]:

@@ -14,11 +14,12 @@ already handled (trained or dead-lettered): see stream.sources.base for the posi
 >>> [(w.start - ws[0].start, len(w.batch)) for w in ws]
 [(0, 2000), (3600, 2000)]
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,24 +31,32 @@ from dimstream.stream.sources.base import Source, SourceBatch
 
 @dataclass
 class Window:
-    start: int                      # event-time seconds, inclusive
-    end: int                        # exclusive; the watermark once this window is closed
-    batch: SparseBatch              # accepted rows, decoded
-    table: pa.Table | None          # the same rows as Arrow (truth columns, recent-rows buffer)
+    start: int  # event-time seconds, inclusive
+    end: int  # exclusive; the watermark once this window is closed
+    batch: SparseBatch  # accepted rows, decoded
+    table: pa.Table | None  # the same rows as Arrow (truth columns, recent-rows buffer)
     rejected: list[Rejected] = field(default_factory=list)
     rejected_counts: dict[str, int] = field(default_factory=dict)
-    rows_read: int = 0              # rows read from the source while this window was open
-    replayed_rows: int = 0          # rows skipped after a restart: handled before the crash
-    resume: dict | None = None      # source position to restart at after this window
-    read_upto: dict | None = None   # position after the last batch read when it closed
-    read_seconds: float = 0.0       # wall time spent reading and decoding
+    rows_read: int = 0  # rows read from the source while this window was open
+    replayed_rows: int = 0  # rows skipped after a restart: handled before the crash
+    resume: dict | None = None  # source position to restart at after this window
+    read_upto: dict | None = None  # position after the last batch read when it closed
+    read_seconds: float = 0.0  # wall time spent reading and decoding
 
 
 class Windower:
-    def __init__(self, source: Source, decoder: Decoder, window_seconds: int,
-                 allowed_lateness: int = 0, idle_timeout: float | None = None,
-                 start: dict | None = None, watermark: int | None = None, read_upto: dict | None = None,
-                 stop=None):
+    def __init__(
+        self,
+        source: Source,
+        decoder: Decoder,
+        window_seconds: int,
+        allowed_lateness: int = 0,
+        idle_timeout: float | None = None,
+        start: dict | None = None,
+        watermark: int | None = None,
+        read_upto: dict | None = None,
+        stop=None,
+    ):
         if window_seconds <= 0:
             raise ValueError("window length must be positive")
         if not isinstance(source, Source):  # positions are compared and resumed by the source itself
@@ -84,12 +93,25 @@ class Windower:
             nonlocal pending_rejects, counts, rows_read, replayed, closed_end, read_s, restart
             mine = parts.pop(start, [])
             unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]]
-            batch = SparseBatch.concat([p for p, _, _ in mine]) if mine else SparseBatch.empty(self.decoder.schema.feature_names)
+            batch = (
+                SparseBatch.concat([p for p, _, _ in mine])
+                if mine
+                else SparseBatch.empty(self.decoder.schema.feature_names)
+            )
             tables = [t for _, t, _ in mine if t is not None]
-            w = Window(start, start + self.length, batch,
-                       pa.concat_tables(tables) if tables else None, pending_rejects, counts, rows_read,
-                       replayed, self.source.resume_position(unfinished, last, self.start_position),
-                       self.source.read_upto_position(last, self.read_upto), read_s)
+            w = Window(
+                start,
+                start + self.length,
+                batch,
+                pa.concat_tables(tables) if tables else None,
+                pending_rejects,
+                counts,
+                rows_read,
+                replayed,
+                self.source.resume_position(unfinished, last, self.start_position),
+                self.source.read_upto_position(last, self.read_upto),
+                read_s,
+            )
             pending_rejects, counts, rows_read, replayed, read_s = [], {}, 0, 0, 0.0
             closed_end = w.end
             restart = (w.resume, w.read_upto)
@@ -134,8 +156,10 @@ class Windower:
                     if self.source.is_before(sb.position, self.read_upto):
                         replayed += int(old.sum())  # read and handled before the restart
                     else:
-                        reject(Rejected("late", f"event time before {closed_end}", res.table.filter(pa.array(old))),
-                               int(old.sum()))
+                        reject(
+                            Rejected("late", f"event time before {closed_end}", res.table.filter(pa.array(old))),
+                            int(old.sum()),
+                        )
                     keep &= ~old
             starts = self._window_of(t)
             if keep.all() and starts[0] == starts[-1] and (starts == starts[0]).all():

@@ -1,4 +1,5 @@
 """Decoding Arrow batches: values, bucketing, multi-valued lengths, every bad-input case."""
+
 import math
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_values_lengths_and_kjt():
     assert np.diff(b.offsets["tags"]).tolist() == [len(x) for x in rb.column("tags").to_pylist()]
     kjt = b.to_kjt()
     assert kjt.keys() == ["user", "item", "tags", "price"]
-    assert kjt.lengths().tolist()[64 * 2:64 * 3] == np.diff(b.offsets["tags"]).tolist()
+    assert kjt.lengths().tolist()[64 * 2 : 64 * 3] == np.diff(b.offsets["tags"]).tolist()
 
 
 def test_numeric_bucketing_is_the_criteo_winner_transform():
@@ -33,19 +34,39 @@ def test_numeric_bucketing_is_the_criteo_winner_transform():
     assert ids[4] == ids[5]  # missing and NaN share the reserved id
 
 
-@pytest.mark.parametrize("mutate, reason, rows", [
-    (lambda rb: rb.drop_columns(["label"]), "missing_column", 20),
-    (lambda rb: rb.drop_columns(["item"]), "missing_column", 20),
-    (lambda rb: rb.set_column(rb.schema.get_field_index("label"), "label", pa.array(["yes"] * 20)), "wrong_type", 20),
-    (lambda rb: rb.set_column(rb.schema.get_field_index("user"), "user", pa.array([1.5] * 20)), "wrong_type", 20),
-    (lambda rb: rb.set_column(rb.schema.get_field_index("label"), "label",
-                              pa.array([None, 1] + [0] * 18, pa.int8())), "null_label", 1),
-    (lambda rb: rb.set_column(rb.schema.get_field_index("label"), "label",
-                              pa.array([float("nan"), 1.0] + [0.0] * 18)), "nan_label", 1),
-    (lambda rb: rb.set_column(rb.schema.get_field_index("label"), "label",
-                              pa.array([2, -1, 1] + [0] * 17)), "label_out_of_range", 2),
-    (lambda rb: rb.slice(0, 0), "empty_batch", 1),
-])
+@pytest.mark.parametrize(
+    "mutate, reason, rows",
+    [
+        (lambda rb: rb.drop_columns(["label"]), "missing_column", 20),
+        (lambda rb: rb.drop_columns(["item"]), "missing_column", 20),
+        (
+            lambda rb: rb.set_column(rb.schema.get_field_index("label"), "label", pa.array(["yes"] * 20)),
+            "wrong_type",
+            20,
+        ),
+        (lambda rb: rb.set_column(rb.schema.get_field_index("user"), "user", pa.array([1.5] * 20)), "wrong_type", 20),
+        (
+            lambda rb: rb.set_column(
+                rb.schema.get_field_index("label"), "label", pa.array([None, 1] + [0] * 18, pa.int8())
+            ),
+            "null_label",
+            1,
+        ),
+        (
+            lambda rb: rb.set_column(
+                rb.schema.get_field_index("label"), "label", pa.array([float("nan"), 1.0] + [0.0] * 18)
+            ),
+            "nan_label",
+            1,
+        ),
+        (
+            lambda rb: rb.set_column(rb.schema.get_field_index("label"), "label", pa.array([2, -1, 1] + [0] * 17)),
+            "label_out_of_range",
+            2,
+        ),
+        (lambda rb: rb.slice(0, 0), "empty_batch", 1),
+    ],
+)
 def test_each_bad_input_is_counted_with_its_reason_and_kept(mutate, reason, rows):
     rb = mutate(tiny_batch(20))
     r = _dec().decode(rb)

@@ -1,5 +1,6 @@
 """Every docstring example of the package runs and gives what it shows (doctest over every
 module of `dimstream`, imported by its package name)."""
+
 import doctest
 import importlib
 import pkgutil

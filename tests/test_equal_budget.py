@@ -1,6 +1,7 @@
 """Issue 3's equal-budget acceptance, on the daemon itself (3 seeds; the same runs as
 benchmarks/arms.py): the slim arm (SSEDS, kappa 0.25) against the control and against the
 uniform arm of equal parameter budget, progressive AUC."""
+
 import pytest
 import torch
 
@@ -17,8 +18,10 @@ def one_thread():
 
 
 def _report(agg) -> str:
-    return ", ".join(f"{a} {agg[a]['auc_mean']:.4f} ({agg[a]['embedding_params_mean']:,.0f} params)"
-                     for a in ("control", "slim", "uniform"))
+    return ", ".join(
+        f"{a} {agg[a]['auc_mean']:.4f} ({agg[a]['embedding_params_mean']:,.0f} params)"
+        for a in ("control", "slim", "uniform")
+    )
 
 
 @pytest.mark.timeout(2400)

@@ -1,4 +1,5 @@
 """Progressive-validation metrics and the A/B interval."""
+
 import numpy as np
 
 from dimstream.models.evaluation import auc, auc_difference, logloss
@@ -15,6 +16,7 @@ def test_auc_matches_the_pairwise_definition_with_ties():
 
 def pytest_approx(x):
     import pytest
+
     return pytest.approx(x, abs=1e-12)
 
 

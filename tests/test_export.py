@@ -1,9 +1,9 @@
 """Handing a model to serving: exported predictions equal the trainer's on the same rows."""
+
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 
 from dimstream.models.arm import ArmSpec
 from dimstream.ops import checkpoint
@@ -15,8 +15,15 @@ from tests.helpers import REPO
 
 def test_export_round_trip_matches_the_trainer(tmp_path):
     state = tmp_path / "state"
-    cfg = RunConfig(windows=2, rows_per_window=3000, state_dir=state, metrics_addr="127.0.0.1:0", progress=False,
-                    arms=("control", "slim"), search="sseds")
+    cfg = RunConfig(
+        windows=2,
+        rows_per_window=3000,
+        state_dir=state,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        arms=("control", "slim"),
+        search="sseds",
+    )
     runner = Runner.from_config(cfg)
     runner.run()
     out = export_arm(state, "slim", tmp_path / "served")
@@ -32,18 +39,33 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
     assert any(d == 0 for d in spec["dims"].values()) or len(set(spec["dims"].values())) > 1  # really mixed
     # and from the command line, on JSON lines
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text("\n".join(__import__("json").dumps(r) for r in rows.slice(0, 20).drop_columns(
-        ["label", "event_time", "p_true"]).to_pylist()))
-    r = subprocess.run([sys.executable, "-m", "dimstream.ops.cli", "predict", "--model", str(out), "--input", str(jsonl)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    jsonl.write_text(
+        "\n".join(
+            __import__("json").dumps(r)
+            for r in rows.slice(0, 20).drop_columns(["label", "event_time", "p_true"]).to_pylist()
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "dimstream.ops.cli", "predict", "--model", str(out), "--input", str(jsonl)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = np.array([float(x) for x in r.stdout.split()])
     assert np.allclose(got, want[:20], atol=1e-5)
 
 
 def test_the_daemon_publishes_every_window_with_an_atomic_latest_pointer(tmp_path):
-    cfg = RunConfig(windows=2, rows_per_window=2000, state_dir=tmp_path / "state", metrics_addr="127.0.0.1:0",
-                    progress=False, export_dir=tmp_path / "served")
+    cfg = RunConfig(
+        windows=2,
+        rows_per_window=2000,
+        state_dir=tmp_path / "state",
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        export_dir=tmp_path / "served",
+    )
     runner = Runner.from_config(cfg)
     runner.run()
     served = tmp_path / "served"

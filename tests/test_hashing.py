@@ -1,4 +1,5 @@
 """Stable hashing: the same id lands on the same row in any process, small vocabularies never collide."""
+
 import subprocess
 import sys
 
@@ -8,17 +9,29 @@ import pyarrow as pa
 from dimstream.stream.hashing import hash_ids
 from tests.helpers import REPO
 
-PROBE = ("import pyarrow as pa; from dimstream.stream.hashing import hash_ids; "
-         "print(hash_ids(pa.array(['a', 'bb', 'ccc', None]), 'f', 1000).tolist(), "
-         "hash_ids(pa.array([5, -3, 10**12, None]), 'g', 977).tolist())")
+PROBE = (
+    "import pyarrow as pa; from dimstream.stream.hashing import hash_ids; "
+    "print(hash_ids(pa.array(['a', 'bb', 'ccc', None]), 'f', 1000).tolist(), "
+    "hash_ids(pa.array([5, -3, 10**12, None]), 'g', 977).tolist())"
+)
 
 
 def test_rows_are_the_same_in_processes_with_different_hash_seeds():
-    outs = {subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}, check=True).stdout for seed in ("1", "2")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", PROBE],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
     assert len(outs) == 1
-    assert outs.pop().strip() == str(hash_ids(pa.array(["a", "bb", "ccc", None]), "f", 1000).tolist()) + " " + \
-        str(hash_ids(pa.array([5, -3, 10**12, None]), "g", 977).tolist())
+    assert outs.pop().strip() == str(hash_ids(pa.array(["a", "bb", "ccc", None]), "f", 1000).tolist()) + " " + str(
+        hash_ids(pa.array([5, -3, 10**12, None]), "g", 977).tolist()
+    )
 
 
 def test_small_integer_vocabularies_map_one_to_one():

@@ -1,4 +1,5 @@
 """The append-only history log: exactly once across crashes, bounded summary and checkpoint."""
+
 import json
 import shutil
 
@@ -50,8 +51,15 @@ def test_the_summary_keeps_a_recent_span_and_totals(tmp_path):
 
 
 def _cfg(state, windows):
-    return RunConfig(windows=windows, rows_per_window=1000, state_dir=state, metrics_addr="127.0.0.1:0",
-                     progress=False, control_dim=4, model=ModelConfig("fm"))
+    return RunConfig(
+        windows=windows,
+        rows_per_window=1000,
+        state_dir=state,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        control_dim=4,
+        model=ModelConfig("fm"),
+    )
 
 
 def test_a_window_whose_checkpoint_never_landed_is_logged_once_after_the_restart(tmp_path):

@@ -1,4 +1,5 @@
 """/metrics, /healthz and /readyz on the metrics address."""
+
 import time
 import urllib.error
 import urllib.request

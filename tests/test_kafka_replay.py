@@ -1,13 +1,14 @@
 """`dimstream replay` against a real Kafka-protocol broker (tansu), read back with kafka-python."""
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from dimstream.ops.replay import replay
+from dimstream.stream.kafka.tansu import Broker
 from dimstream.stream.kafka.wire import WireError, decode_message, encode_arrow
 from dimstream.stream.sources.movielens import MovieLensSource
 from tests.helpers import ML100K
-from dimstream.stream.kafka.tansu import Broker
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,15 @@ def broker():
 
 def _consume(bootstrap, topic, expected_messages, version):
     from kafka import KafkaConsumer
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                      consumer_timeout_ms=10_000, group_id=None)
+
+    c = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=10_000,
+        group_id=None,
+    )
     batches = []
     for msg in c:
         batches.append(decode_message(msg.value, msg.headers, version))
@@ -57,8 +65,14 @@ def _by_partition(bootstrap, topic, partitions, rows):
     """Every message of `topic` read back, as {partition: [(key, RecordBatch), ...]}."""
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
-    c = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                      consumer_timeout_ms=10_000, group_id=None)
+
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=10_000,
+        group_id=None,
+    )
     c.assign([TopicPartition(topic, p) for p in range(partitions)])
     got, n = {p: [] for p in range(partitions)}, 0
     for msg in c:
@@ -73,20 +87,40 @@ def _by_partition(bootstrap, topic, partitions, rows):
 
 def test_replay_by_key_puts_every_row_of_a_key_value_in_one_partition(broker, capsys):
     from dimstream.ops.cli import main
+
     url = f"kafka://{broker.bootstrap}/bykey"
-    assert main(["replay", "--source", "synthetic", "--to", url, "--partitions", "3", "--key", "user_id",
-                 "--rows-per-message", "100", "--max-rows", "6000"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "--source",
+                "synthetic",
+                "--to",
+                url,
+                "--partitions",
+                "3",
+                "--key",
+                "user_id",
+                "--rows-per-message",
+                "100",
+                "--max-rows",
+                "6000",
+            ]
+        )
+        == 0
+    )
     assert "6,000 rows" in capsys.readouterr().out
     got = _by_partition(broker.bootstrap, "bykey", 3, 6000)
     users = {p: np.concatenate([rb.column("user_id").to_numpy() for _, _, rb in got[p]]) for p in got}
     assert sum(len(u) for u in users.values()) == 6000  # row count preserved
-    assert all(len(u) > 500 for u in users.values())    # the hash spreads keys over all 3 partitions
+    assert all(len(u) > 500 for u in users.values())  # the hash spreads keys over all 3 partitions
     seen = {}
     for p, u in users.items():
         for v in np.unique(u):
             assert seen.setdefault(int(v), p) == p, f"user {v} in partitions {seen[int(v)]} and {p}"
     # a message holds rows of one partition's keys only, keyed by that partition's hash bucket
     from dimstream.ops.replay import key_partitions
+
     for p, msgs in got.items():
         for key, headers, rb in msgs:
             assert key == str(p).encode() and headers["key"] == b"user_id"
@@ -97,9 +131,15 @@ def test_replay_by_key_puts_every_row_of_a_key_value_in_one_partition(broker, ca
 
 def test_replay_without_key_is_round_robin(broker):
     from dimstream.stream.synthetic import SyntheticSource
-    done = replay(SyntheticSource(seed=1, rows_per_window=2000, window_seconds=3600),
-                  f"kafka://{broker.bootstrap}/rr", rows_per_message=100, partitions=3, max_rows=3000,
-                  progress=False)
+
+    done = replay(
+        SyntheticSource(seed=1, rows_per_window=2000, window_seconds=3600),
+        f"kafka://{broker.bootstrap}/rr",
+        rows_per_message=100,
+        partitions=3,
+        max_rows=3000,
+        progress=False,
+    )
     assert done == {"rows": 3000, "messages": 30, "partitions": 3}
     got = _by_partition(broker.bootstrap, "rr", 3, 3000)
     assert [len(got[p]) for p in range(3)] == [10, 10, 10]
@@ -108,6 +148,21 @@ def test_replay_without_key_is_round_robin(broker):
 
 def test_replay_refuses_a_key_that_is_not_a_column(broker, capsys):
     from dimstream.ops.cli import main
-    assert main(["replay", "--source", "synthetic", "--to", f"kafka://{broker.bootstrap}/nokey",
-                 "--key", "no_such_column", "--max-rows", "10"]) == 2
+
+    assert (
+        main(
+            [
+                "replay",
+                "--source",
+                "synthetic",
+                "--to",
+                f"kafka://{broker.bootstrap}/nokey",
+                "--key",
+                "no_such_column",
+                "--max-rows",
+                "10",
+            ]
+        )
+        == 2
+    )
     assert "no_such_column" in capsys.readouterr().err

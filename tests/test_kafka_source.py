@@ -1,5 +1,6 @@
 """The Kafka source against a real broker: same windows and AUC as the file source, dead
 letters, commits tied to checkpoints."""
+
 import time
 
 import numpy as np
@@ -10,10 +11,10 @@ from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
 from dimstream.ops.history import read_log
 from dimstream.ops.replay import replay
+from dimstream.stream.kafka.tansu import Broker
 from dimstream.stream.sources.kafka import KafkaSource
 from dimstream.stream.sources.movielens import MovieLensSource, movielens_schema
 from tests.helpers import ML100K
-from dimstream.stream.kafka.tansu import Broker
 
 needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 
@@ -26,8 +27,17 @@ def broker():
 
 
 def _cfg(source, state, windows, **kw):
-    return RunConfig(source=source, window_seconds=86400, windows=windows, state_dir=state, seed=0,
-                     metrics_addr="127.0.0.1:0", progress=False, model=ModelConfig("fm"), **kw)
+    return RunConfig(
+        source=source,
+        window_seconds=86400,
+        windows=windows,
+        state_dir=state,
+        seed=0,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        model=ModelConfig("fm"),
+        **kw,
+    )
 
 
 @needs_ml100k
@@ -36,8 +46,13 @@ def test_kafka_run_equals_the_file_run_window_by_window(broker, tmp_path):
     files = read_log(tmp_path / "files")
     src = MovieLensSource(ML100K)
     replay(src, f"kafka://{broker.bootstrap}/ml", rows_per_message=700, progress=False)
-    cfg = _cfg(f"kafka://{broker.bootstrap}/ml?group=eq", tmp_path / "kafka", 40,
-               schema=movielens_schema().to_dict(), idle_timeout=5)
+    cfg = _cfg(
+        f"kafka://{broker.bootstrap}/ml?group=eq",
+        tmp_path / "kafka",
+        40,
+        schema=movielens_schema().to_dict(),
+        idle_timeout=5,
+    )
     runner = Runner.from_config(cfg)
     runner.run()
     kafka = read_log(tmp_path / "kafka")
@@ -49,10 +64,12 @@ def test_kafka_run_equals_the_file_run_window_by_window(broker, tmp_path):
     # the group's committed offset is what the last checkpoint covers
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
+
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id="eq", enable_auto_commit=False)
     committed = c.committed(TopicPartition("ml", 0))
     c.close()
     import json
+
     meta = json.loads((tmp_path / "kafka" / "checkpoints" / "ckpt-000039" / "meta.json").read_text())
     assert committed == meta["position"]["offsets"]["0"]
     lag = runner.source.lag  # measured at most 10 s before the end of the run
@@ -61,8 +78,10 @@ def test_kafka_run_equals_the_file_run_window_by_window(broker, tmp_path):
 
 def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_path):
     from kafka import KafkaConsumer, KafkaProducer
+
     from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_batch, tiny_schema
+
     schema = tiny_schema()
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
     good, headers = encode_arrow(tiny_batch(50, 0, t0=0), schema.fingerprint())
@@ -82,8 +101,9 @@ def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_
             break
     src.close()
     assert sorted(errors) == ["corrupt_input", "unknown_schema"]
-    c = KafkaConsumer("bad.dlq", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                      consumer_timeout_ms=10_000)
+    c = KafkaConsumer(
+        "bad.dlq", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=10_000
+    )
     reasons = [dict(m.headers)["reason"] for _, m in zip(range(2), c)]
     c.close()
     assert sorted(reasons) == [b"corrupt_input", b"unknown_schema"]  # the .dlq topic may have several partitions
@@ -91,17 +111,22 @@ def test_undecodable_messages_are_dead_lettered_and_the_run_goes_on(broker, tmp_
 
 def test_jsonl_messages_are_decoded_in_bulk(broker):
     from kafka import KafkaProducer
+
     from dimstream.stream.kafka.wire import encode_jsonl
     from tests.helpers import tiny_schema
+
     schema = tiny_schema()
-    rows = [{"user": i, "item": str(i % 7), "tags": [i % 3, 4], "price": 1.5 * i, "label": i % 2, "event_time": 100 + i}
-            for i in range(40)]
+    rows = [
+        {"user": i, "item": str(i % 7), "tags": [i % 3, 4], "price": 1.5 * i, "label": i % 2, "event_time": 100 + i}
+        for i in range(40)
+    ]
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
     value, headers = encode_jsonl(rows, schema.fingerprint())
     p.send("jsonl", value=value, headers=headers)
     p.flush()
     src = KafkaSource(broker.bootstrap, "jsonl", schema, group="j")
     from dimstream.stream.decode import Decoder
+
     for sb in src.read(None):
         if sb.batch is not None:
             r = Decoder(schema).decode(sb.batch)
@@ -113,10 +138,13 @@ def test_jsonl_messages_are_decoded_in_bulk(broker):
 
 def test_two_consumers_in_one_group_split_the_partitions(broker):
     import threading
-    from dimstream.ops.replay import ensure_topic
+
     from kafka import KafkaProducer
+
+    from dimstream.ops.replay import ensure_topic
     from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_batch, tiny_schema
+
     schema = tiny_schema()
     ensure_topic(broker.bootstrap, "split", 2)
     seen = {0: [], 1: []}
@@ -158,19 +186,22 @@ def _toml(schema: dict, **keys) -> str:
     value = lambda v: f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)  # noqa
     lines = [f"{k} = {value(v)}" for k, v in keys.items()]
     lines += ["[schema]", f'label = "{schema["label"]}"', f'event_time = "{schema["event_time"]}"', "fields = ["]
-    lines += [f'  {{name = "{f["name"]}", kind = "{f["kind"]}", num_embeddings = {f["num_embeddings"]}}},'
-              for f in schema["fields"]]
+    lines += [
+        f'  {{name = "{f["name"]}", kind = "{f["kind"]}", num_embeddings = {f["num_embeddings"]}}},'
+        for f in schema["fields"]
+    ]
     return "\n".join(lines + ["]"]) + "\n"
 
 
 @needs_ml100k
 def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker, tmp_path):
-    import json
     import os
     import signal
     import subprocess
     import sys
+
     from tests.helpers import REPO
+
     src = MovieLensSource(ML100K)
     replay(src, f"kafka://{broker.bootstrap}/killed", rows_per_message=300, progress=False)
     windows = 60
@@ -178,9 +209,19 @@ def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker
     files = read_log(tmp_path / "files")
     state = tmp_path / "kafka"
     cfg = tmp_path / "run.toml"
-    cfg.write_text(_toml(movielens_schema().to_dict(), source=f"kafka://{broker.bootstrap}/killed?group=k",
-                         window="1d", windows=windows, idle_timeout=5.0, model="fm", state_dir=str(state),
-                         metrics_addr="127.0.0.1:0", progress=False))
+    cfg.write_text(
+        _toml(
+            movielens_schema().to_dict(),
+            source=f"kafka://{broker.bootstrap}/killed?group=k",
+            window="1d",
+            windows=windows,
+            idle_timeout=5.0,
+            model="fm",
+            state_dir=str(state),
+            metrics_addr="127.0.0.1:0",
+            progress=False,
+        )
+    )
     cmd = [sys.executable, "-m", "dimstream.ops.cli", "run", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log1", "w"))
     deadline = time.time() + 300
@@ -199,10 +240,13 @@ def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker
 def test_broker_paused_mid_read_then_resumed_reads_everything_once(broker):
     import os
     import signal
+
     from kafka import KafkaProducer
+
+    from dimstream.ops.replay import ensure_topic
     from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_batch, tiny_schema
-    from dimstream.ops.replay import ensure_topic
+
     schema = tiny_schema()
     ensure_topic(broker.bootstrap, "pause", 1)
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -242,7 +286,9 @@ def test_broker_paused_mid_read_then_resumed_reads_everything_once(broker):
 def _rows(n: int, first_rid: int, t_lo: int, t_hi: int):
     """n rows of the tiny schema with event times spread over [t_lo, t_hi) and ids first_rid.."""
     import pyarrow as pa
+
     from tests.helpers import tiny_batch
+
     rb = tiny_batch(n, first_rid, t0=0)
     t = pa.array(np.linspace(t_lo, t_hi - 1, n).astype(np.int64))
     rb = rb.set_column(rb.schema.get_field_index("event_time"), "event_time", t)
@@ -251,16 +297,30 @@ def _rows(n: int, first_rid: int, t_lo: int, t_hi: int):
 
 def _scrape(port: int) -> dict:
     import urllib.request
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("dimstream_") and " " in line}
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("dimstream_") and " " in line
+    }
 
 
 def _kafka_runner(broker, topic, group, state, windows, **kw):
     from tests.helpers import tiny_schema
-    cfg = RunConfig(source=f"kafka://{broker.bootstrap}/{topic}?group={group}", window_seconds=60, windows=windows,
-                    state_dir=state, seed=0, metrics_addr="127.0.0.1:0", progress=False, model=ModelConfig("fm"),
-                    schema=tiny_schema().to_dict(), **kw)
+
+    cfg = RunConfig(
+        source=f"kafka://{broker.bootstrap}/{topic}?group={group}",
+        window_seconds=60,
+        windows=windows,
+        state_dir=state,
+        seed=0,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        model=ModelConfig("fm"),
+        schema=tiny_schema().to_dict(),
+        **kw,
+    )
     runner = Runner.from_config(cfg)
     trained = []  # (window start, row ids) of every window this daemon trained
     runner.observers.append(lambda r, w, rec: trained.append((w.start, w.table.column("rid").to_numpy())))
@@ -274,10 +334,13 @@ def test_daemon_survives_a_hung_broker_mid_window_exports_kafka_up_0_and_trains_
     import os
     import signal
     import threading
+
     from kafka import KafkaProducer
+
     from dimstream.ops.replay import ensure_topic
     from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_schema
+
     version = tiny_schema().fingerprint()
     ensure_topic(broker.bootstrap, "hung", 1)
     p = KafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -286,8 +349,7 @@ def test_daemon_survives_a_hung_broker_mid_window_exports_kafka_up_0_and_trains_
         p.send("hung", value=value, headers=headers)
     p.flush()
     # idle timeout above the probe's detection time (1 s period + 2 s timeout): an outage is not idleness
-    runner, trained = _kafka_runner(broker, "hung", "hung", tmp_path / "state", 7, idle_timeout=8.0,
-                                    linger_seconds=60)
+    runner, trained = _kafka_runner(broker, "hung", "hung", tmp_path / "state", 7, idle_timeout=8.0, linger_seconds=60)
     out = {}
     thread = threading.Thread(target=lambda: out.update(runner.run()))
     thread.start()
@@ -364,10 +426,13 @@ def test_rebalance_with_messages_split_across_window_boundaries_trains_every_row
 
 def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
     import threading
+
     from kafka import KafkaProducer
+
     from dimstream.ops.replay import ensure_topic
     from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_schema
+
     version = tiny_schema().fingerprint()
     ensure_topic(broker.bootstrap, topic, 2)
     messages, per_message = 36, 20  # per partition; `span` s of event time per message
@@ -378,8 +443,9 @@ def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
         p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
         for k in range(messages):
             for part in (0, 1):  # row id = partition * 100000 + offset * 20 + row
-                value, headers = encode_arrow(_rows(per_message, part * 100_000 + k * per_message,
-                                                    span * k, span * k + span), version)
+                value, headers = encode_arrow(
+                    _rows(per_message, part * 100_000 + k * per_message, span * k, span * k + span), version
+                )
                 p.send(topic, value=value, headers=headers, partition=part)
             p.flush()
             time.sleep(0.6)  # about 22 s in all: the rebalance lands while messages keep coming
@@ -427,10 +493,12 @@ def _rebalance_two_daemons(broker, tmp_path, topic: str, group: str, span: int):
     for w in out_a["windows"] + out_b["windows"]:
         per_window[w["start"]] = per_window.get(w["start"], 0) + w["rows"]
         assert w["rejected_rows"] == 0
-    t = np.concatenate([_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy()
-                        for k in range(messages)])
+    t = np.concatenate(
+        [_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy() for k in range(messages)]
+    )
     starts, counts = np.unique(t // 60 * 60, return_counts=True)
     from dimstream.ops.daemon import _iso
+
     assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}  # what was produced, per window
     return a, b
 
@@ -439,7 +507,9 @@ class _Crash(Exception):
     pass
 
 
-def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_joins_trains_every_row_once(broker, tmp_path):
+def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_joins_trains_every_row_once(
+    broker, tmp_path
+):
     """Daemon A dies right after writing window 2's checkpoint, before anything of it reached
     Kafka (no positions record, no commit). It restarts from that checkpoint and daemon B joins
     the group before A closes another window. A publishes the checkpoint's positions before
@@ -447,10 +517,13 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
     rows of the split message that A trained: every row is trained once across A, its
     restart and B, and per-window row counts are what was produced."""
     import threading
+
     from kafka import KafkaProducer
+
     from dimstream.ops.replay import ensure_topic
     from dimstream.stream.kafka.wire import encode_arrow
     from tests.helpers import tiny_schema
+
     version = tiny_schema().fingerprint()
     topic, group = "crashc", "cg"
     ensure_topic(broker.bootstrap, topic, 2)
@@ -461,8 +534,9 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
     def produce(ks, pause=0.0):
         for k in ks:
             for part in (0, 1):
-                value, headers = encode_arrow(_rows(per_message, part * 100_000 + k * per_message,
-                                                    span * k, span * k + span), version)
+                value, headers = encode_arrow(
+                    _rows(per_message, part * 100_000 + k * per_message, span * k, span * k + span), version
+                )
                 p.send(topic, value=value, headers=headers, partition=part)
             p.flush()
             time.sleep(pause)  # paced: both partitions are read as they come, none runs ahead
@@ -514,10 +588,11 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
         produce(range(10, messages))
         deadline = time.time() + 60
         while len(np.unique(np.concatenate([r for _, r in everything()]))) < total:
-            assert ta2.is_alive() and tb.is_alive() and time.time() < deadline, \
-                "%d of %d rows trained; A %s, A restarted %s, B %s" % (
-                    len(np.unique(np.concatenate([r for _, r in everything()]))), total,
-                    *[[(s, len(r)) for s, r in x] for x in (trained_a, trained_a2, trained_b)])
+            counts = [[(s, len(r)) for s, r in x] for x in (trained_a, trained_a2, trained_b)]
+            done = len(np.unique(np.concatenate([r for _, r in everything()])))
+            assert ta2.is_alive() and tb.is_alive() and time.time() < deadline, (
+                f"{done} of {total} rows trained; A {counts[0]}, A restarted {counts[1]}, B {counts[2]}"
+            )
             time.sleep(0.2)
         time.sleep(2)  # anything trained twice would show up by now
     finally:
@@ -535,8 +610,10 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
     for w in out_a2["windows"] + [w for w in out_b["windows"]]:  # A2's summary includes A's windows 0-2
         per_window[w["start"]] = per_window.get(w["start"], 0) + w["rows"]
         assert w["rejected_rows"] == 0
-    t = np.concatenate([_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy()
-                        for k in range(messages)])
+    t = np.concatenate(
+        [_rows(per_message, 0, span * k, span * k + span).column("event_time").to_numpy() for k in range(messages)]
+    )
     starts, counts = np.unique(t // 60 * 60, return_counts=True)
     from dimstream.ops.daemon import _iso
+
     assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}

@@ -1,4 +1,5 @@
 """Models on real TorchRec under DistributedModelParallel: gradients, masks, every head learns."""
+
 import numpy as np
 import pytest
 import torch
@@ -70,8 +71,13 @@ def test_widths_must_be_multiples_of_four_and_zero_removes_a_field():
     schema = tiny_schema()
     with pytest.raises(AllocationError, match="multiples of 4"):
         CTRModel({"user": 3, "item": 4, "tags": 4, "price": 4}, schema.num_embeddings, set(), ModelConfig())
-    m = CTRModel({"user": 8, "item": 0, "tags": 4, "price": 4}, schema.num_embeddings, {"tags"},
-                 ModelConfig("fm"), device=torch.device("cpu"))
+    m = CTRModel(
+        {"user": 8, "item": 0, "tags": 4, "price": 4},
+        schema.num_embeddings,
+        {"tags"},
+        ModelConfig("fm"),
+        device=torch.device("cpu"),
+    )
     assert m.feature_names == ["user", "tags", "price"]
     assert m.embedding_params == 50 * 8 + 20 * 4 + 16 * 4
     out = m(_decoded().to_kjt(m.feature_names))
@@ -84,8 +90,12 @@ def test_every_head_learns_on_the_synthetic_stream(model):
     src = SyntheticSource(seed=3, rows_per_window=8000)
     dec = Decoder(src.schema)
     multi = {f.name for f in src.schema.fields if f.kind == "multi"}
-    arm = Arm(ArmSpec("control", {f: 8 for f in src.schema.feature_names}), src.schema.num_embeddings,
-              multi, ModelConfig(model, mlp=(64, 32), batch_size=256))
+    arm = Arm(
+        ArmSpec("control", {f: 8 for f in src.schema.feature_names}),
+        src.schema.num_embeddings,
+        multi,
+        ModelConfig(model, mlp=(64, 32), batch_size=256),
+    )
     losses = []
     for w in range(5):
         batch = dec.decode(src.window_table(w)).batch

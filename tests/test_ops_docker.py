@@ -1,8 +1,8 @@
 """Dockerfile (hadolint) and docker-compose.yml (Compose specification), checked without a Docker engine."""
+
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -59,6 +59,6 @@ def test_dockerfile_passes_hadolint_and_keeps_the_pinned_stack():
     assert "requirements-cpu.txt" in text and "--no-deps -r requirements-torchrec.txt" in text
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/healthz" in text
     assert 'ENTRYPOINT ["dimstream"]' in text and "VOLUME /var/lib/dimstream" in text
-    bad = REPO / "Dockerfile"
+    REPO / "Dockerfile"
     r = subprocess.run([exe, "-"], input="FROM python\nRUN cd /tmp && pip install x\n", capture_output=True, text=True)
     assert r.returncode != 0  # hadolint does find problems

@@ -1,10 +1,10 @@
 """The Grafana dashboard queries only what the daemon exports, in valid PromQL."""
+
 import json
 import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
 import dimstream.ops.metrics as m
@@ -38,7 +38,9 @@ def _labels() -> dict[str, set[str]]:
     for obj in vars(metrics).values():  # labelled series that have no sample yet
         if hasattr(obj, "_labelnames") and hasattr(obj, "_name"):
             for suffix in ("", "_total", "_bucket", "_sum", "_count"):
-                out.setdefault(obj._name + suffix, set()).update(set(obj._labelnames) | ({"le"} if suffix == "_bucket" else set()))
+                out.setdefault(obj._name + suffix, set()).update(
+                    set(obj._labelnames) | ({"le"} if suffix == "_bucket" else set())
+                )
     return out
 
 
@@ -46,11 +48,19 @@ def test_every_query_names_an_exported_metric_with_its_labels():
     exported, labels = exported_names(), _labels()
     exprs = _exprs()
     assert len(exprs) >= 14
-    needed = {"dimstream_arm_auc", "dimstream_arm_logloss", "dimstream_arm_auc_diff_vs_control_ci_low",
-              "dimstream_arm_ctr_predicted_ratio", "dimstream_arm_ctr_observed_ratio",
-              "dimstream_arm_embedding_params", "dimstream_arm_field_embedding_dim",
-              "dimstream_search_duration_seconds_bucket", "dimstream_kafka_consumer_lag_messages",
-              "dimstream_arm_train_rows_per_second", "dimstream_rows_rejected_total"}
+    needed = {
+        "dimstream_arm_auc",
+        "dimstream_arm_logloss",
+        "dimstream_arm_auc_diff_vs_control_ci_low",
+        "dimstream_arm_ctr_predicted_ratio",
+        "dimstream_arm_ctr_observed_ratio",
+        "dimstream_arm_embedding_params",
+        "dimstream_arm_field_embedding_dim",
+        "dimstream_search_duration_seconds_bucket",
+        "dimstream_kafka_consumer_lag_messages",
+        "dimstream_arm_train_rows_per_second",
+        "dimstream_rows_rejected_total",
+    }
     used = set()
     for e in exprs:
         for name, matchers in re.findall(r"(dimstream_[a-z_]+)(\{[^}]*\})?", e):
@@ -68,16 +78,29 @@ def test_every_query_names_an_exported_metric_with_its_labels():
 def test_every_query_is_valid_promql(tmp_path):
     # Grafana substitutes its variables before the query reaches Prometheus.
     q = [e.replace("$arm", ".*").replace("$__rate_interval", "5m") for e in _exprs()]
-    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e}
-                                                        for i, e in enumerate(q)]}]}
+    rules = {
+        "groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(q)]}]
+    }
     (tmp_path / "r.yml").write_text(yaml.safe_dump(rules))
-    r = subprocess.run([shutil.which("promtool"), "check", "rules", str(tmp_path / "r.yml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [shutil.which("promtool"), "check", "rules", str(tmp_path / "r.yml")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    (tmp_path / "bad.yml").write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
-        {"record": "x:y", "expr": "sum(rate(dimstream_rows_consumed_total[5m]"}]}]}))
-    assert subprocess.run([shutil.which("promtool"), "check", "rules", str(tmp_path / "bad.yml")],
-                          capture_output=True).returncode != 0
+    (tmp_path / "bad.yml").write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {"name": "x", "rules": [{"record": "x:y", "expr": "sum(rate(dimstream_rows_consumed_total[5m]"}]}
+                ]
+            }
+        )
+    )
+    assert (
+        subprocess.run(
+            [shutil.which("promtool"), "check", "rules", str(tmp_path / "bad.yml")], capture_output=True
+        ).returncode
+        != 0
+    )
 
 
 def test_provisioning_points_at_the_dashboards():

@@ -1,4 +1,5 @@
 """Cron, systemd and Kubernetes manifests: well-formed and consistent with the CLI and the daemon."""
+
 import configparser
 import shlex
 
@@ -16,7 +17,7 @@ def _parses(argv: list[str]) -> None:
 
 
 def test_cron_line_runs_the_search_under_a_lock_hourly():
-    line = [l for l in (OPS / "cron" / "crontab").read_text().splitlines() if l and not l.startswith("#")]
+    line = [s for s in (OPS / "cron" / "crontab").read_text().splitlines() if s and not s.startswith("#")]
     assert len(line) == 1
     fields = line[0].split(None, 5)
     assert fields[1:5] == ["*", "*", "*", "*"] and fields[0].isdigit()

@@ -1,9 +1,9 @@
 """The Prometheus scrape config and alert rules, checked by the real promtool."""
+
 import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,8 +13,10 @@ from tests.helpers import REPO
 
 PROM = REPO / "ops" / "prometheus"
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"),
-                                    reason="promtool not installed (apt-get install prometheus; CI installs it)")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None and not os.environ.get("CI"),
+    reason="promtool not installed (apt-get install prometheus; CI installs it)",
+)
 
 
 def exported_names() -> set[str]:
@@ -29,8 +31,11 @@ def _promtool(*args) -> subprocess.CompletedProcess:
 
 @needs_promtool
 def test_config_and_rules_are_valid_and_the_rule_unit_tests_pass():
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
-                 ["test", "rules", "rules_test.yml"]):
+    for args in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "rules.yml"],
+        ["test", "rules", "rules_test.yml"],
+    ):
         r = _promtool(*args)
         assert r.returncode == 0, r.stdout + r.stderr
     r = _promtool("test", "rules", "rules_test.yml")
@@ -58,16 +63,22 @@ def test_a_broken_rule_fails_its_unit_test(tmp_path, alert):
     (tmp_path / "rules.yml").write_text(rules.replace(old, new))
     (tmp_path / "rules_test.yml").write_text((PROM / "rules_test.yml").read_text())
     assert subprocess.run([PROMTOOL, "check", "rules", "rules.yml"], cwd=tmp_path).returncode == 0
-    r = subprocess.run([PROMTOOL, "test", "rules", "rules_test.yml"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [PROMTOOL, "test", "rules", "rules_test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0 and alert in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_every_alert_has_unit_tests_for_firing_and_not_firing():
     rules = yaml.safe_load((PROM / "rules.yml").read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    assert alerts == {"SlimAUCSignificantlyBelowControl", "NoSuccessfulSearch", "NoWindowClosed",
-                      "KafkaBrokerDown", "DeadLetterRateHigh"}
+    assert alerts == {
+        "SlimAUCSignificantlyBelowControl",
+        "NoSuccessfulSearch",
+        "NoWindowClosed",
+        "KafkaBrokerDown",
+        "DeadLetterRateHigh",
+    }
     tests = yaml.safe_load((PROM / "rules_test.yml").read_text())
     fires, silent = set(), set()
     for t in tests["tests"]:
@@ -79,6 +90,7 @@ def test_every_alert_has_unit_tests_for_firing_and_not_firing():
 def test_scrape_config_targets_the_daemon_metrics_addr():
     """prometheus.yml scrapes the CLI's default --metrics-addr; the compose copy scrapes the daemon service."""
     from dimstream.ops.config import RunConfig
+
     default = RunConfig.metrics_addr
     for name, target in (("prometheus.yml", default), ("compose.yml", "daemon:9100")):
         cfg = yaml.safe_load((PROM / name).read_text())

@@ -1,5 +1,6 @@
 """The allocation policy: moving average of the searches' scores, the gain gate, the averaged
 field check, and its state across a restart (search/policy.py)."""
+
 import json
 from types import SimpleNamespace
 
@@ -15,7 +16,9 @@ FULL = {"a": list(range(8)), "b": list(range(8))}  # a control-sized slim arm: o
 
 
 def proposal(a, b, method="m", dims=None, kept=None):
-    return SimpleNamespace(method=method, saliency={"a": list(a), "b": list(b)}, dims=dims or {}, kept_columns=kept or {})
+    return SimpleNamespace(
+        method=method, saliency={"a": list(a), "b": list(b)}, dims=dims or {}, kept_columns=kept or {}
+    )
 
 
 def test_the_moving_average_keeps_one_contrary_shot_from_flipping_the_allocation():
@@ -80,8 +83,9 @@ def test_the_methods_floor_applies_to_the_averaged_allocation():
 
 
 def shot(x, y):  # (delta, stderr) per field
-    return FieldCheck({"x": x[0], "y": y[0]}, {"x": x[1], "y": y[1]},
-                      {"x": x[0] > 2 * x[1], "y": y[0] > 2 * y[1]}, 2.0, 100, 0.1)
+    return FieldCheck(
+        {"x": x[0], "y": y[0]}, {"x": x[1], "y": y[1]}, {"x": x[0] > 2 * x[1], "y": y[0] > 2 * y[1]}, 2.0, 100, 0.1
+    )
 
 
 def test_field_checks_are_averaged_with_the_variance_of_an_average():

@@ -1,4 +1,5 @@
 """A real Prometheus server scrapes a running `dimstream run` and holds what the summary holds."""
+
 import json
 import os
 import shutil
@@ -14,8 +15,10 @@ import pytest
 from tests.helpers import REPO
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"),
-                                reason="prometheus not installed (apt-get install prometheus; CI installs it)")
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None and not os.environ.get("CI"),
+    reason="prometheus not installed (apt-get install prometheus; CI installs it)",
+)
 
 
 def _free_port() -> int:
@@ -35,19 +38,53 @@ def test_prometheus_scrapes_auc_params_and_dims_of_both_arms(tmp_path):
     dport, pport = _free_port(), _free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: dimstream\n    static_configs: [{{targets: ['127.0.0.1:{dport}']}}]\n")
+        f"scrape_configs:\n  - job_name: dimstream\n    static_configs: [{{targets: ['127.0.0.1:{dport}']}}]\n"
+    )
     state = tmp_path / "state"
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "dimstream.ops.cli", "run", "--arms", "control,slim", "--search", "sseds", "--windows", "3",
-         "--rows-per-window", "3000", "--model", "fm", "--state-dir", str(state), "--no-progress",
-         "--metrics-addr", f"127.0.0.1:{dport}", "--linger-seconds", "60"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "daemon.log", "w"))
+        [
+            sys.executable,
+            "-m",
+            "dimstream.ops.cli",
+            "run",
+            "--arms",
+            "control,slim",
+            "--search",
+            "sseds",
+            "--windows",
+            "3",
+            "--rows-per-window",
+            "3000",
+            "--model",
+            "fm",
+            "--state-dir",
+            str(state),
+            "--no-progress",
+            "--metrics-addr",
+            f"127.0.0.1:{dport}",
+            "--linger-seconds",
+            "60",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "daemon.log", "w"),
+    )
     prom = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{pport}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{pport}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
-        while not (state / "summary.json").exists() or len(json.loads((state / "summary.json").read_text())["windows"]) < 3:
+        while (
+            not (state / "summary.json").exists()
+            or len(json.loads((state / "summary.json").read_text())["windows"]) < 3
+        ):
             assert daemon.poll() is None and time.time() < deadline, (tmp_path / "daemon.log").read_text()[-2000:]
             time.sleep(0.5)
         last = json.loads((state / "summary.json").read_text())["windows"][-1]
@@ -66,8 +103,10 @@ def test_prometheus_scrapes_auc_params_and_dims_of_both_arms(tmp_path):
         params = {r["metric"]["arm"]: float(r["value"][1]) for r in _query(pport, "dimstream_arm_embedding_params")}
         assert params["slim"] == last["arms"]["slim"]["embedding_params"] or params["slim"] < params["control"]
         assert params["control"] == last["arms"]["control"]["embedding_params"]
-        dims = {r["metric"]["field"]: float(r["value"][1])
-                for r in _query(pport, 'dimstream_arm_field_embedding_dim{arm="control"}')}
+        dims = {
+            r["metric"]["field"]: float(r["value"][1])
+            for r in _query(pport, 'dimstream_arm_field_embedding_dim{arm="control"}')
+        }
         assert dims == {f: float(d) for f, d in last["arms"]["control"]["dims"].items()}
         slim_dims = _query(pport, 'dimstream_arm_field_embedding_dim{arm="slim"}')
         assert len(slim_dims) == len(dims) and any(float(r["value"][1]) < 32 for r in slim_dims)

@@ -1,4 +1,5 @@
 """Re-allocation: the winning ticket is exact, kept columns keep values and optimizer state."""
+
 import pytest
 import torch
 
@@ -45,14 +46,19 @@ def test_slim_cut_from_the_control_is_the_masked_control(model):
 
 def test_kept_columns_keep_values_and_state_granted_columns_come_from_control():
     control, build, batch = _arms("deepfm")
-    spec1 = ArmSpec("slim", {"user": 4, "item": 4, "tags": 4, "price": 4},
-                    {"user": [0, 1, 2, 3], "item": [4, 5, 6, 7], "tags": [0, 1, 2, 3], "price": [0, 1, 2, 3]})
+    spec1 = ArmSpec(
+        "slim",
+        {"user": 4, "item": 4, "tags": 4, "price": 4},
+        {"user": [0, 1, 2, 3], "item": [4, 5, 6, 7], "tags": [0, 1, 2, 3], "price": [0, 1, 2, 3]},
+    )
     slim = reallocate(control, control, spec1, build)
     for s in range(0, 256, 32):  # the slim arm trains on its own
         slim.train_step(batch.slice(s, s + 32))
-    spec2 = ArmSpec("slim", {"user": 8, "item": 4, "tags": 4, "price": 4},
-                    {"user": [0, 1, 2, 3, 4, 5, 6, 7], "item": [4, 5, 6, 7], "tags": [0, 1, 2, 3],
-                     "price": [0, 1, 2, 3]})
+    spec2 = ArmSpec(
+        "slim",
+        {"user": 8, "item": 4, "tags": 4, "price": 4},
+        {"user": [0, 1, 2, 3, 4, 5, 6, 7], "item": [4, 5, 6, 7], "tags": [0, 1, 2, 3], "price": [0, 1, 2, 3]},
+    )
     slim2 = reallocate(slim, control, spec2, build)
 
     def table(arm, f):
@@ -75,22 +81,28 @@ def test_head_adam_moments_follow_their_columns(model):
     """Kept columns keep the first layer's (DeepFM) or cross layers' (DCN-V2) Adam moments and
     their projection's; granted columns take the control's; nothing restarts at zero."""
     control, build, batch = _arms(model)
-    spec1 = ArmSpec("slim", {"user": 4, "item": 8, "tags": 4, "price": 4},
-                    {"user": [0, 1, 2, 3], "item": list(range(8)), "tags": [0, 1, 2, 3], "price": [4, 5, 6, 7]})
+    spec1 = ArmSpec(
+        "slim",
+        {"user": 4, "item": 8, "tags": 4, "price": 4},
+        {"user": [0, 1, 2, 3], "item": list(range(8)), "tags": [0, 1, 2, 3], "price": [4, 5, 6, 7]},
+    )
     slim = reallocate(control, control, spec1, build)
     for s in range(0, 256, 32):
         slim.train_step(batch.slice(s, s + 32))
-    spec2 = ArmSpec("slim", {"user": 8, "item": 8, "tags": 4, "price": 4},
-                    {"user": list(range(8)), "item": list(range(8)), "tags": [0, 1, 2, 3], "price": [4, 5, 6, 7]})
+    spec2 = ArmSpec(
+        "slim",
+        {"user": 8, "item": 8, "tags": 4, "price": 4},
+        {"user": list(range(8)), "item": list(range(8)), "tags": [0, 1, 2, 3], "price": [4, 5, 6, 7]},
+    )
     slim2 = reallocate(slim, control, spec2, build)
     head1, head2, headc = (a.model.module.head for a in (slim, slim2, control))
     st = lambda arm, p: arm.dense_optimizer.state[p]["exp_avg_sq"]  # noqa: E731
     # columns in model order: user 0..3 / 0..7 first, so user's old columns 0-3 sit at 0-3 in both
     if model == "deepfm":
         w1, w2, wc = head1.dnn[0].weight, head2.dnn[0].weight, headc.dnn[0].weight
-        torch.testing.assert_close(st(slim2, w2)[:, :4], st(slim, w1)[:, :4])       # kept: user 0-3
+        torch.testing.assert_close(st(slim2, w2)[:, :4], st(slim, w1)[:, :4])  # kept: user 0-3
         torch.testing.assert_close(st(slim2, w2)[:, 4:8], st(control, wc)[:, 4:8])  # granted: user 4-7
-        torch.testing.assert_close(st(slim2, w2)[:, 8:], st(slim, w1)[:, 4:])      # item, tags, price
+        torch.testing.assert_close(st(slim2, w2)[:, 8:], st(slim, w1)[:, 4:])  # item, tags, price
         i1, i2 = head1.proj.index[0], head2.proj.index[0]
         if i2 >= 0 and i1 >= 0:
             torch.testing.assert_close(st(slim2, head2.proj.weights[i2])[:, :4], st(slim, head1.proj.weights[i1]))
@@ -110,7 +122,7 @@ def test_every_width_dependent_head_parameter_is_declared_column_tied(model):
     params = [dict(h.named_parameters()) for h in heads]
     tied = [{t.key: t for t in h.column_tied(fields)} for h in heads]
     assert tied[0].keys() == tied[1].keys() and tied[0]
-    for h, ps, ts, widths in zip(heads, params, tied, ([4, 12, 8, 16], [8, 4, 20, 12])):
+    for _h, ps, ts, widths in zip(heads, params, tied, ([4, 12, 8, 16], [8, 4, 20, 12])):
         declared = {id(t.param) for t in ts.values() if t.param is not None}
         assert declared <= {id(p) for p in ps.values()}
         for t in ts.values():
@@ -121,13 +133,15 @@ def test_every_width_dependent_head_parameter_is_declared_column_tied(model):
             else:
                 assert torch.equal(t.value, t.param.detach())
         untied = {n: p.shape for n, p in ps.items() if id(p) not in declared}
-        assert untied == {n: p.shape for n, p in params[0].items()
-                          if id(p) not in {id(t.param) for t in tied[0].values()}}
+        assert untied == {
+            n: p.shape for n, p in params[0].items() if id(p) not in {id(t.param) for t in tied[0].values()}
+        }
     for key, t0 in tied[0].items():
         t1 = tied[1][key]
         assert t0.axes == t1.axes and t0.field == t1.field
-        assert [n for ax, n in enumerate(t0.value.shape) if ax not in t0.axes] == \
-               [n for ax, n in enumerate(t1.value.shape) if ax not in t1.axes]
+        assert [n for ax, n in enumerate(t0.value.shape) if ax not in t0.axes] == [
+            n for ax, n in enumerate(t1.value.shape) if ax not in t1.axes
+        ]
     # the widths really change some shapes: the declarations are not vacuous
     assert any(t.value.shape != tied[1][k].value.shape for k, t in tied[0].items())
 

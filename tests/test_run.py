@@ -1,4 +1,5 @@
 """`dimstream run` end to end: options, outputs, resume after SIGKILL."""
+
 import json
 import os
 import signal
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from dimstream.ops.history import read_log
-
 from tests.helpers import REPO
 
 DIMSTREAM = [sys.executable, "-m", "dimstream.ops.cli"]
@@ -20,17 +20,20 @@ def _run(args, **kw):
     return subprocess.run(DIMSTREAM + args, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--model", "xgboost"], "invalid choice"),
-    (["run", "--window", "0h"], "bad duration"),
-    (["run", "--metrics-addr", "nowhere"], "bad address"),
-    (["run", "--arms", "slim"], "must include control"),
-    (["run", "--source", "files:/no/such/dir"], "files:/no/such/dir"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--model", "xgboost"], "invalid choice"),
+        (["run", "--window", "0h"], "bad duration"),
+        (["run", "--metrics-addr", "nowhere"], "bad address"),
+        (["run", "--arms", "slim"], "must include control"),
+        (["run", "--source", "files:/no/such/dir"], "files:/no/such/dir"),
+    ],
+)
 def test_bad_options_give_one_line_and_exit_2(args, message, tmp_path):
     r = _run(args + ["--state-dir", str(tmp_path)])
     assert r.returncode == 2, r.stderr[-2000:]
-    errors = [l for l in r.stderr.splitlines() if l.startswith("dimstream: error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dimstream: error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
 
 
@@ -49,8 +52,18 @@ def _summary(state: Path) -> dict:
 
 
 def test_run_writes_summary_plot_and_continues_in_the_same_state_dir(tmp_path):
-    base = ["run", "--state-dir", str(tmp_path), "--rows-per-window", "3000", "--metrics-addr", "127.0.0.1:0",
-            "--model", "fm", "--no-progress"]
+    base = [
+        "run",
+        "--state-dir",
+        str(tmp_path),
+        "--rows-per-window",
+        "3000",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--model",
+        "fm",
+        "--no-progress",
+    ]
     r = _run(base + ["--windows", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     s = _summary(tmp_path)
@@ -60,8 +73,9 @@ def test_run_writes_summary_plot_and_continues_in_the_same_state_dir(tmp_path):
     arm = w["arms"]["control"]
     assert set(arm) >= {"auc", "logloss", "ctr_pred", "ctr_obs", "embedding_params", "dims", "train_rows_per_s"}
     assert set(arm["dims"].values()) == {16} and arm["embedding_params"] == 16 * sum(
-        f["num_embeddings"] for f in json.loads((tmp_path / "checkpoints" / "ckpt-000001" / "meta.json")
-                                                .read_text())["schema"]["fields"])
+        f["num_embeddings"]
+        for f in json.loads((tmp_path / "checkpoints" / "ckpt-000001" / "meta.json").read_text())["schema"]["fields"]
+    )
     assert s["truth"]["field_rank"]["noise_flag"] == 0
     assert (tmp_path / "summary.png").stat().st_size > 10_000
     r = _run(base + ["--windows", "3"])
@@ -74,12 +88,23 @@ def test_run_writes_summary_plot_and_continues_in_the_same_state_dir(tmp_path):
 
 def test_sigkill_mid_window_then_resume_trains_every_window_exactly_once(tmp_path):
     state, ref_state = tmp_path / "killed", tmp_path / "reference"
-    base = ["run", "--rows-per-window", "20000", "--windows", "5", "--metrics-addr", "127.0.0.1:0",
-            "--model", "fm", "--no-progress"]
+    base = [
+        "run",
+        "--rows-per-window",
+        "20000",
+        "--windows",
+        "5",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--model",
+        "fm",
+        "--no-progress",
+    ]
     ref = _run(base + ["--state-dir", str(ref_state)])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.Popen(DIMSTREAM + base + ["--state-dir", str(state)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        DIMSTREAM + base + ["--state-dir", str(state)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (state / "checkpoints" / "ckpt-000001").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -103,8 +128,22 @@ def test_sigkill_mid_window_then_resume_trains_every_window_exactly_once(tmp_pat
 
 def test_sigterm_mid_window_exits_0_within_the_grace_period_and_resumes(tmp_path):
     state = tmp_path / "state"
-    base = ["run", "--rows-per-window", "20000", "--windows", "4", "--metrics-addr", "127.0.0.1:0",
-            "--model", "fm", "--no-progress", "--state-dir", str(state), "--grace-seconds", "0.5"]
+    base = [
+        "run",
+        "--rows-per-window",
+        "20000",
+        "--windows",
+        "4",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--model",
+        "fm",
+        "--no-progress",
+        "--state-dir",
+        str(state),
+        "--grace-seconds",
+        "0.5",
+    ]
     log = open(tmp_path / "stderr.log", "w+")  # a file, not a pipe: a full pipe would block the daemon
     proc = subprocess.Popen(DIMSTREAM + base, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.time() + 300

@@ -1,7 +1,7 @@
 """Dimension search: masks, SSEDS gradients, HAM's STE, the budget, the plan file, ground truth."""
+
 import copy
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -12,9 +12,28 @@ from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig
 from dimstream.models.ctr import CTRModel
 from dimstream.models.evaluation import _ranks
-from dimstream.search import (Budget, BudgetError, FieldCheck, Plan, PlanError, allocate, check_fields, ham_search,
-                              make_result, masked_logits, masked_loss, ones_masks, orthogonal_regulariser, rank_blocks,
-                              read_plan, registry, select_blocks, sseds_search, validate_plan, write_plan)
+from dimstream.search import (
+    Budget,
+    BudgetError,
+    FieldCheck,
+    Plan,
+    PlanError,
+    allocate,
+    check_fields,
+    ham_search,
+    make_result,
+    masked_logits,
+    masked_loss,
+    ones_masks,
+    orthogonal_regulariser,
+    rank_blocks,
+    read_plan,
+    registry,
+    select_blocks,
+    sseds_search,
+    validate_plan,
+    write_plan,
+)
 from dimstream.search.budget import params_of
 from dimstream.search.ham import copy_arm, ham_gradient, ham_update, soft_orthogonality, split_holdout, touched_rows
 from dimstream.search.masks import mask_gradient, pooled_embeddings
@@ -32,8 +51,13 @@ def _decoded(n=64, seed=0):
 
 def _model(model="deepfm", seed=0):
     torch.manual_seed(seed)
-    m = CTRModel(DIMS, tiny_schema().num_embeddings, {"tags"}, ModelConfig(model, mlp=(16,), interaction_dim=8),
-                 device=torch.device("cpu"))
+    m = CTRModel(
+        DIMS,
+        tiny_schema().num_embeddings,
+        {"tags"},
+        ModelConfig(model, mlp=(16,), interaction_dim=8),
+        device=torch.device("cpu"),
+    )
     with torch.no_grad():  # weights large enough that every column matters
         for p in m.parameters():
             p.uniform_(-0.5, 0.5)
@@ -41,16 +65,22 @@ def _model(model="deepfm", seed=0):
 
 
 def _arm(model="deepfm"):
-    return Arm(ArmSpec("control", dict(DIMS)), tiny_schema().num_embeddings, {"tags"},
-               ModelConfig(model, mlp=(16,), interaction_dim=8))
+    return Arm(
+        ArmSpec("control", dict(DIMS)),
+        tiny_schema().num_embeddings,
+        {"tags"},
+        ModelConfig(model, mlp=(16,), interaction_dim=8),
+    )
 
 
 def _tables(arm):
-    return {k: v.local_shards()[0].tensor.clone() for k, v in arm.model.state_dict().items()
-            if hasattr(v, "local_shards")}
+    return {
+        k: v.local_shards()[0].tensor.clone() for k, v in arm.model.state_dict().items() if hasattr(v, "local_shards")
+    }
 
 
 # --- (1) masks -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", ["deepfm", "fm", "wdl", "dcnv2"])
 def test_all_ones_mask_equals_the_unmasked_model(model):
@@ -90,6 +120,7 @@ def test_searching_never_modifies_the_control_arm():
 
 
 # --- (2) SSEDS gradient vs finite differences ------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", ["deepfm", "dcnv2"])
 def test_sseds_gradient_equals_central_finite_difference(model):
@@ -138,6 +169,7 @@ def test_gradient_accumulated_over_minibatches_equals_one_big_batch():
 
 # --- (3) HAM's straight-through gradient ------------------------------------------------------------
 
+
 def test_ham_ste_gradient_equals_gradient_wrt_the_hard_mask():
     """HAM eq. 2: the gradient w.r.t. alpha is dL/dm at m = 1[alpha > 0], computed here with
     autograd on the mask itself; the forward pass uses the hard mask."""
@@ -153,7 +185,7 @@ def test_ham_ste_gradient_equals_gradient_wrt_the_hard_mask():
     for f, r in zip(DIMS, ref):
         torch.testing.assert_close(g[f], r)
     assert any(float((a <= 0).sum()) for a in alpha.values())  # some columns were masked...
-    assert all(float(g[f].abs().sum()) > 0 for f in DIMS)     # ...and still get a gradient
+    assert all(float(g[f].abs().sum()) > 0 for f in DIMS)  # ...and still get a gradient
 
 
 def test_ham_update_is_eq3_and_masked_columns_can_come_back():
@@ -183,6 +215,7 @@ def test_ham_search_copy_is_exact_and_reaches_a_column_target():
 
 # --- eq. 1: soft orthogonality -------------------------------------------------------------------
 
+
 def test_soft_orthogonality_is_eq1_and_the_regulariser_trains_touched_rows_only():
     q, _ = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64))
     assert float(soft_orthogonality({"a": q})) == pytest.approx(0.0, abs=1e-12)
@@ -198,8 +231,12 @@ def test_soft_orthogonality_is_eq1_and_the_regulariser_trains_touched_rows_only(
         w = m.embedding.deep.embedding_bags[f"emb_{f}"].weight
         torch.testing.assert_close(emb, w[ids])
     # on a sharded arm the penalty's gradient moves exactly the touched rows (fused update)
-    arm = Arm(ArmSpec("control", dict(DIMS)), tiny_schema().num_embeddings, {"tags"},
-              ModelConfig("deepfm", mlp=(16,), interaction_dim=8, sparse_optimizer="sgd", sparse_lr=0.1))
+    arm = Arm(
+        ArmSpec("control", dict(DIMS)),
+        tiny_schema().num_embeddings,
+        {"tags"},
+        ModelConfig("deepfm", mlp=(16,), interaction_dim=8, sparse_optimizer="sgd", sparse_lr=0.1),
+    )
     before = _tables(arm)
     reg = orthogonal_regulariser(arm, kjt, lam=1.0)
     assert reg.requires_grad and float(reg) > 0
@@ -229,7 +266,9 @@ def test_allocation_is_quantised_within_budget_and_keeps_top_columns(kappa, seed
     scores = _scores(seed)
     a = allocate(scores, Budget("params", kappa), CTRL, ROWS)
     assert all(d % 4 == 0 and 0 <= d <= 16 for d in a.dims.values())
-    assert a.used == params_of(a.dims, ROWS) <= kappa * params_of(CTRL, ROWS) and a.limit == int(kappa * params_of(CTRL, ROWS))
+    assert a.used == params_of(a.dims, ROWS) <= kappa * params_of(CTRL, ROWS) and a.limit == int(
+        kappa * params_of(CTRL, ROWS)
+    )
     for f, cols in a.kept_columns.items():  # each field keeps its top-scored columns
         assert len(cols) == a.dims[f] and cols == sorted(cols)
         if cols:
@@ -245,8 +284,11 @@ def test_selection_stops_at_the_first_block_that_does_not_fit():
 
 def test_blocks_are_ranked_by_the_mean_score_of_four_columns():
     """One lucky column does not buy a field 4 columns: a block's score is its columns' mean."""
-    scores = {"x": np.array([9, 8, 7, 6, 5, 1, 1, 1.]), "y": np.array([4, 4, 4, 4, 4, 3, 3, 3.]),
-              "z": np.array([10, 0, 0, 0, 0, 0, 0, 0.])}
+    scores = {
+        "x": np.array([9, 8, 7, 6, 5, 1, 1, 1.0]),
+        "y": np.array([4, 4, 4, 4, 4, 3, 3, 3.0]),
+        "z": np.array([10, 0, 0, 0, 0, 0, 0, 0.0]),
+    }
     ranking, order = rank_blocks(scores)
     # means: x0 7.5, y0 4, y1 3.5, z0 2.5, x1 2, z1 0
     assert ranking == [("x", 0), ("y", 0), ("y", 1), ("z", 0), ("x", 1), ("z", 1)]
@@ -297,6 +339,7 @@ def test_a_field_the_check_drops_gets_zero_and_its_budget_goes_to_the_others():
 
 
 # --- (4b) the held-out field check ------------------------------------------------------------------
+
 
 def test_field_check_is_eq9_per_field_with_the_field_replaced_by_its_mean():
     """delta_f = mean_rows[l(e_f -> mean e_f) - l], stderr from the paired differences, over
@@ -387,8 +430,17 @@ def test_make_result_is_the_allocation_with_its_figures():
     rows = {"a": 100, "b": 10, "c": 50}
     check = FieldCheck({"a": 1.0, "b": 0.0}, {"a": 0.1, "b": 0.1}, {"a": True, "b": False}, 2.0, 10, 0.0)
     scores = {"a": np.arange(8.0), "b": np.full(8, 9.0)}
-    r = make_result("m", scores, Budget("params", 0.5), {"a": 8, "b": 8}, rows, started=0.0, rows_used=7,
-                    field_check=check, details={"x": 1})
+    r = make_result(
+        "m",
+        scores,
+        Budget("params", 0.5),
+        {"a": 8, "b": 8},
+        rows,
+        started=0.0,
+        rows_used=7,
+        field_check=check,
+        details={"x": 1},
+    )
     assert r.dims == {"a": 4, "b": 0, "c": 0} and r.kept_columns == {"a": [4, 5, 6, 7], "b": [], "c": []}
     assert (r.budget_asked, r.budget_reached, r.control_params, r.params) == (440, 400, 880, 400)
     assert r.saliency == {"a": [float(x) for x in range(8)], "b": [9.0] * 8} and r.rows_used == 7
@@ -402,10 +454,19 @@ CONTROL = {"a": 8, "b": 8, "c": 8}
 
 
 def _plan(**kw):
-    p = Plan(dims={"a": 0, "b": 8, "c": 4}, kept_columns={"a": [], "b": list(range(8)), "c": [1, 3, 5, 7]},
-             saliency={f: [0.1] * 8 for f in NUM}, method="sseds", budget_kind="params", budget_asked=420,
-             budget_reached=280, schema_fingerprint="abc123", checkpoint="ckpt-000011",
-             created_at="2026-01-01T00:00:00Z", duration_seconds=0.25)
+    p = Plan(
+        dims={"a": 0, "b": 8, "c": 4},
+        kept_columns={"a": [], "b": list(range(8)), "c": [1, 3, 5, 7]},
+        saliency={f: [0.1] * 8 for f in NUM},
+        method="sseds",
+        budget_kind="params",
+        budget_asked=420,
+        budget_reached=280,
+        schema_fingerprint="abc123",
+        checkpoint="ckpt-000011",
+        created_at="2026-01-01T00:00:00Z",
+        duration_seconds=0.25,
+    )
     for k, v in kw.items():
         setattr(p, k, v)
     return p
@@ -445,12 +506,15 @@ def test_plan_from_a_search_result_validates(tmp_path):
     validate_plan(back, tiny_schema().fingerprint(), tiny_schema().num_embeddings, DIMS, kappa=0.25)
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"{not json", "malformed"),
-    (b"[1, 2]", "malformed"),
-    (b"", "malformed"),
-    (json.dumps({"dims": {}}).encode(), "missing key"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"{not json", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (b"", "malformed"),
+        (json.dumps({"dims": {}}).encode(), "missing key"),
+    ],
+)
 def test_malformed_plan_files_are_refused(tmp_path, content, reason):
     path = tmp_path / "plan.json"
     path.write_bytes(content)
@@ -462,8 +526,14 @@ def test_malformed_plan_files_are_refused(tmp_path, content, reason):
 def test_missing_plan_file_and_bad_types_are_refused(tmp_path):
     with pytest.raises(PlanError, match="malformed: cannot read"):
         read_plan(tmp_path / "absent.json")
-    for key, bad in [("dims", {"a": "8"}), ("kept_columns", {"a": [0.5]}), ("budget_kind", "bytes"),
-                     ("saliency", {"a": ["x"]}), ("duration_seconds", -1), ("dims", {"a": True})]:
+    for key, bad in [
+        ("dims", {"a": "8"}),
+        ("kept_columns", {"a": [0.5]}),
+        ("budget_kind", "bytes"),
+        ("saliency", {"a": ["x"]}),
+        ("duration_seconds", -1),
+        ("dims", {"a": True}),
+    ]:
         d = _plan().to_dict() | {key: bad}
         (tmp_path / "p.json").write_text(json.dumps(d))
         with pytest.raises(PlanError) as e:
@@ -471,20 +541,29 @@ def test_missing_plan_file_and_bad_types_are_refused(tmp_path):
         assert e.value.reason == "bad type", key
 
 
-@pytest.mark.parametrize("change, kwargs, reason", [
-    ({"dims": {"a": 8, "b": 8, "c": 8}, "kept_columns": {f: list(range(8)) for f in NUM}}, {}, "over budget"),
-    ({}, {"schema_fingerprint": "zzz999"}, "another schema"),
-    ({"dims": {"a": 0, "b": 6, "c": 4}, "kept_columns": {"a": [], "b": list(range(6)), "c": [1, 3, 5, 7]}}, {},
-     "width not a multiple of 4"),
-    ({"dims": {"a": 0, "b": 8, "c": 4, "d": 4}}, {}, "unknown field"),
-    ({"dims": {"b": 8, "c": 4}, "kept_columns": {"b": list(range(8)), "c": [1, 3, 5, 7]}}, {}, "missing field"),
-    ({"kept_columns": {"a": [], "b": list(range(8)), "c": [1, 3, 5, 9]}}, {}, "bad kept columns"),
-    ({"kept_columns": {"a": [], "b": list(range(8)), "c": [1, 3, 3, 7]}}, {}, "bad kept columns"),
-    ({"dims": {"a": 0, "b": 12, "c": 0}, "kept_columns": {"a": [], "b": list(range(12)), "c": []}}, {},
-     "wider than the control"),
-    ({"dims": {"a": 0, "b": 0, "c": 0}, "kept_columns": {"a": [], "b": [], "c": []}}, {}, "keeps no field"),
-    ({"budget_kind": "columns", "budget_asked": 8}, {}, "over budget"),
-])
+@pytest.mark.parametrize(
+    "change, kwargs, reason",
+    [
+        ({"dims": {"a": 8, "b": 8, "c": 8}, "kept_columns": {f: list(range(8)) for f in NUM}}, {}, "over budget"),
+        ({}, {"schema_fingerprint": "zzz999"}, "another schema"),
+        (
+            {"dims": {"a": 0, "b": 6, "c": 4}, "kept_columns": {"a": [], "b": list(range(6)), "c": [1, 3, 5, 7]}},
+            {},
+            "width not a multiple of 4",
+        ),
+        ({"dims": {"a": 0, "b": 8, "c": 4, "d": 4}}, {}, "unknown field"),
+        ({"dims": {"b": 8, "c": 4}, "kept_columns": {"b": list(range(8)), "c": [1, 3, 5, 7]}}, {}, "missing field"),
+        ({"kept_columns": {"a": [], "b": list(range(8)), "c": [1, 3, 5, 9]}}, {}, "bad kept columns"),
+        ({"kept_columns": {"a": [], "b": list(range(8)), "c": [1, 3, 3, 7]}}, {}, "bad kept columns"),
+        (
+            {"dims": {"a": 0, "b": 12, "c": 0}, "kept_columns": {"a": [], "b": list(range(12)), "c": []}},
+            {},
+            "wider than the control",
+        ),
+        ({"dims": {"a": 0, "b": 0, "c": 0}, "kept_columns": {"a": [], "b": [], "c": []}}, {}, "keeps no field"),
+        ({"budget_kind": "columns", "budget_asked": 8}, {}, "over budget"),
+    ],
+)
 def test_invalid_plans_are_rejected_with_a_reason(change, kwargs, reason):
     plan = _plan(**change)
     with pytest.raises(PlanError) as e:
@@ -493,6 +572,7 @@ def test_invalid_plans_are_rejected_with_a_reason(change, kwargs, reason):
 
 
 # --- (6) ground truth on the synthetic stream ---------------------------------------------------------
+
 
 def spearman(x, y) -> float:
     rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
@@ -518,8 +598,12 @@ def trained_control():
         src = SyntheticSource()
         dec = Decoder(src.schema)
         multi = {f.name for f in src.schema.fields if f.kind == "multi"}
-        arm = Arm(ArmSpec("control", {f: 32 for f in src.schema.feature_names}), src.schema.num_embeddings,
-                  multi, ModelConfig("deepfm"))
+        arm = Arm(
+            ArmSpec("control", {f: 32 for f in src.schema.feature_names}),
+            src.schema.num_embeddings,
+            multi,
+            ModelConfig("deepfm"),
+        )
         for w in range(12):
             batch = dec.decode(src.window_table(w)).batch
             for s in range(0, len(batch), arm.config.batch_size):
@@ -536,8 +620,10 @@ def _truth_report(src, r) -> tuple[int, int, float, str]:
     signal = [f for f in rank if rank[f] > 0]
     pruned = sum(r.dims[f] == 0 for f in noise)
     rho = spearman([rank[f] for f in signal], [r.dims[f] for f in signal])
-    lines = [f"{r.method}: noise fields pruned {pruned}/{len(noise)}, Spearman(rank, dim) {rho:.3f}",
-             f"{'field':15s} rank  dim  field score (sum over columns)"]
+    lines = [
+        f"{r.method}: noise fields pruned {pruned}/{len(noise)}, Spearman(rank, dim) {rho:.3f}",
+        f"{'field':15s} rank  dim  field score (sum over columns)",
+    ]
     lines += [f"{f:15s} {rank[f]:4d} {r.dims[f]:4d}  {sum(r.saliency[f]):+.5f}" for f in rank]
     return pruned, len(noise), rho, "\n".join(lines)
 

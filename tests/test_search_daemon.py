@@ -1,4 +1,5 @@
 """The re-pruning job and the daemon together: plans applied, bad plans rejected, crashes harmless."""
+
 import json
 import os
 import signal
@@ -8,12 +9,25 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-
 from tests.helpers import REPO
 
 CLI = [sys.executable, "-m", "dimstream.ops.cli"]
-RUN = ["run", "--arms", "control,slim", "--search", "none", "--search-every", "0", "--rows-per-window", "4000",
-       "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm"]
+RUN = [
+    "run",
+    "--arms",
+    "control,slim",
+    "--search",
+    "none",
+    "--search-every",
+    "0",
+    "--rows-per-window",
+    "4000",
+    "--metrics-addr",
+    "127.0.0.1:0",
+    "--no-progress",
+    "--model",
+    "fm",
+]
 
 
 def _cli(args, check=True):
@@ -48,7 +62,10 @@ def test_cron_plan_is_applied_at_the_next_window_boundary(tmp_path):
     assert s["windows"][2]["reallocation"]["source"] == "plan"
     assert _slim_dims(tmp_path, 3) == plan["dims"]
     assert set(_slim_dims(tmp_path, 2).values()) == {32}
-    assert s["windows"][3]["arms"]["slim"]["embedding_params"] <= 0.25 * s["windows"][3]["arms"]["control"]["embedding_params"]
+    assert (
+        s["windows"][3]["arms"]["slim"]["embedding_params"]
+        <= 0.25 * s["windows"][3]["arms"]["control"]["embedding_params"]
+    )
     assert s["reallocations"][0]["window"] == 2
 
 
@@ -56,8 +73,7 @@ def test_bad_plans_are_rejected_and_the_run_goes_on(tmp_path):
     _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "1"])
     _cli(["search", "--state-dir", str(tmp_path)])
     good = json.loads((tmp_path / "plans" / "pending.json").read_text())
-    over = dict(good, dims={f: 32 for f in good["dims"]},
-                kept_columns={f: list(range(32)) for f in good["dims"]})
+    over = dict(good, dims={f: 32 for f in good["dims"]}, kept_columns={f: list(range(32)) for f in good["dims"]})
     other = dict(good, schema_fingerprint="0123456789abcdef")
     bad_plans = ["{ not json", json.dumps(over), json.dumps(other)]
     for i, text in enumerate(bad_plans):
@@ -74,8 +90,12 @@ def test_bad_plans_are_rejected_and_the_run_goes_on(tmp_path):
 
 def test_killing_the_search_leaves_the_state_dir_valid(tmp_path):
     _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "1"])
-    p = subprocess.Popen(CLI + ["search", "--state-dir", str(tmp_path), "--method", "ham"], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        CLI + ["search", "--state-dir", str(tmp_path), "--method", "ham"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(6)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -91,8 +111,13 @@ def test_killing_the_search_leaves_the_state_dir_valid(tmp_path):
 def test_cron_and_daemon_running_at_once(tmp_path):
     _cli(RUN + ["--state-dir", str(tmp_path), "--windows", "1"])
     log = open(tmp_path / "daemon.log", "w+")  # a file, not a pipe: a full pipe would block the daemon
-    daemon = subprocess.Popen(CLI + RUN + ["--state-dir", str(tmp_path), "--windows", "7"], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=log, text=True)
+    daemon = subprocess.Popen(
+        CLI + RUN + ["--state-dir", str(tmp_path), "--windows", "7"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+    )
     searches = 0
     while daemon.poll() is None and searches < 4:
         r = _cli(["search", "--state-dir", str(tmp_path)], check=False)
@@ -112,8 +137,24 @@ def test_slim_is_reshaped_only_when_the_search_gains_enough(tmp_path):
     """--realloc-min-gain: after the first cut (the control-sized slim arm is over budget) the slim
     arm keeps its columns unless the searched allocation's total saliency beats them by the
     threshold; every search records that gain."""
-    base = ["run", "--arms", "control,slim", "--search", "sseds", "--search-every", "1", "--rows-per-window", "4000",
-            "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm", "--windows", "4"]
+    base = [
+        "run",
+        "--arms",
+        "control,slim",
+        "--search",
+        "sseds",
+        "--search-every",
+        "1",
+        "--rows-per-window",
+        "4000",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--no-progress",
+        "--model",
+        "fm",
+        "--windows",
+        "4",
+    ]
     _cli(base + ["--state-dir", str(tmp_path / "sticky"), "--realloc-min-gain", "1000"])
     _cli(base + ["--state-dir", str(tmp_path / "eager"), "--realloc-min-gain", "0", "--saliency-decay", "0"])
     sticky, eager = _summary(tmp_path / "sticky")["windows"], _summary(tmp_path / "eager")["windows"]
@@ -129,10 +170,34 @@ def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_p
     """--field-check-rows: before the arms train on a search window, the control's held-out
     field check runs on its rows; the fields it drops get 0 columns in that search's allocation."""
     state = tmp_path / "s"
-    _cli(["run", "--arms", "control,slim", "--search", "sseds", "--search-every", "1", "--rows-per-window", "8000",
-          "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm", "--windows", "4",
-          "--field-check-rows", "8000", "--realloc-min-gain", "0", "--saliency-decay", "0",
-          "--state-dir", str(state)])
+    _cli(
+        [
+            "run",
+            "--arms",
+            "control,slim",
+            "--search",
+            "sseds",
+            "--search-every",
+            "1",
+            "--rows-per-window",
+            "8000",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--no-progress",
+            "--model",
+            "fm",
+            "--windows",
+            "4",
+            "--field-check-rows",
+            "8000",
+            "--realloc-min-gain",
+            "0",
+            "--saliency-decay",
+            "0",
+            "--state-dir",
+            str(state),
+        ]
+    )
     windows = _summary(state)["windows"]
     checks = [w["field_check"] for w in windows]
     assert all(c["rows"] == 8000 and c["z"] == 2.0 for c in checks)
@@ -164,6 +229,7 @@ def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_p
 
 class _Runner:
     """Exactly what DaemonSearch may use of a runner; __slots__: nothing can be set on it."""
+
     __slots__ = ("cfg", "schema", "state_dir", "metrics", "arms", "multi")
 
     def __init__(self, state_dir, **cfg):
@@ -172,10 +238,23 @@ class _Runner:
         from dimstream.models.arm import ArmSpec
         from dimstream.ops.metrics import Metrics
         from tests.helpers import tiny_schema
+
         self.schema = tiny_schema()
-        self.cfg = SimpleNamespace(**({"search": "none", "search_every": 0, "search_rows": 8192, "budget": 0.25,
-                                       "saliency_decay": 0.8, "realloc_min_gain": 0.05, "field_check_rows": 0,
-                                       "arms": ("control", "slim")} | cfg))
+        self.cfg = SimpleNamespace(
+            **(
+                {
+                    "search": "none",
+                    "search_every": 0,
+                    "search_rows": 8192,
+                    "budget": 0.25,
+                    "saliency_decay": 0.8,
+                    "realloc_min_gain": 0.05,
+                    "field_check_rows": 0,
+                    "arms": ("control", "slim"),
+                }
+                | cfg
+            )
+        )
         self.state_dir, self.metrics, self.multi = state_dir, Metrics(CollectorRegistry()), {"tags"}
         self.arms = {n: self.build_arm(ArmSpec(n, {f: 16 for f in self.schema.feature_names})) for n in self.cfg.arms}
 
@@ -188,12 +267,14 @@ class _Runner:
     def build_arm(self, spec):
         from dimstream.models.arm import Arm
         from dimstream.models.config import ModelConfig
+
         return Arm(spec, self.schema.num_embeddings, self.multi, ModelConfig("fm", interaction_dim=16, batch_size=64))
 
 
 def _window(runner, n=512, seed=0):
     from dimstream.stream.decode import Decoder
     from tests.helpers import tiny_batch
+
     batch = Decoder(runner.schema).decode(tiny_batch(n, seed)).batch
     for s in range(0, n, 64):
         runner.arm("control").train_step(batch.slice(s, s + 64))
@@ -202,6 +283,7 @@ def _window(runner, n=512, seed=0):
 
 def _record(index):
     from dimstream.ops.record import WindowRecord
+
     return WindowRecord(index=index, start="2026-01-01T00:00:00Z", end="2026-01-01T01:00:00Z", rows=512)
 
 
@@ -228,8 +310,12 @@ def test_a_plan_goes_through_the_policy_applied_kept_or_rejected(tmp_path):
     first = _record(2)
     search.after_training(window, first)
     applied = json.loads((tmp_path / "plans" / "applied" / "000002.json").read_text())
-    assert applied["decision"] == {"reshape": True, "dims": plan.dims, "gain": applied["decision"]["gain"],
-                                   "reason": "over budget"}  # a control-sized slim arm is over any kappa < 1
+    assert applied["decision"] == {
+        "reshape": True,
+        "dims": plan.dims,
+        "gain": applied["decision"]["gain"],
+        "reason": "over budget",
+    }  # a control-sized slim arm is over any kappa < 1
     assert first.reallocation["source"] == "plan" and first.reallocation["dims"] == plan.dims
     assert runner.arm("slim").dims == plan.dims and not pending.exists()
     write_plan(pending, plan)
@@ -238,8 +324,15 @@ def test_a_plan_goes_through_the_policy_applied_kept_or_rejected(tmp_path):
     kept = json.loads((tmp_path / "plans" / "kept" / "000003.json").read_text())
     assert kept["decision"]["gain"] == 0.0 and kept["decision"]["reshape"] is False
     assert kept["dims"] == plan.dims and second.reallocation is None and runner.arm("slim").dims == plan.dims
-    write_plan(pending, Plan(**(plan.__dict__ | {"dims": {f: 16 for f in plan.dims},
-                                                 "kept_columns": {f: list(range(16)) for f in plan.dims}})))
+    write_plan(
+        pending,
+        Plan(
+            **(
+                plan.__dict__
+                | {"dims": {f: 16 for f in plan.dims}, "kept_columns": {f: list(range(16)) for f in plan.dims}}
+            )
+        ),
+    )
     third = _record(4)
     search.after_training(window, third)
     assert third.plan_rejected.startswith("over budget") and (tmp_path / "plans" / "rejected" / "000004.json").exists()

@@ -1,5 +1,6 @@
 """The search-method registry: a method defined and registered here, in the test, is usable by
 the CLI choices, the config and the daemon, which re-allocates the slim arm by it."""
+
 import numpy as np
 import pytest
 
@@ -22,11 +23,21 @@ class Toy(SearchMethod):
 
     def run(self, control, rows, budget, *, field_check=None):
         import time
+
         t0 = time.perf_counter()
         m = ctr_model(control)
         scores = {f: np.minimum(np.arange(d, 0, -1, dtype=np.float64), 1 + self.cap) for f, d in m.dims.items()}
-        return make_result(self.name, scores, budget, m.dims, m.num_embeddings, started=t0, rows_used=len(rows),
-                           min_score=self.min_score, field_check=field_check)
+        return make_result(
+            self.name,
+            scores,
+            budget,
+            m.dims,
+            m.num_embeddings,
+            started=t0,
+            rows_used=len(rows),
+            min_score=self.min_score,
+            field_check=field_check,
+        )
 
 
 @pytest.fixture
@@ -38,6 +49,7 @@ def toy():
 
 def test_a_registered_method_is_a_choice_everywhere(toy):
     from dimstream.ops.cli import build_parser
+
     assert "toy" in registry.names() and {"sseds", "ham"} <= set(registry.names())
     assert registry.knobs("toy") == {"cap"}
     assert registry.build("toy", rows=100, cap=3).cap == 3  # rows offered, not taken
@@ -57,8 +69,17 @@ def test_the_daemon_reallocates_the_slim_arm_by_the_toy_method(toy, tmp_path):
     from dimstream.ops.daemon import Runner
     from dimstream.stream.synthetic import SyntheticSource
 
-    cfg = RunConfig(source="synthetic", rows_per_window=2000, windows=2, arms=("control", "slim"), search="toy",
-                    metrics_addr="127.0.0.1:0", progress=False, state_dir=tmp_path, model=ModelConfig("fm"))
+    cfg = RunConfig(
+        source="synthetic",
+        rows_per_window=2000,
+        windows=2,
+        arms=("control", "slim"),
+        search="toy",
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        state_dir=tmp_path,
+        model=ModelConfig("fm"),
+    )
     summary = Runner.from_config(cfg).run()
     w0, w1 = summary["windows"]
     rows = SyntheticSource(seed=cfg.seed, rows_per_window=2000).schema.num_embeddings

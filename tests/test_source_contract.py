@@ -1,4 +1,5 @@
 """The declared source contracts (stream/sources/base.py) and the registry of `--source` kinds."""
+
 import re
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def _counts(ws) -> dict[str, int]:
 
 # --- every source is a Source -------------------------------------------------------------------
 
+
 def test_every_built_in_kind_is_registered_and_its_class_is_a_source_that_opens_from_a_spec():
     assert set(BUILT_IN) <= set(registry.SOURCES)
     for kind in BUILT_IN:
@@ -84,14 +86,21 @@ def _ml100k(d: Path) -> Path:
 
 def test_every_built_in_source_opens_through_open_source_as_a_source(tmp_path):
     from dimstream.stream.sources.avazu import CATEGORICAL
+
     (tmp_path / "files").mkdir()
     pq.write_table(pa.Table.from_batches([tiny_batch(30)]), tmp_path / "files" / "a.parquet")
     (tmp_path / "day.tsv").write_text("\t".join(["1"] + ["3"] * 13 + ["0a"] * 26) + "\n")
-    (tmp_path / "train.csv").write_text("id,click,hour," + ",".join(CATEGORICAL) + "\n"
-                                        + "1,0,14102100," + ",".join(["x"] * len(CATEGORICAL)) + "\n")
+    (tmp_path / "train.csv").write_text(
+        "id,click,hour," + ",".join(CATEGORICAL) + "\n" + "1,0,14102100," + ",".join(["x"] * len(CATEGORICAL)) + "\n"
+    )
     opts = SourceOptions(schema_config=tiny_schema().to_dict(), rows_per_window=100)
-    specs = {"synthetic": 100, f"files:{tmp_path / 'files'}": 30, f"ml-100k:{_ml100k(tmp_path / 'ml')}": 2,
-             f"criteo:{tmp_path / 'day.tsv'}": 1, f"avazu:{tmp_path / 'train.csv'}": 1}
+    specs = {
+        "synthetic": 100,
+        f"files:{tmp_path / 'files'}": 30,
+        f"ml-100k:{_ml100k(tmp_path / 'ml')}": 2,
+        f"criteo:{tmp_path / 'day.tsv'}": 1,
+        f"avazu:{tmp_path / 'train.csv'}": 1,
+    }
     for spec, rows in specs.items():
         src = open_source(spec, opts)
         assert isinstance(src, Source) and not isinstance(src, LiveSource), spec
@@ -109,7 +118,8 @@ def test_synthetic_from_spec_builds_what_the_daemon_built_bit_for_bit():
     def same(a: pa.Table, b: pa.Table) -> bool:
         return a.column_names == b.column_names and all(
             np.array_equal(x.to_numpy(), y.to_numpy(), equal_nan=True) if pa.types.is_floating(x.type) else x.equals(y)
-            for x, y in zip(a.columns, b.columns))
+            for x, y in zip(a.columns, b.columns)
+        )
 
     opened = open_source("synthetic", SourceOptions(seed=7, rows_per_window=3000))
     built = SyntheticSource(seed=7, rows_per_window=3000, window_seconds=3600)
@@ -124,6 +134,7 @@ def test_synthetic_from_spec_builds_what_the_daemon_built_bit_for_bit():
 
 # --- is_before: row, file and offset positions, and a shape of a source's own -------------------
 
+
 def test_row_positions_compare_by_row_and_other_shapes_must_be_declared():
     src = SyntheticSource(rows_per_window=10)
     assert src.is_before({"row": 3}, {"row": 5}) and not src.is_before({"row": 5}, {"row": 5})
@@ -137,8 +148,8 @@ def test_kafka_positions_compare_per_partition_missing_partitions_were_not_read(
     limit = {"offsets": {"0": 10, "1": 4}}
     assert src.is_before({"offsets": {"0": 9}}, limit)
     assert not src.is_before({"offsets": {"0": 10}}, limit)
-    assert not src.is_before({"offsets": {"2": 0}}, limit)        # partition 2 not in the limit: -1
-    assert src.is_before({"offsets": {"1": 3, "0": 12}}, limit)   # any partition before its limit
+    assert not src.is_before({"offsets": {"2": 0}}, limit)  # partition 2 not in the limit: -1
+    assert src.is_before({"offsets": {"1": 3, "0": 12}}, limit)  # any partition before its limit
     assert not src.is_before({"offsets": {"0": 0}}, None) and not src.is_before({"offsets": {"0": 0}}, {"row": 5})
 
 
@@ -157,8 +168,11 @@ def test_a_source_with_its_own_position_shape_resumes_replaying_not_rejecting_ro
     full = list(Windower(src, Decoder(src.schema), 3600).windows())
     first = full[0]
     assert (first.resume, first.read_upto) == ({"seq": 101}, {"seq": 102})
-    again = list(Windower(src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end,
-                          read_upto=first.read_upto).windows())
+    again = list(
+        Windower(
+            src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end, read_upto=first.read_upto
+        ).windows()
+    )
     before_boundary = int((np.arange(50) * 48 + 2400 < 3600).sum())
     assert before_boundary == 25
     assert sum(w.replayed_rows for w in again) == 25
@@ -187,6 +201,7 @@ def test_the_window_loop_knows_no_position_shape():
 
 # --- LiveSource: Kafka's status -----------------------------------------------------------------
 
+
 def test_kafka_status_reports_up_lag_last_message_and_handed_over_rows_without_the_broker():
     src = KafkaSource("127.0.0.1:1", "t", tiny_schema(), positions=False)
     assert src.status() == SourceStatus(up=False, lag={}, last_message_time=None, handed_over_rows=0)  # never polled
@@ -203,6 +218,7 @@ def test_kafka_status_reports_up_lag_last_message_and_handed_over_rows_without_t
 
 def test_kafka_status_up_comes_from_the_liveness_probe():
     from dimstream.stream.kafka.tansu import Broker, free_port
+
     dead = Liveness(f"127.0.0.1:{free_port()}", {}, interval=0.1, timeout=0.5)
     dead.start()
     broker = Broker()
@@ -235,21 +251,28 @@ def test_kafka_read_upto_and_resume_positions_merge_every_partition_read():
 
 # --- the registry --------------------------------------------------------------------------------
 
+
 def test_unknown_kinds_get_one_line_naming_the_registered_kinds():
     with pytest.raises(ValueError) as e:
         open_source("parquet:/x")
-    assert str(e.value) == ("unknown source kind 'parquet' in 'parquet:/x': "
-                            "the kinds are avazu, criteo, files, kafka, ml-100k, synthetic")
+    assert str(e.value) == (
+        "unknown source kind 'parquet' in 'parquet:/x': the kinds are avazu, criteo, files, kafka, ml-100k, synthetic"
+    )
     for spec in ("nonsense", "", "Synthetic"):
         with pytest.raises(ValueError, match="unknown source kind"):
             open_source(spec)
 
 
 def test_bad_arguments_keep_their_messages(tmp_path):
-    cases = {"files:": "files:DIR needs a directory", f"files:{tmp_path}/nope": f"{tmp_path}/nope is not a directory",
-             f"criteo:{tmp_path}": f"{tmp_path} is not a file", "avazu:": "avazu:FILE needs a file",
-             f"ml-100k:{tmp_path}/x": f"{tmp_path}/x is not a directory", "synthetic:3": "synthetic takes no argument",
-             "kafka://nohost": "bad Kafka URL"}
+    cases = {
+        "files:": "files:DIR needs a directory",
+        f"files:{tmp_path}/nope": f"{tmp_path}/nope is not a directory",
+        f"criteo:{tmp_path}": f"{tmp_path} is not a file",
+        "avazu:": "avazu:FILE needs a file",
+        f"ml-100k:{tmp_path}/x": f"{tmp_path}/x is not a directory",
+        "synthetic:3": "synthetic takes no argument",
+        "kafka://nohost": "bad Kafka URL",
+    }
     for spec, message in cases.items():
         with pytest.raises(ValueError) as e:
             open_source(spec, SourceOptions(schema_config=tiny_schema().to_dict()))
@@ -271,8 +294,16 @@ def test_a_plug_in_source_registered_here_opens_and_resumes_through_open_source(
     src = open_source("seq:4")
     assert type(src) is SeqSource and len(src.batches) == 4
     first = next(iter(Windower(src, Decoder(src.schema), 3600).windows()))
-    again = list(Windower(open_source("seq:4"), Decoder(src.schema), 3600, start=first.resume,
-                          watermark=first.end, read_upto=first.read_upto).windows())
+    again = list(
+        Windower(
+            open_source("seq:4"),
+            Decoder(src.schema),
+            3600,
+            start=first.resume,
+            watermark=first.end,
+            read_upto=first.read_upto,
+        ).windows()
+    )
     assert sum(w.replayed_rows for w in again) == 25 and not _counts(again)
     assert "seq" in str(pytest.raises(ValueError, open_source, "nope").value)  # listed with the rest
 

@@ -1,4 +1,5 @@
 """Sources over real files and the real MovieLens-100k data."""
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,8 +70,11 @@ def test_files_resume_tells_replayed_rows_from_late_rows_by_file_and_row(tmp_pat
     full = list(Windower(src, Decoder(src.schema), 3600).windows())
     first = full[0]
     assert (first.resume, first.read_upto) == ({"file": "a.parquet", "row": 50}, {"file": "a.parquet", "row": 100})
-    again = list(Windower(src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end,
-                          read_upto=first.read_upto).windows())
+    again = list(
+        Windower(
+            src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end, read_upto=first.read_upto
+        ).windows()
+    )
     replayed = int((t_a[50:100] < 3600).sum())
     assert replayed == 25 and sum(w.replayed_rows for w in again) == replayed
     assert [w.rejected_counts for w in again] == [w.rejected_counts for w in full[1:]] == [{"late": 20}, {}]
@@ -79,19 +83,32 @@ def test_files_resume_tells_replayed_rows_from_late_rows_by_file_and_row(tmp_pat
 
 
 def test_schema_from_config_declares_any_log_and_refuses_bad_declarations():
-    s = schema_from_config({"label": "clicked", "event_time": "ts",
-                            "fields": [{"name": "user", "kind": "categorical", "num_embeddings": 100}]})
+    s = schema_from_config(
+        {
+            "label": "clicked",
+            "event_time": "ts",
+            "fields": [{"name": "user", "kind": "categorical", "num_embeddings": 100}],
+        }
+    )
     assert s.label == "clicked" and s.feature_names == ["user"]
-    for bad in [None, {"fields": []}, {"fields": [{"name": "u", "kind": "categorical"}]},
-                {"fields": [{"name": "u", "kind": "weird", "num_embeddings": 3}]}]:
+    for bad in [
+        None,
+        {"fields": []},
+        {"fields": [{"name": "u", "kind": "categorical"}]},
+        {"fields": [{"name": "u", "kind": "weird", "num_embeddings": 3}]},
+    ]:
         with pytest.raises(SchemaError):
             schema_from_config(bad)
 
 
 def test_registry_rejects_bad_specs(tmp_path):
-    cases = {"nonsense": "unknown source kind 'nonsense'", "files:": "files:DIR needs a directory",
-             f"files:{tmp_path}/nope": "nope is not a directory", f"criteo:{tmp_path}": "is not a file",
-             "parquet:/x": "unknown source kind 'parquet'"}
+    cases = {
+        "nonsense": "unknown source kind 'nonsense'",
+        "files:": "files:DIR needs a directory",
+        f"files:{tmp_path}/nope": "nope is not a directory",
+        f"criteo:{tmp_path}": "is not a file",
+        "parquet:/x": "unknown source kind 'parquet'",
+    }
     for spec, message in cases.items():
         with pytest.raises(ValueError, match=message):
             open_source(spec)
@@ -120,7 +137,7 @@ def test_movielens_is_100k_time_ordered_rows_with_labels_and_genres():
 def test_criteo_tsv_with_a_malformed_line(tmp_path):
     rng = np.random.default_rng(0)
     lines = []
-    for i in range(300):
+    for _i in range(300):
         ints = [str(x) if x >= 0 else "" for x in rng.integers(-1, 50, 13)]
         cats = [format(int(x), "08x") if x else "" for x in rng.integers(0, 1000, 26)]
         lines.append("\t".join([str(int(rng.random() < 0.25))] + ints + cats))
@@ -133,14 +150,19 @@ def test_criteo_tsv_with_a_malformed_line(tmp_path):
     assert sum(b.batch.num_rows for b in batches[1:]) == 300
     r = Decoder(src.schema).decode(src.table)
     assert len(r.batch) == 300 and not r.rejected_counts
-    assert src.table.column("event_time").to_numpy()[-1] - src.table.column("event_time").to_numpy()[0] == 2 * 3600 + 3564
+    assert (
+        src.table.column("event_time").to_numpy()[-1] - src.table.column("event_time").to_numpy()[0] == 2 * 3600 + 3564
+    )
 
 
 def test_avazu_csv(tmp_path):
     from dimstream.stream.sources.avazu import CATEGORICAL
+
     header = "id,click,hour," + ",".join(CATEGORICAL)
-    rows = [f"{i},{i % 2},141021{h:02d}," + ",".join(f"v{(i * 7 + j) % 5}" for j in range(len(CATEGORICAL)))
-            for i, h in enumerate([0, 0, 1, 2, 2])]
+    rows = [
+        f"{i},{i % 2},141021{h:02d}," + ",".join(f"v{(i * 7 + j) % 5}" for j in range(len(CATEGORICAL)))
+        for i, h in enumerate([0, 0, 1, 2, 2])
+    ]
     path = tmp_path / "train.csv"
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
     src = AvazuSource(path)

@@ -1,4 +1,5 @@
 """The synthetic stream (the embedded default) and DeepFM's progressive AUC against its Bayes AUC."""
+
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,11 @@ def _same(t1: pa.Table, t2: pa.Table) -> bool:
 
 
 def test_deterministic_for_a_seed_and_restartable_at_any_row():
-    a, b, c = SyntheticSource(seed=4, rows_per_window=3000), SyntheticSource(seed=4, rows_per_window=3000), \
-        SyntheticSource(seed=5, rows_per_window=3000)
+    a, b, c = (
+        SyntheticSource(seed=4, rows_per_window=3000),
+        SyntheticSource(seed=4, rows_per_window=3000),
+        SyntheticSource(seed=5, rows_per_window=3000),
+    )
     assert _same(a.window_table(2), b.window_table(2))
     assert not _same(a.window_table(2), c.window_table(2))
     full = pa.Table.from_batches([sb.batch for _, sb in zip(range(4), a.read(None))])
@@ -57,8 +61,10 @@ def test_deepfm_progressive_auc_is_within_003_of_bayes_over_windows_13_to_24(tmp
     from dimstream.models.config import ModelConfig
     from dimstream.ops.config import RunConfig
     from dimstream.ops.daemon import Runner
-    cfg = RunConfig(windows=24, state_dir=tmp_path, metrics_addr="127.0.0.1:0", progress=False,
-                    model=ModelConfig("deepfm"))
+
+    cfg = RunConfig(
+        windows=24, state_dir=tmp_path, metrics_addr="127.0.0.1:0", progress=False, model=ModelConfig("deepfm")
+    )
     summary = Runner.from_config(cfg).run()
     late = summary["windows"][12:24]
     assert len(late) == 12

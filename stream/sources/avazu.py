@@ -1,4 +1,5 @@
 """The Avazu CSV format (header: id,click,hour,C1,banner_pos,site_id,...,C21); hour is YYMMDDHH."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,29 @@ from dimstream.stream.sources.base import SourceOptions
 from dimstream.stream.sources.criteo import _DelimitedSource, read_delimited
 from dimstream.stream.sources.registry import path_arg
 
-CATEGORICAL = ["C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
-               "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
-               "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
+CATEGORICAL = [
+    "C1",
+    "banner_pos",
+    "site_id",
+    "site_domain",
+    "site_category",
+    "app_id",
+    "app_domain",
+    "app_category",
+    "device_id",
+    "device_ip",
+    "device_model",
+    "device_type",
+    "device_conn_type",
+    "C14",
+    "C15",
+    "C16",
+    "C17",
+    "C18",
+    "C19",
+    "C20",
+    "C21",
+]
 
 
 def avazu_schema(buckets: int = 1_000_000) -> Schema:
@@ -29,6 +50,6 @@ class AvazuSource(_DelimitedSource):
         super().__init__(f"avazu:{path}", table, avazu_schema(buckets), skipped, batch_rows)
 
     @classmethod
-    def from_spec(cls, arg: str, options: SourceOptions) -> "AvazuSource":
+    def from_spec(cls, arg: str, options: SourceOptions) -> AvazuSource:
         """`avazu:FILE`: one CSV file of the Avazu format, with its header."""
         return cls(path_arg(arg, "avazu:FILE", directory=False))

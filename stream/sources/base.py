@@ -18,6 +18,7 @@ the metrics read at scrape time. The daemon calls nothing else.
 How a source is opened from a `--source` spec is declared too: `Source.from_spec(arg,
 options)`, looked up by kind in stream/sources/registry.py.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -57,10 +58,10 @@ class SourceBatch:
 class SourceStatus:
     """What a live source reports about its broker, read at scrape time (ops/metrics.py)."""
 
-    up: bool                                  # the broker answers (its own liveness probe)
+    up: bool  # the broker answers (its own liveness probe)
     lag: dict[str, int] = field(default_factory=dict)  # messages behind, per partition
-    last_message_time: float | None = None    # unix seconds of the last data delivered
-    handed_over_rows: int = 0                 # rows skipped: an earlier owner had trained them
+    last_message_time: float | None = None  # unix seconds of the last data delivered
+    handed_over_rows: int = 0  # rows skipped: an earlier owner had trained them
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class SourceOptions:
     schema_config: dict | None = None  # a declared schema (TOML [schema]): files, kafka
     seed: int = 0
     kafka: dict = field(default_factory=dict)  # kafka-python security options (TOML [kafka])
-    rows_per_window: int = 50_000      # synthetic only
+    rows_per_window: int = 50_000  # synthetic only
     window_seconds: int | None = None  # the run's window length, None: the source's default
 
 
@@ -127,13 +128,16 @@ class Source(ABC):
         if not limit:
             return False
         if "row" not in position or "row" not in limit:
-            raise TypeError(f"{type(self).__name__}: {position} and {limit} are not both row positions; a source "
-                            "with positions of another shape overrides Source.is_before (or the checkpoint is "
-                            "another source's)")
+            raise TypeError(
+                f"{type(self).__name__}: {position} and {limit} are not both row positions; a source "
+                "with positions of another shape overrides Source.is_before (or the checkpoint is "
+                "another source's)"
+            )
         return position["row"] < limit["row"]
 
-    def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None,
-                        start: dict | None) -> dict | None:
+    def resume_position(
+        self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None
+    ) -> dict | None:
         """Where to re-open the source after a checkpoint.
 
         unfinished: batches (in read order) that still hold rows of windows not yet closed.
@@ -154,13 +158,11 @@ class LiveSource(Source):
     """A source backed by a broker (Kafka): positions are told back once they are durable."""
 
     @abstractmethod
-    def commit(self, position: dict, watermark: int | None, read_upto: dict | None,
-               window: int | None) -> None:
+    def commit(self, position: dict, watermark: int | None, read_upto: dict | None, window: int | None) -> None:
         """The checkpoint of `window`, which resumes at `position`, is durable: commit it."""
 
     @abstractmethod
-    def recover(self, position: dict, watermark: int | None, read_upto: dict | None,
-                window: int | None) -> None:
+    def recover(self, position: dict, watermark: int | None, read_upto: dict | None, window: int | None) -> None:
         """At start, before reading: re-tell the broker the last durable checkpoint (a crash
         may have come between writing it and `commit`)."""
 

@@ -5,6 +5,7 @@ number at `rows_per_hour` rows per hour from a fixed epoch. Lines that do not pa
 skipped by the CSV reader, counted, and reported as one error batch per file (reason
 "corrupt_input") so they reach the dead-letter record.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,10 +31,13 @@ def criteo_schema(buckets: int = 1_000_000) -> Schema:
 def read_delimited(path: Path, names, types, delimiter: str, header: bool) -> tuple[pa.Table, int]:
     bad = []
     table = csv.read_csv(
-        path, read_options=csv.ReadOptions(column_names=None if header else names),
-        parse_options=csv.ParseOptions(delimiter=delimiter, quote_char=False,
-                                       invalid_row_handler=lambda row: bad.append(row) or "skip"),
-        convert_options=csv.ConvertOptions(column_types=types, strings_can_be_null=True))
+        path,
+        read_options=csv.ReadOptions(column_names=None if header else names),
+        parse_options=csv.ParseOptions(
+            delimiter=delimiter, quote_char=False, invalid_row_handler=lambda row: bad.append(row) or "skip"
+        ),
+        convert_options=csv.ConvertOptions(column_types=types, strings_can_be_null=True),
+    )
     return table, len(bad)
 
 
@@ -44,14 +48,18 @@ class _DelimitedSource(TableSource):
 
     def read(self, position):
         if self.skipped and not position:
-            yield SourceBatch(None, {"row": 0}, {"row": 0}, error="corrupt_input",
-                              detail=f"{self.name}: {self.skipped} malformed lines skipped")
+            yield SourceBatch(
+                None,
+                {"row": 0},
+                {"row": 0},
+                error="corrupt_input",
+                detail=f"{self.name}: {self.skipped} malformed lines skipped",
+            )
         yield from super().read(position)
 
 
 class CriteoSource(_DelimitedSource):
-    def __init__(self, path: Path, batch_rows: int = 65536, rows_per_hour: int = 100_000,
-                 buckets: int = 1_000_000):
+    def __init__(self, path: Path, batch_rows: int = 65536, rows_per_hour: int = 100_000, buckets: int = 1_000_000):
         types = {"label": pa.int8()} | {c: pa.int64() for c in INTS} | {c: pa.string() for c in CATS}
         table, skipped = read_delimited(Path(path), ["label"] + INTS + CATS, types, "\t", header=False)
         t = EPOCH + (np.arange(table.num_rows) * 3600) // rows_per_hour
@@ -59,6 +67,6 @@ class CriteoSource(_DelimitedSource):
         super().__init__(f"criteo:{path}", table, criteo_schema(buckets), skipped, batch_rows)
 
     @classmethod
-    def from_spec(cls, arg: str, options: SourceOptions) -> "CriteoSource":
+    def from_spec(cls, arg: str, options: SourceOptions) -> CriteoSource:
         """`criteo:FILE`: one TSV file of the Criteo display-ads format."""
         return cls(path_arg(arg, "criteo:FILE", directory=False))

@@ -5,10 +5,11 @@ Any tabular click log streams without code changes: the schema is declared in th
 (reason "corrupt_input", dead-lettered with the file name and the error) and reading goes on.
 Positions are {"file": name, "row": offset within the file}.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,7 +58,7 @@ class FilesSource(Source):
         self.name, self.schema, self.batch_rows = f"files:{directory}", schema, int(batch_rows)
 
     @classmethod
-    def from_spec(cls, arg: str, options: SourceOptions) -> "FilesSource":
+    def from_spec(cls, arg: str, options: SourceOptions) -> FilesSource:
         """`files:DIR`, with the schema declared in the config."""
         directory = path_arg(arg, "files:DIR", directory=True)
         return cls(directory, schema_from_config(options.schema_config))
@@ -89,8 +90,13 @@ class FilesSource(Source):
             try:
                 table = _read_table(path)
             except Exception as e:  # corrupt or unreadable: dead-letter and go on
-                yield SourceBatch(None, {"file": path.name, "row": 0}, {"file": path.name + "\0", "row": 0},
-                                  error="corrupt_input", detail=f"{path.name}: {e}")
+                yield SourceBatch(
+                    None,
+                    {"file": path.name, "row": 0},
+                    {"file": path.name + "\0", "row": 0},
+                    error="corrupt_input",
+                    detail=f"{path.name}: {e}",
+                )
                 continue
             while row < table.num_rows:
                 n = min(self.batch_rows, table.num_rows - row)

@@ -33,6 +33,7 @@ stopped process still accepts TCP connections in the kernel), so `kafka_up` come
 of its own: a thread sends an ApiVersions request to the bootstrap brokers every
 PROBE_INTERVAL_S and calls the broker up only if an answer arrives within PROBE_TIMEOUT_S.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ import struct
 import threading
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
@@ -54,7 +55,7 @@ from dimstream.stream.sources.base import LiveSource, SourceBatch, SourceOptions
 log = logging.getLogger(__name__)
 METADATA_AGE_MS = 5000  # metadata refresh period
 PROBE_INTERVAL_S = 1.0  # liveness probe period
-PROBE_TIMEOUT_S = 2.0   # a broker that has not answered the probe within this is down
+PROBE_TIMEOUT_S = 2.0  # a broker that has not answered the probe within this is down
 
 
 def probe_broker(host: str, port: int, timeout: float = PROBE_TIMEOUT_S, ssl_context=None) -> bool:
@@ -82,8 +83,9 @@ def probe_broker(host: str, port: int, timeout: float = PROBE_TIMEOUT_S, ssl_con
 class Liveness(threading.Thread):
     """Probes the bootstrap brokers every `interval` seconds; `up` is the last probe's answer."""
 
-    def __init__(self, bootstrap: str, security: dict, interval: float = PROBE_INTERVAL_S,
-                 timeout: float = PROBE_TIMEOUT_S):
+    def __init__(
+        self, bootstrap: str, security: dict, interval: float = PROBE_INTERVAL_S, timeout: float = PROBE_TIMEOUT_S
+    ):
         super().__init__(name="dimstream-kafka-liveness", daemon=True)
         self.targets = []
         for hp in bootstrap.split(","):
@@ -107,6 +109,7 @@ def _ssl_context(security: dict):
     if "SSL" not in str(security.get("security_protocol", "PLAINTEXT")).upper():
         return None
     import ssl
+
     ctx = ssl.create_default_context(cafile=security.get("ssl_cafile"))
     if security.get("ssl_certfile"):
         ctx.load_cert_chain(security["ssl_certfile"], security.get("ssl_keyfile"), security.get("ssl_password"))
@@ -149,6 +152,7 @@ class PositionsTopic:
             return
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
+
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000, **self.security)
         try:
             if self.name not in admin.list_topics():
@@ -174,10 +178,18 @@ class PositionsTopic:
             self._ensure()
             if self._producer is None:
                 from kafka import KafkaProducer
-                self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
-                                               **self.security)
-            futures = [self._producer.send(self.name, key=f"{self.group}/{r['partition']}".encode(),
-                                           value=json.dumps(r, sort_keys=True).encode()) for r in records]
+
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, **self.security
+                )
+            futures = [
+                self._producer.send(
+                    self.name,
+                    key=f"{self.group}/{r['partition']}".encode(),
+                    value=json.dumps(r, sort_keys=True).encode(),
+                )
+                for r in records
+            ]
             self._producer.flush(timeout=timeout)
             for f in futures:
                 f.get(timeout=timeout)
@@ -191,9 +203,16 @@ class PositionsTopic:
         of this group. Raises if the end cannot be reached within `timeout` seconds."""
         from kafka import KafkaConsumer
         from kafka.structs import TopicPartition
+
         if self._reader is None:
-            self._reader = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                         auto_offset_reset="earliest", request_timeout_ms=15000, **self.security)
+            self._reader = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                request_timeout_ms=15000,
+                **self.security,
+            )
         parts = self._reader.partitions_for_topic(self.name)
         if not parts:
             return self.latest  # nothing written yet
@@ -230,9 +249,18 @@ class PositionsTopic:
 class KafkaSource(LiveSource):
     """A topic of Arrow (or JSON-lines) messages, read by a consumer group (module docstring)."""
 
-    def __init__(self, bootstrap: str, topic: str, schema: Schema, group: str = "dimstream",
-                 poll_timeout_ms: int = 500, security: dict | None = None, auto_offset_reset: str = "earliest",
-                 dlq: bool = True, positions: bool = True):
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        schema: Schema,
+        group: str = "dimstream",
+        poll_timeout_ms: int = 500,
+        security: dict | None = None,
+        auto_offset_reset: str = "earliest",
+        dlq: bool = True,
+        positions: bool = True,
+    ):
         self.bootstrap, self.topic, self.schema, self.group = bootstrap, topic, schema, group
         self.name = f"kafka://{bootstrap}/{topic}"
         self.poll_timeout_ms, self.security = poll_timeout_ms, dict(security or {})
@@ -240,43 +268,45 @@ class KafkaSource(LiveSource):
         self._poll_ok = False
         self._liveness: Liveness | None = None
         self.last_message_time: float | None = None
-        self.lag: dict[str, int] = {}    # replaced whole, never changed in place (status() reads it)
-        self._lag_at = -float("inf")     # when lag was last measured (monotonic)
-        self._next: dict[str, int] = {}   # per partition: offset after the last message read
+        self.lag: dict[str, int] = {}  # replaced whole, never changed in place (status() reads it)
+        self._lag_at = -float("inf")  # when lag was last measured (monotonic)
+        self._next: dict[str, int] = {}  # per partition: offset after the last message read
         self._consumer = self._producer = None
-        self._durable: dict[str, int] = {}       # per partition: offset of the last durable checkpoint
+        self._durable: dict[str, int] = {}  # per partition: offset of the last durable checkpoint
         self._durable_meta: dict[str, str] = {}  # per partition: commit metadata of that checkpoint
         self._durable_rec: dict[str, dict] = {}  # per partition: its positions record
-        self._side_ok: set[str] = set()          # partitions whose durable record is on the side topic
-        self._assigned: set[int] | None = None   # partitions this member owns (None: not yet known)
-        self._rebalanced = False                 # set by the listener, handled after poll returns
+        self._side_ok: set[str] = set()  # partitions whose durable record is on the side topic
+        self._assigned: set[int] | None = None  # partitions this member owns (None: not yet known)
+        self._rebalanced = False  # set by the listener, handled after poll returns
         # per partition, [read_upto, watermark] rules of rows handled by earlier owners: `_skip` is
         # applied to messages as they are read, `_carry` goes into positions until passed
         self._skip: dict[str, list[list[int]]] = {}
         self._carry: dict[str, list[list[int]]] = {}
-        self._read_base: dict[str, int] = {}     # partitions taken over: nothing read before this
+        self._read_base: dict[str, int] = {}  # partitions taken over: nothing read before this
         self._positions = PositionsTopic(bootstrap, topic, group, self.security) if positions else None
         self.member = uuid.uuid4().hex[:12]
-        self.rebalances = 0                      # assignments received
-        self.revoked_unfinished = 0              # revocations that found read-but-untrained messages
-        self.handed_over_rows = 0                # rows skipped as trained by a partition's previous owner
+        self.rebalances = 0  # assignments received
+        self.revoked_unfinished = 0  # revocations that found read-but-untrained messages
+        self.handed_over_rows = 0  # rows skipped as trained by a partition's previous owner
 
     @classmethod
-    def from_url(cls, url: str, schema_config: dict | None = None, **kw) -> "KafkaSource":
+    def from_url(cls, url: str, schema_config: dict | None = None, **kw) -> KafkaSource:
         u = urlparse(url)
         if u.scheme != "kafka" or not u.hostname or not u.port or not u.path.strip("/"):
             raise ValueError(f"bad Kafka URL {url!r}: use kafka://HOST:PORT/TOPIC[?group=NAME]")
         if schema_config is None:
             from dimstream.stream.synthetic import default_schema
+
             schema = default_schema()
         else:
             from dimstream.stream.sources.files import schema_from_config
+
             schema = schema_from_config(schema_config)
         group = parse_qs(u.query).get("group", ["dimstream"])[0]
         return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, **kw)
 
     @classmethod
-    def from_spec(cls, arg: str, options: SourceOptions) -> "KafkaSource":
+    def from_spec(cls, arg: str, options: SourceOptions) -> KafkaSource:
         """`kafka://HOST:PORT/TOPIC[?group=G]` (`arg` is the whole URL), with the declared schema
         (the synthetic one if none) and the [kafka] security options."""
         return cls.from_url(arg, schema_config=options.schema_config, security=options.kafka or None)
@@ -292,8 +322,12 @@ class KafkaSource(LiveSource):
         """Up, lag, last message time and rows handed over, as of now. Called from the scrape
         thread while `read` runs: every attribute it reads is replaced whole, never changed in
         place (`lag` is a new dict each time), so one read of each needs no lock."""
-        return SourceStatus(up=self.kafka_up, lag=dict(self.lag), last_message_time=self.last_message_time,
-                            handed_over_rows=self.handed_over_rows)
+        return SourceStatus(
+            up=self.kafka_up,
+            lag=dict(self.lag),
+            last_message_time=self.last_message_time,
+            handed_over_rows=self.handed_over_rows,
+        )
 
     # --- reading ---
     def _connect(self):
@@ -314,10 +348,19 @@ class KafkaSource(LiveSource):
                 source._rebalanced = True  # seeks and the rewind happen after poll returns
 
         self._consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False,
-            auto_offset_reset=self.auto_offset_reset, session_timeout_ms=6000, heartbeat_interval_ms=1000,
-            request_timeout_ms=15000, max_partition_fetch_bytes=64 << 20, fetch_max_bytes=128 << 20,
-            max_poll_records=10_000, metadata_max_age_ms=METADATA_AGE_MS, **self.security)
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+            request_timeout_ms=15000,
+            max_partition_fetch_bytes=64 << 20,
+            fetch_max_bytes=128 << 20,
+            max_poll_records=10_000,
+            metadata_max_age_ms=METADATA_AGE_MS,
+            **self.security,
+        )
         self._consumer.subscribe([self.topic], listener=Listener())
 
     def read(self, position: dict | None) -> Iterator[SourceBatch]:
@@ -328,8 +371,9 @@ class KafkaSource(LiveSource):
             self._liveness.start()
         was_up = None
         self._durable = {str(p): int(o) for p, o in here["offsets"].items()}
-        self._carry = {str(p): [list(map(int, r)) for r in rules]
-                       for p, rules in ((position or {}).get("carry") or {}).items()}
+        self._carry = {
+            str(p): [list(map(int, r)) for r in rules] for p, rules in ((position or {}).get("carry") or {}).items()
+        }
         self.member = str((position or {}).get("member") or self.member)
         while True:
             try:
@@ -354,8 +398,13 @@ class KafkaSource(LiveSource):
                 continue
             if self.kafka_up != was_up:
                 if was_up is not None:
-                    log.warning("Kafka %s is %s", self.bootstrap, "answering again" if self.kafka_up else
-                                f"not answering (no reply to a probe within {PROBE_TIMEOUT_S:.0f}s)")
+                    log.warning(
+                        "Kafka %s is %s",
+                        self.bootstrap,
+                        "answering again"
+                        if self.kafka_up
+                        else f"not answering (no reply to a probe within {PROBE_TIMEOUT_S:.0f}s)",
+                    )
                 was_up = self.kafka_up
             self._update_lag()
             if not records:
@@ -371,19 +420,26 @@ class KafkaSource(LiveSource):
         mine = {str(tp.partition) for tp in partitions}
         if any(self._next.get(p, -1) > self._durable.get(p, -1) for p in mine):
             self.revoked_unfinished += 1
-        log.info("rebalance: giving up partitions %s at the last checkpoint %s", sorted(mine),
-                 {p: self._durable.get(p) for p in sorted(mine)})
+        log.info(
+            "rebalance: giving up partitions %s at the last checkpoint %s",
+            sorted(mine),
+            {p: self._durable.get(p) for p in sorted(mine)},
+        )
         if not commit or self._consumer is None:
             return
         from kafka.structs import OffsetAndMetadata, TopicPartition
+
         unwritten = [self._durable_rec[p] for p in sorted(mine) if p in self._durable_rec and p not in self._side_ok]
         if unwritten and self._positions is not None:  # the record goes first: never older than the commit
             if not self._positions.write(unwritten, timeout=3.0):
                 mine = mine & self._side_ok  # the commit before it stands, with its record
             else:
                 self._side_ok |= {r["partition"] for r in unwritten}
-        offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(self._durable[p], self._durable_meta.get(p, ""), -1)
-                   for p in mine if p in self._durable}
+        offsets = {
+            TopicPartition(self.topic, int(p)): OffsetAndMetadata(self._durable[p], self._durable_meta.get(p, ""), -1)
+            for p in mine
+            if p in self._durable
+        }
         if not offsets:
             return
         try:  # async form: a blocking commit is refused on kafka-python's IO thread
@@ -398,6 +454,7 @@ class KafkaSource(LiveSource):
         offset that some owner already trained are skipped by the union of the claims' rules (each
         rule is true on its own); this member's own rule is applied by the window loop."""
         from kafka.structs import TopicPartition
+
         self.rebalances += 1
         self._next, self.lag, self._skip, self._read_base = {}, {}, {}, {}
         records: dict[str, dict] = {}
@@ -410,8 +467,15 @@ class KafkaSource(LiveSource):
             tp, p = TopicPartition(self.topic, part), str(part)
             claims = []  # (offset, rules, positions record, commit metadata, this member's own)
             if p in self._durable:
-                claims.append((self._durable[p], self._carry.get(p, []), self._durable_rec.get(p),
-                               self._durable_meta.get(p, ""), True))
+                claims.append(
+                    (
+                        self._durable[p],
+                        self._carry.get(p, []),
+                        self._durable_rec.get(p),
+                        self._durable_meta.get(p, ""),
+                        True,
+                    )
+                )
             rec = records.get(p)
             if rec is not None and isinstance(rec.get("offset"), int) and rec["offset"] >= 0:
                 claims.append((rec["offset"], skip_rules(rec), rec, _metadata(rec), False))
@@ -421,8 +485,15 @@ class KafkaSource(LiveSource):
                     meta = json.loads(committed.metadata or "{}")
                 except ValueError:
                     meta = {}
-                claims.append((committed.offset, skip_rules(meta if isinstance(meta, dict) else {}), None,
-                               committed.metadata or "", False))
+                claims.append(
+                    (
+                        committed.offset,
+                        skip_rules(meta if isinstance(meta, dict) else {}),
+                        None,
+                        committed.metadata or "",
+                        False,
+                    )
+                )
             if not claims:
                 if self.auto_offset_reset == "latest":
                     self._consumer.seek_to_end(tp)
@@ -449,10 +520,15 @@ class KafkaSource(LiveSource):
         for p in list(self._carry):
             if int(p) not in (self._assigned or ()):
                 del self._carry[p]
-        log.info("rebalance: assigned partitions %s; restarting them at %s (skipping rows trained by earlier "
-                 "owners: %s)", sorted(self._assigned or ()),
-                 {p: self._consumer.position(TopicPartition(self.topic, int(p))) for p in map(str, sorted(self._assigned or ()))},
-                 self._skip or "none")
+        log.info(
+            "rebalance: assigned partitions %s; restarting them at %s (skipping rows trained by earlier owners: %s)",
+            sorted(self._assigned or ()),
+            {
+                p: self._consumer.position(TopicPartition(self.topic, int(p)))
+                for p in map(str, sorted(self._assigned or ()))
+            },
+            self._skip or "none",
+        )
 
     def _handed_over(self, p: str, offset: int, rb: pa.RecordBatch) -> pa.RecordBatch:
         """Drop the rows earlier owners of the partition trained: older than a rule's watermark, in
@@ -465,6 +541,7 @@ class KafkaSource(LiveSource):
         if t not in rb.schema.names:
             return rb
         import pyarrow.compute as pc
+
         watermark = max(w for _, w in rules)  # every rule covers this message: the widest one decides
         keep = pc.fill_null(pc.greater_equal(rb.column(t), watermark), True)
         out = rb.filter(keep)
@@ -482,8 +559,10 @@ class KafkaSource(LiveSource):
             try:
                 rb = pa.Table.from_batches(run).combine_chunks().to_batches()[0] if len(run) > 1 else run[0]
             except pa.ArrowInvalid:  # messages of different Arrow schemas: keep them apart
-                return [SourceBatch(b, {"offsets": {p: first + i}}, {"offsets": {p: first + i + 1}})
-                        for i, b in enumerate(run)]
+                return [
+                    SourceBatch(b, {"offsets": {p: first + i}}, {"offsets": {p: first + i + 1}})
+                    for i, b in enumerate(run)
+                ]
             return [SourceBatch(rb, {"offsets": {p: first}}, {"offsets": {p: first + len(run)}})]
 
         for msg in messages:
@@ -497,8 +576,13 @@ class KafkaSource(LiveSource):
                 yield from flush() or []
                 run, first = [], None
                 self._dead_letter(msg, e.reason)
-                yield SourceBatch(None, {"offsets": {p: msg.offset}}, {"offsets": {p: msg.offset + 1}},
-                                  error=e.reason, detail=f"partition {p} offset {msg.offset}: {e.detail}")
+                yield SourceBatch(
+                    None,
+                    {"offsets": {p: msg.offset}},
+                    {"offsets": {p: msg.offset + 1}},
+                    error=e.reason,
+                    detail=f"partition {p} offset {msg.offset}: {e.detail}",
+                )
                 continue
             if first is not None and msg.offset != first + len(run):  # a gap (compaction): new run
                 yield from flush() or []
@@ -518,8 +602,9 @@ class KafkaSource(LiveSource):
                 return  # not assigned yet: try again at the next poll
             self._lag_at = now
             ends = self._consumer.end_offsets(parts)
-            self.lag = {str(tp.partition): max(0, int(end) - int(self._consumer.position(tp)))
-                        for tp, end in ends.items()}
+            self.lag = {
+                str(tp.partition): max(0, int(end) - int(self._consumer.position(tp))) for tp, end in ends.items()
+            }
         except Exception as e:
             log.debug("lag unavailable: %s", e)
 
@@ -529,19 +614,29 @@ class KafkaSource(LiveSource):
         try:
             if self._producer is None:
                 from kafka import KafkaProducer
+
                 self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, **self.security)
             self._producer.send(f"{self.topic}.dlq", value=value, key=key, headers=headers)
         except Exception as e:  # the window's dead-letter file still holds it
             log.warning("could not write to %s.dlq: %s", self.topic, e)
 
     def _dead_letter(self, msg, reason: str) -> None:
-        self._dlq_send(msg.value, msg.key, [("reason", reason.encode()), ("partition", str(msg.partition).encode()),
-                                             ("offset", str(msg.offset).encode())])
+        self._dlq_send(
+            msg.value,
+            msg.key,
+            [
+                ("reason", reason.encode()),
+                ("partition", str(msg.partition).encode()),
+                ("offset", str(msg.offset).encode()),
+            ],
+        )
 
     def dead_letter_rows(self, table: pa.Table) -> None:
         """Rows the window loop rejected (late, bad label, ...): one Arrow message per reason."""
-        from dimstream.stream.kafka.wire import encode_arrow
         import pyarrow.compute as pc
+
+        from dimstream.stream.kafka.wire import encode_arrow
+
         for reason in pc.unique(table.column("reason")).to_pylist():
             part = table.filter(pc.equal(table.column("reason"), reason))
             value, _ = encode_arrow(part.combine_chunks().to_batches()[0], self.schema.fingerprint())
@@ -590,16 +685,19 @@ class KafkaSource(LiveSource):
         >>> src = KafkaSource("localhost:9092", "t", default_schema())
         >>> src.is_before({"offsets": {"0": 4}}, {"offsets": {"0": 5, "1": 2}})
         True
-        >>> src.is_before({"offsets": {"1": 2}}, {"offsets": {"0": 5, "1": 2}}), src.is_before({"offsets": {"2": 0}}, {"offsets": {"0": 5}})
-        (False, False)
+        >>> src.is_before({"offsets": {"1": 2}}, {"offsets": {"0": 5, "1": 2}})
+        False
+        >>> src.is_before({"offsets": {"2": 0}}, {"offsets": {"0": 5}})
+        False
         """
         upto = (limit or {}).get("offsets")
         if not upto:
             return False
         return any(int(o) < int(upto.get(p, -1)) for p, o in position.get("offsets", {}).items())
 
-    def commit(self, position: dict, watermark: int | None = None, read_upto: dict | None = None,
-               window: int | None = None) -> None:
+    def commit(
+        self, position: dict, watermark: int | None = None, read_upto: dict | None = None, window: int | None = None
+    ) -> None:
         """Publish `position`: called only once the checkpoint holding it is durable. First, per
         owned partition, a record on the positions side topic (offset, how far it was read, the
         checkpoint's watermark and window, and the rules carried over from earlier owners); only
@@ -614,8 +712,11 @@ class KafkaSource(LiveSource):
                 return  # no commit without its record: the checkpoint holds the position; the next one catches up
             self._side_ok = set(self._durable_rec)
         from kafka.structs import OffsetAndMetadata, TopicPartition
-        offsets = {TopicPartition(self.topic, int(p)): OffsetAndMetadata(o, self._durable_meta.get(p, ""), -1)
-                   for p, o in self._durable.items()}
+
+        offsets = {
+            TopicPartition(self.topic, int(p)): OffsetAndMetadata(o, self._durable_meta.get(p, ""), -1)
+            for p, o in self._durable.items()
+        }
         try:
             self._consumer.commit(offsets)
         except Exception as e:  # the checkpoint still holds the position; the next commit catches up
@@ -628,8 +729,15 @@ class KafkaSource(LiveSource):
         self._durable = {p: int(o) for p, o in self._owned(position.get("offsets", {})).items()}
         self._durable_meta, self._durable_rec, self._side_ok = {}, {}, set()
         for p, o in self._durable.items():
-            rec = {"group": self.group, "topic": self.topic, "partition": p, "offset": o, "member": self.member,
-                   "window": window, "written_at": time.time()}
+            rec = {
+                "group": self.group,
+                "topic": self.topic,
+                "partition": p,
+                "offset": o,
+                "member": self.member,
+                "window": window,
+                "written_at": time.time(),
+            }
             if watermark is not None and p in upto:
                 rec |= {"read_upto": int(upto[p]), "watermark": int(watermark)}
             if carry.get(p):
@@ -637,8 +745,9 @@ class KafkaSource(LiveSource):
             self._durable_rec[p] = rec
             self._durable_meta[p] = _metadata(rec)
 
-    def recover(self, position: dict, watermark: int | None = None, read_upto: dict | None = None,
-                window: int | None = None) -> None:
+    def recover(
+        self, position: dict, watermark: int | None = None, read_upto: dict | None = None, window: int | None = None
+    ) -> None:
         """Called once at start, before reading, with the checkpoint the daemon resumed from. A
         daemon that died after writing that checkpoint but before its record reached the
         positions topic publishes the record now, before it rejoins the group: for each
@@ -660,15 +769,19 @@ class KafkaSource(LiveSource):
             last = latest.get(p)
             if last is not None and last.get("member") != self.member:
                 continue  # another member has checkpointed it since: its record stands
-            if last is not None and (last.get("window") if last.get("window") is not None else -1) >= \
-                    (window if window is not None else -1):
+            if last is not None and (last.get("window") if last.get("window") is not None else -1) >= (
+                window if window is not None else -1
+            ):
                 self._side_ok.add(p)  # published before the crash
                 continue
             publish.append(rec)
         if publish and self._positions.write(publish):
             self._side_ok |= {r["partition"] for r in publish}
-            log.info("published the positions of checkpoint %s for partitions %s (not published before the "
-                     "restart)", window, [r["partition"] for r in publish])
+            log.info(
+                "published the positions of checkpoint %s for partitions %s (not published before the restart)",
+                window,
+                [r["partition"] for r in publish],
+            )
 
     def _drop_consumer(self) -> None:
         if self._consumer is not None:

@@ -17,6 +17,7 @@ pyarrow.csv and joined to users and movies by a vectorised lookup (`_lookup`).
 >>> src.default_window_seconds
 86400
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,31 +37,52 @@ N_GENRES = 19
 
 
 def movielens_schema() -> Schema:
-    return Schema([
-        FieldSpec("user", "categorical", 2048), FieldSpec("movie", "categorical", 4096),
-        FieldSpec("age_bucket", "categorical", 16), FieldSpec("gender", "categorical", 8),
-        FieldSpec("occupation", "categorical", 64), FieldSpec("zip_prefix", "categorical", 1024),
-        FieldSpec("release_year", "categorical", 128), FieldSpec("genres", "multi", 32),
-    ])
+    return Schema(
+        [
+            FieldSpec("user", "categorical", 2048),
+            FieldSpec("movie", "categorical", 4096),
+            FieldSpec("age_bucket", "categorical", 16),
+            FieldSpec("gender", "categorical", 8),
+            FieldSpec("occupation", "categorical", 64),
+            FieldSpec("zip_prefix", "categorical", 1024),
+            FieldSpec("release_year", "categorical", 128),
+            FieldSpec("genres", "multi", 32),
+        ]
+    )
 
 
 def _read(path: Path, names: list[str], delimiter: str, types: dict) -> pa.Table:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (expected GroupLens ml-100k files)")
-    return csv.read_csv(path, read_options=csv.ReadOptions(column_names=names, encoding="latin-1"),
-                        parse_options=csv.ParseOptions(delimiter=delimiter, quote_char=False),
-                        convert_options=csv.ConvertOptions(column_types=types))
+    return csv.read_csv(
+        path,
+        read_options=csv.ReadOptions(column_names=names, encoding="latin-1"),
+        parse_options=csv.ParseOptions(delimiter=delimiter, quote_char=False),
+        convert_options=csv.ConvertOptions(column_types=types),
+    )
 
 
 def load_movielens(directory: Path) -> pa.Table:
     d = Path(directory)
-    ratings = _read(d / "u.data", ["user", "movie", "rating", "event_time"], "\t",
-                    {"user": pa.int64(), "movie": pa.int64(), "rating": pa.int64(), "event_time": pa.int64()})
-    users = _read(d / "u.user", ["user", "age", "gender", "occupation", "zip"], "|",
-                  {"user": pa.int64(), "age": pa.int64(), "zip": pa.string()})
+    ratings = _read(
+        d / "u.data",
+        ["user", "movie", "rating", "event_time"],
+        "\t",
+        {"user": pa.int64(), "movie": pa.int64(), "rating": pa.int64(), "event_time": pa.int64()},
+    )
+    users = _read(
+        d / "u.user",
+        ["user", "age", "gender", "occupation", "zip"],
+        "|",
+        {"user": pa.int64(), "age": pa.int64(), "zip": pa.string()},
+    )
     genre_cols = [f"g{i}" for i in range(N_GENRES)]
-    items = _read(d / "u.item", ["movie", "title", "release", "video_release", "url"] + genre_cols, "|",
-                  {"movie": pa.int64(), "release": pa.string()} | {g: pa.int8() for g in genre_cols})
+    items = _read(
+        d / "u.item",
+        ["movie", "title", "release", "video_release", "url"] + genre_cols,
+        "|",
+        {"movie": pa.int64(), "release": pa.string()} | {g: pa.int8() for g in genre_cols},
+    )
     flags = np.stack([items.column(g).to_numpy(zero_copy_only=False) for g in genre_cols], axis=1) > 0
     lengths = flags.sum(axis=1)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -68,16 +90,20 @@ def load_movielens(directory: Path) -> pa.Table:
     year = pc.utf8_slice_codeunits(pc.fill_null(items.column("release"), ""), -4)
     year = pc.cast(pc.if_else(pc.equal(pc.utf8_length(year), 4), year, None), pa.int64())
     items = pa.table({"movie": items.column("movie"), "release_year": year, "genres": genres})
-    users = pa.table({
-        "user": users.column("user"),
-        "age_bucket": pa.array(np.searchsorted(AGE_EDGES, users.column("age").to_numpy(), side="right")),
-        "gender": users.column("gender"), "occupation": users.column("occupation"),
-        "zip_prefix": pc.utf8_slice_codeunits(users.column("zip"), 0, 3),
-    })
+    users = pa.table(
+        {
+            "user": users.column("user"),
+            "age_bucket": pa.array(np.searchsorted(AGE_EDGES, users.column("age").to_numpy(), side="right")),
+            "gender": users.column("gender"),
+            "occupation": users.column("occupation"),
+            "zip_prefix": pc.utf8_slice_codeunits(users.column("zip"), 0, 3),
+        }
+    )
     u = _lookup(users, "user", ratings.column("user").to_numpy())
     m = _lookup(items, "movie", ratings.column("movie").to_numpy())
-    cols = {c: u.column(c) for c in u.column_names if c != "user"} | \
-           {c: m.column(c) for c in m.column_names if c != "movie"}
+    cols = {c: u.column(c) for c in u.column_names if c != "user"} | {
+        c: m.column(c) for c in m.column_names if c != "movie"
+    }
     t = ratings
     for name, col in cols.items():
         t = t.append_column(name, col)
@@ -98,10 +124,11 @@ def _lookup(table: pa.Table, key: str, ids: np.ndarray) -> pa.Table:
 
 class MovieLensSource(TableSource):
     def __init__(self, directory: Path, batch_rows: int = 8192):
-        super().__init__("ml-100k", load_movielens(directory), movielens_schema(), batch_rows,
-                         default_window_seconds=86400)
+        super().__init__(
+            "ml-100k", load_movielens(directory), movielens_schema(), batch_rows, default_window_seconds=86400
+        )
 
     @classmethod
-    def from_spec(cls, arg: str, options: SourceOptions) -> "MovieLensSource":
+    def from_spec(cls, arg: str, options: SourceOptions) -> MovieLensSource:
         """`ml-100k:DIR`: GroupLens's u.data, u.user and u.item in DIR."""
         return cls(path_arg(arg, "ml-100k:DIR", directory=True))

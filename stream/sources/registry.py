@@ -14,6 +14,7 @@ Traceback (most recent call last):
 ...
 ValueError: unknown source kind 'parquet' in 'parquet:/x': the kinds are avazu, criteo, files, kafka, ml-100k, synthetic
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,7 +1,8 @@
 """A source over one in-memory Arrow table sorted by event time (datasets converted on load)."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -12,8 +13,14 @@ from dimstream.stream.sources.base import Source, SourceBatch, row_position
 class TableSource(Source):
     """Yields `batch_rows`-row slices of `table`; positions are row offsets."""
 
-    def __init__(self, name: str, table: pa.Table, schema: Schema, batch_rows: int = 8192,
-                 default_window_seconds: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        table: pa.Table,
+        schema: Schema,
+        batch_rows: int = 8192,
+        default_window_seconds: int | None = None,
+    ):
         self.name, self.table, self.schema = name, table, schema
         self.batch_rows = int(batch_rows)
         self.default_window_seconds = default_window_seconds
