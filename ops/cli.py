@@ -46,6 +46,11 @@ def _run_parser(sub) -> None:
     p.add_argument("--rows-per-window", type=int, help="synthetic source: rows per window (default 50000)")
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM: finish the window if it fits, else abandon it (30)")
     p.add_argument("--allowed-lateness", type=int, help="seconds a row may arrive after its window's end (0)")
+    p.add_argument(
+        "--max-event-time-skew",
+        type=int,
+        help="seconds a row may lie ahead of the stream before it is dead-lettered as bad_event_time (86400)",
+    )
     p.add_argument("--idle-timeout", type=float, help="close the open window after this many seconds without data")
     p.add_argument("--export-dir", type=Path, help="publish the slim arm for serving after every window")
     p.add_argument("--linger-seconds", type=float, help="keep serving /metrics this long after the run ends")
@@ -86,6 +91,7 @@ def _run_config(args) -> RunConfig:
         "linger_seconds",
         "export_dir",
         "allowed_lateness",
+        "max_event_time_skew",
         "idle_timeout",
         "realloc_min_gain",
         "saliency_decay",
@@ -117,12 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     for extra in _extra_commands():
         extra(sub)
     return parser
-
-
-def subcommands() -> list[str]:
-    """The names of every `dimstream` sub-command."""
-    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sorted(action.choices)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,8 @@ class RunConfig:
     field_check_rows: int = 0
     rows_per_window: int = 50_000  # synthetic source
     allowed_lateness: int = 0
+    # a row this many seconds ahead of the data around it is bad_event_time, not a new watermark
+    max_event_time_skew: int | None = 86400
     idle_timeout: float | None = None
     recent_rows: int = 50_000  # bounded buffer of recent rows kept for `dimstream search`
     progress: bool = True
@@ -136,5 +138,7 @@ class RunConfig:
             raise ConfigError("saliency_decay must be in [0, 1)")
         if self.field_check_rows < 0 or self.field_check_rows == 1:
             raise ConfigError("field_check_rows must be 0 (off) or at least 2")
+        if self.max_event_time_skew is not None and self.max_event_time_skew <= 0:
+            raise ConfigError("max_event_time_skew must be a positive number of seconds")
         if not self.realloc_min_gain >= 0:
             raise ConfigError("realloc_min_gain must be >= 0")

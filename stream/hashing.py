@@ -76,7 +76,8 @@ def hash_ids(arr: pa.Array, field_name: str, num_embeddings: int) -> np.ndarray:
         raw = fnv1a_strings(arr)
     elif pa.types.is_integer(t) or pa.types.is_boolean(t):
         # nulls become the reserved NULL_ID, hashed like any other id
-        v = pc.fill_null(arr.cast(pa.int64()), NULL_ID).to_numpy(zero_copy_only=False)
+        # uint64 ids beyond int64 wrap around (still one row each) rather than fail the batch
+        v = pc.fill_null(pc.cast(arr, pa.int64(), safe=False), NULL_ID).to_numpy(zero_copy_only=False)
         n = np.uint64(num_embeddings)
         rows = (splitmix64(v.view(np.uint64) ^ field_salt(field_name)) % n).astype(np.int64)
         small = (v >= 0) & (v < num_embeddings)

@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass
 
 KINDS = ("categorical", "multi", "numeric")
+ID_TYPES = (None, "int", "str")
+EVENT_TIME_UNITS = ("s", "ms", "us")
 
 
 class SchemaError(ValueError):
@@ -28,6 +30,13 @@ class FieldSpec:
     kind: "categorical" (one int or string id per row), "multi" (a list of ids per row),
           or "numeric" (a number, bucketised into an id by `numeric_transform`).
     num_embeddings: hash buckets, i.e. embedding rows of this field's table.
+    id_type: categorical and multi only: how ids are hashed. "int": every id is an integer
+          (numeric strings such as "123" are parsed, so "123" and 123 land on the same row;
+          other strings are rejected as wrong_type); "str": every id is a string (integers are
+          written in decimal, so 123 and "123" land on the same row, "007" stays "007").
+          None (the default, today's behaviour, and left out of the fingerprint): integer
+          columns hash as integers and string columns as strings, so "123" and 123 land on
+          DIFFERENT rows: declare id_type when one source mixes the two (e.g. JSON and Arrow).
     """
 
     name: str
@@ -36,6 +45,7 @@ class FieldSpec:
     column: str | None = None
     # numeric only: "log2" is the Criteo-winner transform int(log(x)^2) for x > 2 (else int(x))
     numeric_transform: str = "log2"
+    id_type: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -44,6 +54,17 @@ class FieldSpec:
             raise SchemaError(f"field {self.name!r}: num_embeddings must be >= 1")
         if self.numeric_transform not in ("log2", "identity"):
             raise SchemaError(f"field {self.name!r}: numeric_transform must be log2 or identity")
+        if self.id_type not in ID_TYPES:
+            raise SchemaError(f'field {self.name!r}: id_type must be "int" or "str", got {self.id_type!r}')
+        if self.id_type is not None and self.kind == "numeric":
+            raise SchemaError(f"field {self.name!r}: id_type applies to categorical and multi fields only")
+
+    def to_dict(self) -> dict:
+        """The declaration; id_type only when set (so older fingerprints stay the same)."""
+        d = asdict(self)
+        if d["id_type"] is None:
+            del d["id_type"]
+        return d
 
     @property
     def source_column(self) -> str:
@@ -54,7 +75,10 @@ class FieldSpec:
 class Schema:
     fields: list[FieldSpec]
     label: str = "label"
-    event_time: str = "event_time"  # unix seconds (int or float or timestamp)
+    event_time: str = "event_time"  # unix time (int, float, numeric string or timestamp)
+    # unit of a numeric event-time column: "s" (default), "ms" or "us"; timestamp columns carry
+    # their own unit. Decoded event times are always int64 seconds.
+    event_time_unit: str = "s"
 
     def __post_init__(self):
         names = [f.name for f in self.fields]
@@ -62,6 +86,8 @@ class Schema:
             raise SchemaError("schema has no fields")
         if len(set(names)) != len(names):
             raise SchemaError(f"duplicate field names in schema: {names}")
+        if self.event_time_unit not in EVENT_TIME_UNITS:
+            raise SchemaError(f"event_time_unit must be one of {EVENT_TIME_UNITS}, got {self.event_time_unit!r}")
 
     @property
     def feature_names(self) -> list[str]:
@@ -83,7 +109,12 @@ class Schema:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "event_time": self.event_time, "fields": [asdict(f) for f in self.fields]}
+        return {
+            "label": self.label,
+            "event_time": self.event_time,
+            "event_time_unit": self.event_time_unit,
+            "fields": [f.to_dict() for f in self.fields],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Schema:
@@ -91,9 +122,17 @@ class Schema:
             fields = [FieldSpec(**f) for f in d["fields"]]
         except (KeyError, TypeError) as e:
             raise SchemaError(f"bad schema declaration: {e}") from None
-        return cls(fields=fields, label=d.get("label", "label"), event_time=d.get("event_time", "event_time"))
+        return cls(
+            fields=fields,
+            label=d.get("label", "label"),
+            event_time=d.get("event_time", "event_time"),
+            event_time_unit=d.get("event_time_unit", "s"),
+        )
 
     def fingerprint(self) -> str:
         """Stable id of the schema: plans and checkpoints made for another schema are refused."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        d = self.to_dict()
+        if d["event_time_unit"] == "s":  # the default is left out: fingerprints from before it stay valid
+            del d["event_time_unit"]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

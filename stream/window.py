@@ -7,6 +7,19 @@ older than the open window are late: rejected with reason "late". After a restar
 than the checkpointed watermark that come from batches read before the crash are skipped as
 already handled (trained or dead-lettered): see stream.sources.base for the position contract.
 
+A row whose event time lies far ahead of the data (a clock in 2100, milliseconds read as
+seconds) must not move the watermark, or every later row would be late. Rows are rejected as
+"bad_event_time" when they are separated by more than `max_event_time_skew` seconds (default
+one day) from the largest event time seen so far (or, for the very first batch, from the bulk
+of that batch): a row joins the data when its sorted event times reach it in steps of at most
+the skew. Rows beyond such a gap are held back for one batch and then judged with the next
+batch's rows: placed if those reach them (sparse data with a gap of a few days) or if, with
+them, they are more than half of the rows (a real jump: a source that was down for days;
+its first batch is placed one batch late); else rejected. Held rows of the last batch of a
+finite source are placed if they are most of that batch, else rejected. `max_event_time_skew=
+None` turns the bound off. Event times that are no date at all (negative, beyond year 9999) are
+rejected by the decoder, before any of this.
+
 >>> from dimstream.stream.synthetic import SyntheticSource
 >>> from dimstream.stream.decode import Decoder
 >>> src = SyntheticSource(seed=0, rows_per_window=2000, batch_rows=700, max_windows=2)
@@ -17,6 +30,7 @@ already handled (trained or dead-lettered): see stream.sources.base for the posi
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +41,8 @@ import pyarrow as pa
 from dimstream.stream.batch import SparseBatch
 from dimstream.stream.decode import Decoder, Rejected
 from dimstream.stream.sources.base import Source, SourceBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +60,81 @@ class Window:
     read_seconds: float = 0.0  # wall time spent reading and decoding
 
 
+def concat_tables(tables: list[pa.Table]) -> pa.Table:
+    """One table of a window's parts. The decoder casts the schema's columns to canonical types;
+    columns it does not know (and ids of undeclared id_type, int in one batch and string in the
+    next) may still differ: they are promoted, else written as strings, else dropped."""
+    try:
+        return pa.concat_tables(tables)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    types: dict[str, set] = {}
+    for t in tables:
+        for f in t.schema:
+            types.setdefault(f.name, set()).add(f.type)
+    fixed = []
+    for t in tables:
+        for name, ts in types.items():
+            if len(ts) > 1 and name in t.column_names:
+                i = t.column_names.index(name)
+                try:
+                    t = t.set_column(i, name, t.column(i).cast(pa.large_string()))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    t = t.remove_column(i)
+        fixed.append(t)
+    try:
+        return pa.concat_tables(fixed, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        dropped = sorted(n for n, ts in types.items() if len(ts) > 1)
+        log.warning("window table: columns %s differ between batches and were dropped", dropped)
+        return pa.concat_tables(
+            [t.drop_columns([n for n in dropped if n in t.column_names]) for t in fixed], promote_options="permissive"
+        )
+
+
+def detached(t: np.ndarray, anchor: int | None, skew: int, confirmed: np.ndarray | None = None) -> np.ndarray:
+    """Rows whose event time is more than `skew` seconds ahead of the data: of `anchor` (the
+    largest event time seen so far, None at the start) and of the rows it reaches in sorted
+    steps of at most `skew`. A group of rows beyond such a gap is a real jump, kept with
+    everything below it, when it holds more than half of the rows and (if `confirmed` is given)
+    at least one confirmed row: one held back from an earlier batch. Vectorised.
+
+    >>> import numpy as np
+    >>> detached(np.array([10, 20, 4_000_000_000, 30]), None, 86400).tolist()
+    [False, False, True, False]
+    >>> detached(np.array([500_000, 500_010, 500_020]), 100, 86400).tolist()  # the whole batch jumps
+    [False, False, False]
+    >>> detached(np.array([500_000, 500_010]), 100, 86400, np.array([False, False])).tolist()
+    [True, True]
+    """
+    n = len(t)
+    if n == 0 or t.max() <= (t.min() if anchor is None else anchor) + skew:
+        return np.zeros(n, bool)  # the common case: no gap can be wider than the skew, no sort
+    order = np.argsort(t, kind="stable")
+    s = t[order]
+    prev = np.empty_like(s)
+    prev[0] = s[0] if anchor is None else anchor
+    prev[1:] = s[:-1]
+    if anchor is not None:
+        prev = np.maximum(prev, anchor)
+    group = np.cumsum(s - prev > skew)  # 0: the rows the anchor (or the first row) reaches
+    if not group[-1]:
+        return np.zeros(n, bool)
+    sizes = np.bincount(group)
+    jump = sizes * 2 > n
+    if confirmed is not None:
+        jump &= np.bincount(group, weights=confirmed[order], minlength=len(sizes)) > 0
+    jump[0] = True
+    top = np.flatnonzero(jump).max()
+    out = np.zeros(n, bool)
+    out[order] = group > top
+    return out
+
+
 class Windower:
     def __init__(
         self,
@@ -56,6 +147,7 @@ class Windower:
         watermark: int | None = None,
         read_upto: dict | None = None,
         stop=None,
+        max_event_time_skew: int | None = 86400,
     ):
         if window_seconds <= 0:
             raise ValueError("window length must be positive")
@@ -66,6 +158,10 @@ class Windower:
         self.lateness = int(allowed_lateness)
         self.idle_timeout = idle_timeout
         self.start_position, self.watermark, self.read_upto = start, watermark, read_upto
+        # rows more than this many seconds ahead of the data are bad_event_time (None: no bound)
+        self.max_skew = None if max_event_time_skew is None else int(max_event_time_skew)
+        if self.max_skew is not None and self.max_skew < 0:
+            raise ValueError("max_event_time_skew must be >= 0")
         self.stop = stop or (lambda: False)  # checked at every batch and heartbeat: a clean way out
         self.rewinds = 0  # times the source went back to the last window boundary (rebalances)
 
@@ -84,15 +180,76 @@ class Windower:
         last_data = time.monotonic()
         read_s = 0.0
         restart = (self.start_position, self.read_upto)  # the last window boundary (a checkpoint)
+        held: list = []  # (SparseBatch, Table, SourceBatch) of rows far ahead, decided at the next batch
+        last_rows = 0  # rows of the last batch read (to judge held rows when the source ends)
 
         def reject(rej: Rejected, n: int):
             pending_rejects.append(rej)
             counts[rej.reason] = counts.get(rej.reason, 0) + n
 
+        def reject_ahead(table: pa.Table, anchor: int | None):
+            n = table.num_rows
+            where = f"the largest event time so far, {anchor}" if anchor is not None else "the stream's other rows"
+            reject(Rejected("bad_event_time", f"event time more than {self.max_skew} s ahead of {where}", table), n)
+
+        def judge(items: list) -> list:
+            """Rows far ahead of the data (see the module doc) must not move the watermark: they
+            are held back for one batch, then placed if the data has reached them or they are
+            the bulk of what was read (a jump), else rejected as bad_event_time."""
+            nonlocal held, last_rows
+            last_rows = sum(len(b) for b, _, _ in items)
+            items = held + items
+            confirmed = np.concatenate([np.full(len(b), i < len(held)) for i, (b, _, _) in enumerate(items)])
+            anchor = max_t if max_t is not None else closed_end
+            times = np.concatenate([b.event_time for b, _, _ in items])
+            ahead = detached(times, anchor, self.max_skew, confirmed)
+            out, new_held, at = [], [], 0
+            for i, (batch, table, src_batch) in enumerate(items):
+                m = ahead[at : at + len(batch)]
+                at += len(batch)
+                if m.any():
+                    if i < len(held):  # held once already: still ahead of everything read since
+                        reject_ahead(table.filter(pa.array(m)), anchor)
+                    else:
+                        new_held.append((batch.take(m), table.filter(pa.array(m)), src_batch))
+                    if m.all():
+                        continue
+                    batch, table = batch.take(~m), table.filter(pa.array(~m))
+                out.append((batch, table, src_batch))
+            held = new_held
+            return out
+
+        def place(batch: SparseBatch, table: pa.Table, sb: SourceBatch):
+            """Buffer rows into their windows (late and replayed ones are not) and move max_t."""
+            nonlocal replayed, max_t
+            t = batch.event_time
+            keep = np.ones(len(t), bool)
+            if closed_end is not None:
+                old = t < closed_end
+                if old.any():
+                    if self.source.is_before(sb.position, self.read_upto):
+                        replayed += int(old.sum())  # read and handled before the restart
+                    else:
+                        reject(
+                            Rejected("late", f"event time before {closed_end}", table.filter(pa.array(old))),
+                            int(old.sum()),
+                        )
+                    keep &= ~old
+            starts = self._window_of(t)
+            if keep.all() and starts[0] == starts[-1] and (starts == starts[0]).all():
+                # the common case: the whole batch lies in one window, nothing to split
+                parts.setdefault(int(starts[0]), []).append((batch, table, sb))
+            else:
+                for s in np.unique(starts[keep]):
+                    m = keep & (starts == s)
+                    parts.setdefault(int(s), []).append((batch.take(m), table.filter(pa.array(m)), sb))
+            max_t = int(t.max()) if max_t is None else max(max_t, int(t.max()))
+
         def close(start: int) -> Window:
             nonlocal pending_rejects, counts, rows_read, replayed, closed_end, read_s, restart
             mine = parts.pop(start, [])
-            unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]]
+            # batches still buffered (open windows, held rows) are read again after a restart
+            unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]] + [sb for _, _, sb in held]
             batch = (
                 SparseBatch.concat([p for p, _, _ in mine])
                 if mine
@@ -103,7 +260,7 @@ class Windower:
                 start,
                 start + self.length,
                 batch,
-                pa.concat_tables(tables) if tables else None,
+                concat_tables(tables) if tables else None,
                 pending_rejects,
                 counts,
                 rows_read,
@@ -123,6 +280,7 @@ class Windower:
                 return  # open windows are abandoned: the last checkpoint stays the resume point
             if sb.rewind:  # back to the last window boundary: drop what open windows buffered
                 parts.clear()
+                held.clear()
                 pending_rejects, counts, rows_read, replayed, max_t, last = [], {}, 0, 0, None, None
                 self.start_position, self.read_upto = restart
                 self.rewinds += 1
@@ -148,33 +306,25 @@ class Windower:
                 reject(rej, res.rejected_counts.get(rej.reason, 0) if rej.rows is not None else 1)
             if len(res.batch) == 0:
                 continue
-            t = res.batch.event_time
-            keep = np.ones(len(t), bool)
-            if closed_end is not None:
-                old = t < closed_end
-                if old.any():
-                    if self.source.is_before(sb.position, self.read_upto):
-                        replayed += int(old.sum())  # read and handled before the restart
-                    else:
-                        reject(
-                            Rejected("late", f"event time before {closed_end}", res.table.filter(pa.array(old))),
-                            int(old.sum()),
-                        )
-                    keep &= ~old
-            starts = self._window_of(t)
-            if keep.all() and starts[0] == starts[-1] and (starts == starts[0]).all():
-                # the common case: the whole batch lies in one window, nothing to split
-                parts.setdefault(int(starts[0]), []).append((res.batch, res.table, sb))
-            else:
-                for s in np.unique(starts[keep]):
-                    m = keep & (starts == s)
-                    parts.setdefault(int(s), []).append((res.batch.take(m), res.table.filter(pa.array(m)), sb))
-            max_t = int(t.max()) if max_t is None else max(max_t, int(t.max()))
+            items = [(res.batch, res.table, sb)]
+            if self.max_skew is not None:
+                items = judge(items)
+            for batch, table, src_batch in items:
+                place(batch, table, src_batch)
             # close every window whose end the watermark has passed
             while parts and max_t - self.lateness >= min(parts) + self.length:
                 read_s += time.perf_counter() - t0
                 yield close(min(parts))
                 t0 = time.perf_counter()
         read_s += time.perf_counter() - t0
+        # the source ended with rows of its last batch held back: the bulk of that batch is a
+        # final jump (placed), a few rows are still ahead of all the others (rejected)
+        if held and sum(len(b) for b, _, _ in held) * 2 > last_rows:
+            for batch, table, src_batch in held:
+                place(batch, table, src_batch)
+        else:
+            for _, table, _ in held:
+                reject_ahead(table, max_t)
+        held = []
         while parts and not self.stop():  # the source ended: close what is left, in order
             yield close(min(parts))

@@ -2,6 +2,8 @@
 
 Headers: `format` (b"arrow", or b"jsonl" for producers that cannot write Arrow: one JSON object
 per line, decoded in bulk by pyarrow.json) and `schema_version` (the Schema fingerprint).
+A message with no rows (a tombstone with value None, an empty value, JSON lines that are all
+blank) raises WireError "empty_message": dead-lettered like any other bad message.
 
 >>> import pyarrow as pa
 >>> value, headers = encode_arrow(pa.record_batch({"x": [1, 2]}), "abc")
@@ -35,9 +37,25 @@ def encode_jsonl(rows: list[dict], schema_version: str) -> tuple[bytes, list[tup
     return value, [("format", b"jsonl"), ("schema_version", schema_version.encode())]
 
 
-def decode_message(value: bytes, headers, expected_version: str | None) -> pa.RecordBatch:
-    h = {k: v for k, v in (headers or [])}
-    version = h.get("schema_version", b"").decode(errors="replace")
+def decode_message(value: bytes | None, headers, expected_version: str | None) -> pa.RecordBatch:
+    """The message's rows, or WireError(reason, detail) for a message that cannot be trained on.
+
+    >>> decode_message(None, [("format", b"arrow")], None)
+    Traceback (most recent call last):
+    ...
+    dimstream.stream.kafka.wire.WireError: empty_message: a message without a value (a tombstone)
+    """
+    try:
+        h = {k: (v or b"") for k, v in (headers or [])}
+    except (TypeError, ValueError):
+        raise WireError("corrupt_input", "headers are not (key, value) pairs") from None
+    if value is None:
+        raise WireError("empty_message", "a message without a value (a tombstone)")
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise WireError("corrupt_input", f"message value of type {type(value).__name__}")
+    if not bytes(value).strip():
+        raise WireError("empty_message", "an empty message value")
+    version = bytes(h.get("schema_version", b"")).decode(errors="replace")
     if expected_version is not None and version != expected_version:
         raise WireError("unknown_schema", f"schema version {version!r}, expected {expected_version!r}")
     fmt = h.get("format", b"arrow")
@@ -46,6 +64,8 @@ def decode_message(value: bytes, headers, expected_version: str | None) -> pa.Re
             table = pajson.read_json(pa.BufferReader(value))  # bulk, not row by row
         except (pa.ArrowInvalid, OSError) as e:
             raise WireError("corrupt_input", f"not JSON lines: {e}") from None
+        if table.num_rows == 0:
+            raise WireError("empty_message", "JSON lines without any row")
         return table.combine_chunks().to_batches()[0]
     if fmt != b"arrow":
         raise WireError("corrupt_input", f"unsupported format {fmt!r}")

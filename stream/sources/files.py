@@ -1,24 +1,33 @@
-"""A directory of Parquet or Arrow IPC files, read in file-name order.
+"""A directory of Parquet, Arrow IPC, CSV or JSON-lines files, read in file-name order.
 
 Any tabular click log streams without code changes: the schema is declared in the TOML config
 (`schema_from_config`). A file that cannot be read is not fatal: it yields an error batch
 (reason "corrupt_input", dead-lettered with the file name and the error) and reading goes on.
+Files of another kind (no suffix in SUFFIXES) are skipped with one WARNING naming them, the
+first time they are seen. CSV files are read with pyarrow.csv: ids of a field declared
+`id_type = "str"` are read as strings (so "007" stays "007"), other columns are inferred and
+cast by the decoder like any other batch (a multi field cannot be held by a CSV column).
 Positions are {"file": name, "row": offset within the file}.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from dimstream.stream.schema import FieldSpec, Schema, SchemaError
 from dimstream.stream.sources.base import Source, SourceBatch, SourceOptions
 from dimstream.stream.sources.registry import path_arg
 
-SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc", ".csv", ".jsonl", ".ndjson")
 
 
 def schema_from_config(d: dict | None) -> Schema:
@@ -33,7 +42,12 @@ def schema_from_config(d: dict | None) -> Schema:
             fields.append(FieldSpec(**f))
         except TypeError as e:
             raise SchemaError(f"schema field {f.get('name')!r}: {e}") from None
-    return Schema(fields, label=d.get("label", "label"), event_time=d.get("event_time", "event_time"))
+    return Schema(
+        fields,
+        label=d.get("label", "label"),
+        event_time=d.get("event_time", "event_time"),
+        event_time_unit=d.get("event_time_unit", "s"),
+    )
 
 
 def read_ipc(path: Path) -> pa.Table:
@@ -46,8 +60,22 @@ def read_ipc(path: Path) -> pa.Table:
             return pa.ipc.open_stream(src).read_all()
 
 
-def _read_table(path: Path) -> pa.Table:
-    return pq.read_table(path) if path.suffix == ".parquet" else read_ipc(path)
+def read_csv(path: Path, schema: Schema) -> pa.Table:
+    """A CSV file with a header line; string ids stay strings where the schema says so."""
+    types = {f.source_column: pa.string() for f in schema.fields if f.id_type == "str"}
+    return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+
+
+def _read_table(path: Path, schema: Schema) -> pa.Table:
+    if path.suffix in (".csv", ".jsonl", ".ndjson") and path.stat().st_size == 0:
+        return pa.table({})  # an empty text file holds no rows (pyarrow calls it an error)
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix == ".csv":
+        return read_csv(path, schema)
+    if path.suffix in (".jsonl", ".ndjson"):
+        return pajson.read_json(path)
+    return read_ipc(path)
 
 
 class FilesSource(Source):
@@ -56,6 +84,7 @@ class FilesSource(Source):
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory} is not a directory")
         self.name, self.schema, self.batch_rows = f"files:{directory}", schema, int(batch_rows)
+        self.skipped: set[str] = set()  # files of no supported kind, reported once each
 
     @classmethod
     def from_spec(cls, arg: str, options: SourceOptions) -> FilesSource:
@@ -79,7 +108,23 @@ class FilesSource(Source):
         return (position["file"], int(position["row"])) < (limit["file"], int(limit["row"]))
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES)
+        """The files to read, in name order; others (not hidden ones) are reported once each."""
+        names = sorted(self.directory.iterdir())
+        unsupported = [
+            p.name
+            for p in names
+            if p.suffix not in SUFFIXES and not p.name.startswith(".") and p.name not in self.skipped and p.is_file()
+        ]
+        if unsupported:
+            self.skipped.update(unsupported)
+            log.warning(
+                "%s: skipping %d file(s) of no supported kind (%s): %s",
+                self.name,
+                len(unsupported),
+                ", ".join(SUFFIXES),
+                ", ".join(unsupported),
+            )
+        return [p for p in names if p.suffix in SUFFIXES]
 
     def read(self, position: dict | None) -> Iterator[SourceBatch]:
         start_file, start_row = (position["file"], int(position["row"])) if position else (None, 0)
@@ -88,7 +133,7 @@ class FilesSource(Source):
                 continue
             row = start_row if path.name == start_file else 0
             try:
-                table = _read_table(path)
+                table = _read_table(path, self.schema)
             except Exception as e:  # corrupt or unreadable: dead-letter and go on
                 yield SourceBatch(
                     None,
