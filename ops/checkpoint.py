@@ -1,10 +1,13 @@
 """Crash-safe checkpoints of every arm, the source position and the metrics history.
 
-Layout: STATE/checkpoints/ckpt-<window:06d>/{meta.json, arms-rank<r>.pt}, and
-STATE/checkpoints/LATEST naming the newest complete one. A checkpoint is written into a
-temporary directory, every file fsynced, then renamed into place (atomic), and only then is
+Layout: STATE/checkpoints/ckpt-<window:06d>/{meta.json, arms-rank<r>.pt, complete-rank<r>.json},
+and STATE/checkpoints/LATEST naming the newest complete one. A checkpoint is written into a
+temporary directory, every file fsynced, the completion marker (complete-rank<r>.json: the size
+and sha256 of every other file) last, then renamed into place (atomic), and only then is
 LATEST replaced (atomically); the previous checkpoints stay until a newer one is complete.
-Tensors are loaded with torch.load(weights_only=True).
+`latest` takes the newest checkpoint whose marker exists and whose files match it: a file cut
+short or damaged after the fact, or a garbled LATEST, falls back to the older checkpoint with a
+WARNING. Tensors are loaded with torch.load(weights_only=True).
 
 Sharded tensors (TorchRec's table-wise shards) are stored as their local shards, so each
 rank saves and restores its own part; a world of one holds whole tables.
@@ -12,6 +15,7 @@ rank saves and restores its own part; a world of one holds whole tables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +34,13 @@ from dimstream.stream.schema import Schema
 
 log = logging.getLogger(__name__)
 KEEP = 3
+MARKER_FORMAT = 1
+_HASH_CHUNK = 1 << 20
+
+
+def marker_name(rank: int = 0) -> str:
+    """The completion marker of rank `rank`'s part, written last into the checkpoint."""
+    return f"complete-rank{rank}.json"
 
 
 class CheckpointError(RuntimeError):
@@ -99,11 +110,15 @@ def save(state_dir: Path, window: int, meta: dict, arms: list, rank: int = 0) ->
     try:
         blob = {a.name: arm_state(a) for a in arms}
         blob["rng"] = {"torch": torch.get_rng_state()}
-        with open(tmp / f"arms-rank{rank}.pt", "wb") as f:
-            torch.save(blob, f)
+        tensors = f"arms-rank{rank}.pt"
+        with open(tmp / tensors, "wb") as f:
+            hashing = _HashingWriter(f)
+            torch.save(blob, hashing)
             f.flush()
             os.fsync(f.fileno())
         write_json(tmp / "meta.json", meta)
+        files = {tensors: hashing.digest(), "meta.json": _file_digest(tmp / "meta.json")}
+        write_json(tmp / marker_name(rank), {"format": MARKER_FORMAT, "files": files})  # last
         fsync_dir(tmp)
         if final.exists():  # a checkpoint of this window from an earlier, interrupted run
             shutil.rmtree(final)
@@ -125,23 +140,96 @@ def _prune(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def latest(state_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None. Falls back past a broken LATEST pointer."""
+class _HashingWriter:
+    """A file object for torch.save that hashes what it writes (no second read of the file)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def digest(self) -> dict:
+        return {"bytes": self.size, "sha256": self.sha.hexdigest()}
+
+
+def _file_digest(path: Path) -> dict:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": sha.hexdigest()}
+
+
+def verify(ckpt: Path, rank: int = 0) -> str | None:
+    """None if checkpoint `ckpt` is complete (its marker exists, every file it names has the
+    size and sha256 it records, meta.json is JSON), else what is wrong with it."""
+    ckpt = Path(ckpt)
+    try:
+        marker = json.loads((ckpt / marker_name(rank)).read_bytes())
+        files = marker["files"]
+        if not isinstance(files, dict) or not {"meta.json", f"arms-rank{rank}.pt"} <= set(files):
+            return f"its completion marker {marker_name(rank)} does not name its files"
+    except FileNotFoundError:
+        return f"it has no completion marker {marker_name(rank)} (incomplete, or written by an older dimstream)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its completion marker {marker_name(rank)} is unreadable ({e})"
+    for name, want in files.items():
+        path = ckpt / name
+        try:
+            size = path.stat().st_size
+            if not isinstance(want, dict) or size != want.get("bytes"):
+                return (
+                    f"{name} has {size:,} bytes, the marker says {want.get('bytes') if isinstance(want, dict) else '?'}"
+                )
+            if _file_digest(path)["sha256"] != want.get("sha256"):
+                return f"{name} does not match its sha256 in the marker"
+        except OSError as e:
+            return f"cannot read {name}: {e.strerror or e}"
+    try:
+        json.loads((ckpt / "meta.json").read_bytes())
+    except ValueError:
+        return "its meta.json is not JSON"
+    return None
+
+
+def checkpoint_dirs(state_dir: Path) -> list[Path]:
+    """Every checkpoint directory of the state dir, newest first (complete or not)."""
+    root = Path(state_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
+
+
+def latest(state_dir: Path, rank: int = 0) -> Path | None:
+    """The newest complete checkpoint (`verify`), or None. Falls back past a broken LATEST
+    pointer and past a checkpoint whose files do not match its marker, logging a WARNING."""
     root = Path(state_dir) / "checkpoints"
     if not root.exists():
         return None
     candidates = []
     pointer = root / "LATEST"
     if pointer.exists():
-        candidates.append(root / pointer.read_text().strip())
-    candidates += sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
+        try:
+            name = pointer.read_bytes().decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            name = None
+        if name and (root / name).is_dir() and Path(name).name == name and name.startswith("ckpt-"):
+            candidates.append(root / name)
+        else:
+            log.warning("%s does not name a checkpoint; looking for the newest complete one", pointer)
+    candidates += [c for c in checkpoint_dirs(state_dir) if c not in candidates]
     for c in candidates:
-        if (c / "meta.json").exists():
-            try:
-                json.loads((c / "meta.json").read_text())
-                return c
-            except ValueError:
-                log.warning("checkpoint %s has a corrupt meta.json; trying an older one", c)
+        problem = verify(c, rank)
+        if problem is None:
+            return c
+        log.warning("skipping checkpoint %s: %s; trying an older one", c, problem)
     return None
 
 

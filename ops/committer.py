@@ -1,7 +1,8 @@
 """What a closed window leaves behind, in the order that makes a crash at any point safe.
 
-1. dead letters (STATE/deadletter/window-<n>.arrow, and the broker's DLQ for a live source)
-   and the recent-rows buffer that `dimstream search` reads;
+1. the window's dead letters (written and sent to the broker's DLQ when they were rejected,
+   ops/deadletters.py) rotated into STATE/deadletter/window-<n>.arrow, and the recent-rows
+   buffer that `dimstream search` reads;
 2. the checkpoint (every rank writes its part; ops/checkpoint.py), which names the history
    log's length and holds the window's record;
 3. the window's record, appended to the history log (ops/history.py);
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dimstream.ops import checkpoint
+from dimstream.ops.deadletters import DeadLetters
 from dimstream.ops.history import History
 from dimstream.ops.record import WindowRecord
 from dimstream.stream import deadletter
@@ -30,9 +32,19 @@ from dimstream.stream.window import Window
 
 
 class Committer:
-    def __init__(self, state_dir: Path, source, *, rank0: bool, recent_rows: int, export_dir: Path | None = None):
+    def __init__(
+        self,
+        state_dir: Path,
+        source,
+        deadletters: DeadLetters,
+        *,
+        rank0: bool,
+        recent_rows: int,
+        export_dir: Path | None = None,
+    ):
         self.state_dir = Path(state_dir)
         self.source = source
+        self.deadletters = deadletters
         self.rank0 = rank0
         self.recent_rows = recent_rows
         self.export_dir = Path(export_dir) if export_dir is not None else None
@@ -49,7 +61,7 @@ class Committer:
         """Steps 1-5 for `window`; `meta(record)` is the checkpoint's meta (built after step 1),
         `publish` the arm exported for serving."""
         if self.rank0:
-            self._dead_letters(window, record.index)
+            self.deadletters.rotate(record.index)
             self._recent_rows(window)
         t0 = time.perf_counter()
         info = meta(record)
@@ -62,14 +74,6 @@ class Committer:
             self._publish(record.index, publish, info)
         if isinstance(self.source, LiveSource) and window.resume is not None:
             self.source.commit(window.resume, window.end, window.read_upto, window=record.index)
-
-    def _dead_letters(self, window: Window, index: int) -> None:
-        if not window.rejected:
-            return
-        table = deadletter.to_table(window.rejected)
-        write_bytes(self.state_dir / "deadletter" / f"window-{index:06d}.arrow", deadletter.to_ipc_bytes(table))
-        if isinstance(self.source, LiveSource):  # a broker's DLQ topic too
-            self.source.dead_letter_rows(table)
 
     def _recent_rows(self, window: Window) -> None:
         if window.table is None or not window.table.num_rows:

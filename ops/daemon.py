@@ -2,7 +2,10 @@
 
 `Runner.from_config(cfg)` builds the parts (source, arms restored from the latest checkpoint
 or new, metrics on a registry) and `Runner(cfg, source, arms, ...)` takes them from any other
-caller (tests, benchmarks). Per closed window the runner
+caller (tests, benchmarks). Both first check that the state dir is writable and take its lock
+(`StateLock`, STATE/daemon.lock): one daemon per state dir, held until the end of `run()` (or
+`close()`); the readers (`dimstream search`, `export`, `report`) never take it. Per closed
+window the runner
   1. evaluates and trains every arm on it (`progressive_val_score`, models/evaluation.py),
      the search's field check running first on rows no arm has seen (ops/searching.py);
   2. lets the search re-shape the slim arm (plans from the cron job, its own searches);
@@ -16,7 +19,9 @@ plot, the history log, dead letters, the publication and the source commit (`sel
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import sys
 import threading
@@ -33,6 +38,7 @@ from dimstream.models.evaluation import auc, progressive_val_score
 from dimstream.ops import checkpoint
 from dimstream.ops.committer import Committer
 from dimstream.ops.config import ConfigError, RunConfig, parse_addr
+from dimstream.ops.deadletters import DeadLetters
 from dimstream.ops.history import History, summary
 from dimstream.ops.http import Readiness, serve
 from dimstream.ops.metrics import Metrics
@@ -112,6 +118,12 @@ def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
     """The arms and resume point of the state dir's latest checkpoint, or None if it has none."""
     ckpt = checkpoint.latest(cfg.state_dir)
     if ckpt is None:
+        broken = checkpoint.checkpoint_dirs(cfg.state_dir)
+        if broken:  # starting afresh would cut the history log to nothing
+            raise ConfigError(
+                f"state dir {cfg.state_dir} holds checkpoints ({', '.join(p.name for p in broken)}) but none is "
+                "complete (see the warnings); move them away or use a fresh --state-dir"
+            )
         return None
     meta = checkpoint.read_meta(ckpt)
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -128,6 +140,75 @@ def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
     return list(restored.arms.values()), Resume.from_meta(meta)
 
 
+def check_writable(state_dir: Path) -> None:
+    """Create the state dir if missing and make sure a file can be created in it; ConfigError
+    (one line) otherwise, before anything is trained."""
+    d = Path(state_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / f".write-test-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(d / f".write-test-{os.getpid()}")
+    except OSError as e:
+        raise ConfigError(f"state dir {d} is not writable: {e.strerror or e}") from None
+
+
+class StateLock:
+    """An exclusive `fcntl.flock` on STATE/daemon.lock (per rank), held for the daemon's life:
+    a second daemon on the same state dir refuses to start. The kernel drops the lock when its
+    process dies, so a lock file left by a dead daemon blocks nothing; the file holds the pid
+    for the message. Readers (`dimstream search`, `export`, `report`) never take it."""
+
+    def __init__(self, state_dir: Path, rank: int = 0):
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / ("daemon.lock" if rank == 0 else f"daemon-rank{rank}.lock")
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> StateLock:
+        if self.fd is not None:
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"state dir {self.state_dir} is not writable: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            who = f"pid {pid}" if pid.isdigit() else "another process"
+            raise ConfigError(
+                f"state dir {self.state_dir} in use by {who} (a running daemon); stop it or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.ftruncate(fd, 0)  # the pid is stale from now on
+        except OSError:
+            pass
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun sets it (before the process group exists)."""
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ.get("RANK", "0"))
+    return 0
+
+
 class WindowAbandoned(Exception):
     """SIGTERM arrived and the window's training would not finish within the grace period."""
 
@@ -141,6 +222,7 @@ class Runner:
         *,
         metrics: Metrics | None = None,
         resume: Resume | None = None,
+        lock: StateLock | None = None,
     ):
         self.cfg = cfg
         self.source = source
@@ -150,6 +232,21 @@ class Runner:
         self.resume = resume or Resume()
         self.state_dir = Path(cfg.state_dir)
         self.rank0 = rank() == 0
+        # held from before the history log is touched (below) until the end of run()
+        own = lock is None
+        if own:
+            check_writable(self.state_dir)
+            lock = StateLock(self.state_dir, rank()).acquire()
+        self.lock = lock
+        try:
+            self._setup()
+        except BaseException:
+            if own:
+                lock.release()
+            raise
+
+    def _setup(self) -> None:
+        cfg, source = self.cfg, self.source
         self.window_seconds = cfg.window_seconds or source.default_window_seconds or 3600
         self.decoder = Decoder(self.schema)
         self.readiness = Readiness()
@@ -161,8 +258,15 @@ class Runner:
         self.observers: list = []
         self.history = History(self.state_dir)
         self.history.resume(self.resume.history_length, self.resume.last_record)
+        # rejections are written, sent and counted as they happen (rank 0 writes the files)
+        self.deadletters = DeadLetters(self.state_dir, source, self.metrics, rank0=self.rank0)
         self.committer = Committer(
-            self.state_dir, source, rank0=self.rank0, recent_rows=cfg.recent_rows, export_dir=cfg.export_dir
+            self.state_dir,
+            source,
+            self.deadletters,
+            rank0=self.rank0,
+            recent_rows=cfg.recent_rows,
+            export_dir=cfg.export_dir,
         )
         self.search = None
         if "slim" in cfg.arms:
@@ -178,14 +282,26 @@ class Runner:
         if cfg.model.interaction_dim is None:
             # one interaction width for every arm: a slim arm then starts as the masked control
             cfg.model.interaction_dim = cfg.control_dim
-        source = open_source(cfg)
-        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-        found = restore(cfg, source.schema)
-        if found is None:
-            arms = [make_arm(s, source.schema, cfg.model) for s in initial_specs(cfg, source.schema.feature_names)]
-            return cls(cfg, source, arms, metrics=Metrics(registry))
-        arms, resume = found
-        return cls(cfg, source, arms, metrics=Metrics(registry), resume=resume)
+        check_writable(cfg.state_dir)
+        lock = StateLock(cfg.state_dir, _launch_rank()).acquire()  # before the source or the state is read
+        source = None
+        try:
+            source = open_source(cfg)
+            found = restore(cfg, source.schema)
+            if found is None:
+                arms = [make_arm(s, source.schema, cfg.model) for s in initial_specs(cfg, source.schema.feature_names)]
+                return cls(cfg, source, arms, metrics=Metrics(registry), lock=lock)
+            arms, resume = found
+            return cls(cfg, source, arms, metrics=Metrics(registry), resume=resume, lock=lock)
+        except BaseException:
+            lock.release()
+            if source is not None:
+                source.close()
+            raise
+
+    def close(self) -> None:
+        """Release the state dir (run() does at its end); a runner never run can call it."""
+        self.lock.release()
 
     # --- arms ---
     def build_arm(self, spec: ArmSpec) -> Arm:
@@ -217,6 +333,13 @@ class Runner:
 
     # --- the loop ---
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
+        self.lock.acquire()  # again, if run twice
         host, port = parse_addr(self.cfg.metrics_addr)
         if isinstance(self.source, LiveSource):  # broker status, read at every scrape
             self.metrics.watch_source(self.source)
@@ -279,6 +402,8 @@ class Runner:
             r.watermark,
             r.read_upto,
             stop=lambda: self.stop_requested,
+            max_event_time_skew=self.cfg.max_event_time_skew,
+            observer=self.deadletters,
         )
         for window in windower.windows():
             try:

@@ -119,6 +119,11 @@ class Metrics:
         self.rows_rejected = Counter(
             "dimstream_rows_rejected_total", "Rows (or batches) rejected, by reason", ["reason"], registry=r
         )
+        self.rows_rejected_recent_ratio = Gauge(
+            "dimstream_rows_rejected_recent_ratio",
+            "Share of the last 1,000 rows read that were rejected (updated as rows are read)",
+            registry=r,
+        )
         self.windows_closed = Counter("dimstream_windows_closed_total", "Windows trained and checkpointed", registry=r)
         self.window_index = Gauge("dimstream_window_index", "Index of the last closed window", registry=r)
         self.window_close_time = Gauge(
@@ -141,13 +146,11 @@ class Metrics:
                 self.arm_field_dim.labels(arm.name, f).set(d)
 
     def observe_window(self, window, record, arms) -> None:
-        """A closed window: stream counters and each arm's progressive quality."""
+        """A closed window: window counters and each arm's progressive quality (rows read and
+        rejected are counted as they happen: ops/deadletters.py)."""
         self.windows_closed.inc()
         self.window_index.set(record.index)
         self.window_close_time.set(time.time())
-        self.rows_consumed.inc(window.rows_read)
-        for reason, n in window.rejected_counts.items():
-            self.rows_rejected.labels(reason).inc(n)
         if window.read_seconds > 0:
             self.consume_rows_per_second.set(window.rows_read / window.read_seconds)
         for name, m in record.arms.items():
@@ -208,21 +211,3 @@ class SourceStatusCollector(Collector):
                 since.add_metric([], max(0.0, time.time() - status.last_message_time))
             handed.add_metric([], float(status.handed_over_rows))
         return [up, lag, since, handed]
-
-
-def exported_names(metrics: Metrics, source_status: bool = True) -> set[str]:
-    """Every series name the daemon can export (counters with _total, histograms' parts)."""
-    from prometheus_client.metrics import MetricWrapperBase
-
-    families = [f for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase) for f in obj.describe()]
-    if source_status:
-        families += SourceStatusCollector(None).describe()
-    names = set()
-    for family in families:
-        if family.type == "counter":
-            names.add(family.name + "_total")
-        elif family.type == "histogram":
-            names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
-        else:
-            names.add(family.name)
-    return names

@@ -68,13 +68,17 @@ def register(sub) -> None:
 
 
 def load_control(state_dir: Path):
-    """(control Arm, schema, checkpoint path) from the latest checkpoint."""
+    """(control Arm, schema, checkpoint path) from the latest complete checkpoint (read only:
+    the job runs beside the daemon and never takes its state-dir lock)."""
     from dimstream.ops import checkpoint
 
     ckpt = checkpoint.latest(state_dir)
     if ckpt is None:
         raise ConfigError(f"no checkpoint in {state_dir}: run the daemon first")
-    restored = checkpoint.load_arms(ckpt, ["control"])
+    try:
+        restored = checkpoint.load_arms(ckpt, ["control"])
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(str(e)) from None
     return restored.arms["control"], restored.schema, ckpt
 
 

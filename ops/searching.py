@@ -13,7 +13,9 @@
      gain gate): it is archived as plans/applied/<window>.json if the slim arm was re-shaped by
      it, or plans/kept/<window>.json if the gate kept the incumbent; either way with the
      policy's "decision" (gain, reason) added to the archived JSON (a plan the gate lets through
-     but whose allocation the slim arm already has is applied without a re-shape);
+     but whose allocation the slim arm already has is applied without a re-shape). A claimed
+     plan a dead daemon left behind (.claimed-<pid>.json) is rejected, never retried, as
+     plans/rejected/<window>.stale-<n>.json;
   2. every `search_every` windows the daemon runs the search itself (any registered method,
      search/registry.py) on the control arm over the window's rows, and the policy decides
      whether the slim arm is re-shaped (models/realloc.py).
@@ -176,6 +178,7 @@ class DaemonSearch:
 
     def _take_pending_plan(self, record) -> None:
         d = plans_dir(self.runner.state_dir)
+        self._reject_stale_claims(d, record.index)
         claimed = d / f".claimed-{os.getpid()}.json"
         try:
             os.rename(d / "pending.json", claimed)  # atomic: the cron may write a new pending.json meanwhile
@@ -202,6 +205,17 @@ class DaemonSearch:
             log.info("plan of %s kept out, the slim arm keeps its allocation: %s", plan.created_at, decision.reason)
         self._archive(claimed, "applied" if decision.reshape else "kept", record.index, plan, decision)
         self._observe(plan.method, plan.duration_seconds)
+
+    def _reject_stale_claims(self, d: Path, index: int) -> None:
+        """A plan claimed by a daemon that died before archiving it (one daemon runs per state
+        dir, and it archives every plan it claims before going on): rejected, never retried, as
+        it may be what killed that daemon."""
+        for n, stale in enumerate(sorted(d.glob(".claimed-*.json"))):
+            dest = d / "rejected"
+            dest.mkdir(exist_ok=True)
+            os.replace(stale, dest / f"{index:06d}.stale-{n}.json")
+            self.runner.metrics.plans.labels("rejected").inc()
+            log.error("plan %s was claimed by a daemon that died before archiving it: rejected", stale.name)
 
     def _archive(
         self, claimed: Path, outcome: str, index: int, plan: Plan | None = None, decision: Decision | None = None

@@ -15,21 +15,29 @@ are the control arm's column indices the slim field starts from (sorted, len == 
 `write_plan` replaces the file atomically (temporary file, fsync, rename, fsync of the
 directory), so the daemon reads the old plan or the new one, never half of one. `read_plan`
 checks structure and types; `validate_plan` checks the plan against the running schema,
-table sizes, control widths and budget. Both raise PlanError(reason, detail).
+table sizes, control widths and budget. Both raise PlanError(reason, detail). A plan file
+larger than MAX_PLAN_BYTES or nested deeper than MAX_PLAN_DEPTH is "malformed" before it is
+parsed; unknown top-level keys are ignored with one WARNING.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dimstream.search.budget import KINDS, QUANTUM, SearchResult, params_of
 from dimstream.stream.atomic import write_bytes
 
+log = logging.getLogger(__name__)
 FORMAT = 1
+MAX_PLAN_BYTES = 16 << 20  # a plan is KBs: dims, kept columns and scores of the control's columns
+MAX_PLAN_DEPTH = 32  # a plan nests 3 deep ({"saliency": {"f": [...]}})
 
 
 class PlanError(ValueError):
@@ -114,22 +122,41 @@ def _check(ok: bool, detail: str) -> None:
         raise PlanError("bad type", detail)
 
 
+def _bracket_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in `raw`, counting brackets inside strings too (an upper
+    bound of the JSON's depth for a plan, whose strings hold no brackets), without recursion."""
+    b = np.frombuffer(raw, np.uint8)
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
 def read_plan(path: str | Path) -> Plan:
     """Read and type-check a plan file. Raises PlanError("malformed" | "missing key" |
     "bad type", detail) for an unreadable or non-JSON file, a missing key or a wrong type."""
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
     except OSError as e:
         raise PlanError("malformed", f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError("malformed", f"{path} is larger than {MAX_PLAN_BYTES:,} bytes")
+    depth = _bracket_depth(raw)
+    if depth > MAX_PLAN_DEPTH:
+        raise PlanError("malformed", f"{path} nests {depth} deep (at most {MAX_PLAN_DEPTH})")
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise PlanError("malformed", f"{path} is not JSON: {e}") from None
+    except RecursionError:  # nesting hidden from the bracket count (brackets inside strings)
+        raise PlanError("malformed", f"{path} nests too deep to parse") from None
     if not isinstance(d, dict):
         raise PlanError("malformed", f"{path} holds a JSON {type(d).__name__}, not an object")
     if d.get("format", FORMAT) != FORMAT:
         raise PlanError("malformed", f"plan format {d.get('format')!r}, this version reads {FORMAT}")
     names = [k for k in Plan.__dataclass_fields__]
+    unknown = sorted(str(k) for k in set(d) - set(names) - {"format"})
+    if unknown:
+        log.warning("plan %s: ignoring unknown key(s) %s", path, ", ".join(unknown))
     optional = {"field_check"}
     missing = [k for k in names if k not in d and k not in optional]
     if missing:

@@ -135,6 +135,21 @@ def detached(t: np.ndarray, anchor: int | None, skew: int, confirmed: np.ndarray
     return out
 
 
+class WindowObserver:
+    """Told as things happen, before any window closes: rows read, rows (or inputs) rejected,
+    and a rewind (a rebalance: what open windows buffered, rejections included, is read again).
+    The daemon writes dead letters and moves its counters from here, at once."""
+
+    def read(self, rows: int) -> None:
+        """`rows` rows were read from the source."""
+
+    def rejected(self, rejected: Rejected, rows: int) -> None:
+        """`rows` rows (1 for an unreadable input) were rejected for `rejected.reason`."""
+
+    def rewound(self) -> None:
+        """The source went back to the last window boundary."""
+
+
 class Windower:
     def __init__(
         self,
@@ -148,6 +163,7 @@ class Windower:
         read_upto: dict | None = None,
         stop=None,
         max_event_time_skew: int | None = 86400,
+        observer: WindowObserver | None = None,
     ):
         if window_seconds <= 0:
             raise ValueError("window length must be positive")
@@ -164,6 +180,7 @@ class Windower:
             raise ValueError("max_event_time_skew must be >= 0")
         self.stop = stop or (lambda: False)  # checked at every batch and heartbeat: a clean way out
         self.rewinds = 0  # times the source went back to the last window boundary (rebalances)
+        self.observer = observer or WindowObserver()
 
     def _window_of(self, t: np.ndarray) -> np.ndarray:
         return (t // self.length) * self.length
@@ -186,6 +203,7 @@ class Windower:
         def reject(rej: Rejected, n: int):
             pending_rejects.append(rej)
             counts[rej.reason] = counts.get(rej.reason, 0) + n
+            self.observer.rejected(rej, n)  # at once: not at a window close that may never come
 
         def reject_ahead(table: pa.Table, anchor: int | None):
             n = table.num_rows
@@ -274,6 +292,29 @@ class Windower:
             restart = (w.resume, w.read_upto)
             return w
 
+        def close_empty() -> Window:
+            """A window without a single accepted row (only rejections): it takes no event time,
+            so the watermark stays where it was; the rejected input is behind the resume point."""
+            nonlocal pending_rejects, counts, rows_read, read_s, restart
+            at = closed_end if closed_end is not None else 0
+            unfinished = [sb for _, _, sb in held]
+            w = Window(
+                at,
+                at,
+                SparseBatch.empty(self.decoder.schema.feature_names),
+                None,
+                pending_rejects,
+                counts,
+                rows_read,
+                0,
+                self.source.resume_position(unfinished, last, self.start_position),
+                self.source.read_upto_position(last, self.read_upto),
+                read_s,
+            )
+            pending_rejects, counts, rows_read, read_s = [], {}, 0, 0.0
+            restart = (w.resume, w.read_upto)
+            return w
+
         t0 = time.perf_counter()
         for sb in self.source.read(self.start_position):
             if self.stop():
@@ -284,15 +325,17 @@ class Windower:
                 pending_rejects, counts, rows_read, replayed, max_t, last = [], {}, 0, 0, None, None
                 self.start_position, self.read_upto = restart
                 self.rewinds += 1
+                self.observer.rewound()
                 last_data = time.monotonic()
                 continue
             if sb.batch is None and sb.error is None:  # heartbeat of a live source
                 if sb.source_down:  # an outage is not idleness: the idle clock waits for the source
                     last_data = time.monotonic()
                     continue
-                if parts and self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout:
+                idle = self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout
+                if idle and (parts or pending_rejects):  # nothing decodes: close an empty window all the same
                     read_s += time.perf_counter() - t0
-                    yield close(min(parts))
+                    yield close(min(parts)) if parts else close_empty()
                     t0 = time.perf_counter()
                 continue
             last = sb
@@ -301,6 +344,7 @@ class Windower:
                 reject(Rejected(sb.error, sb.detail, None), 1)
                 continue
             rows_read += sb.batch.num_rows
+            self.observer.read(sb.batch.num_rows)
             res = self.decoder.decode(sb.batch)
             for rej in res.rejected:
                 reject(rej, res.rejected_counts.get(rej.reason, 0) if rej.rows is not None else 1)
@@ -328,3 +372,5 @@ class Windower:
         held = []
         while parts and not self.stop():  # the source ended: close what is left, in order
             yield close(min(parts))
+        if pending_rejects and not self.stop():  # rejections after the last window: recorded too
+            yield close_empty()

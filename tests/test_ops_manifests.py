@@ -1,12 +1,20 @@
 """Cron, systemd and Kubernetes manifests: well-formed and consistent with the CLI and the daemon."""
 
+import argparse
 import configparser
 import shlex
 
 import yaml
 
-from dimstream.ops.cli import build_parser, subcommands
+from dimstream.ops.cli import build_parser
 from tests.helpers import REPO
+
+
+def subcommands() -> list[str]:
+    """The names of every `dimstream` sub-command."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
 
 OPS = REPO / "ops"
 
