@@ -44,7 +44,7 @@ from dimstream.ops.http import Readiness, serve
 from dimstream.ops.metrics import Metrics
 from dimstream.ops.record import WindowRecord
 from dimstream.ops.report import plot_summary
-from dimstream.stream.atomic import write_json
+from dimstream.stream.atomic import write_bytes
 from dimstream.stream.decode import Decoder
 from dimstream.stream.sources.base import LiveSource, Source
 from dimstream.stream.sources.registry import SourceOptions
@@ -460,7 +460,7 @@ class Runner:
         self.committer.close(window, record, self.meta, self.arms, self.history, publish)
         if self.rank0:
             t0 = time.perf_counter()
-            write_json(self.state_dir / "summary.json", self.summary())
+            write_bytes(self.state_dir / "summary.json", self.history.summary_json(self._header(), self.source.truth()))
             if time.monotonic() - self._last_plot >= PLOT_EVERY_SECONDS:  # many short windows: throttle
                 self._plot()
             record.summary_seconds = time.perf_counter() - t0
@@ -475,8 +475,10 @@ class Runner:
 
     def summary(self) -> dict:
         """The recent windows (a bounded span) and totals; the whole run is in the history log."""
-        header = {"source": self.cfg.source, "model": self.cfg.model.model, "window_seconds": self.window_seconds}
-        return summary(header, list(self.history.recent), self.history.totals, self.source.truth())
+        return summary(self._header(), list(self.history.recent), self.history.totals, self.source.truth())
+
+    def _header(self) -> dict:
+        return {"source": self.cfg.source, "model": self.cfg.model.model, "window_seconds": self.window_seconds}
 
     def _log_window(self, r: WindowRecord) -> None:
         arms = " | ".join(

@@ -54,6 +54,9 @@ class History:
     def __init__(self, state_dir: Path, recent: int = RECENT):
         self.path = Path(state_dir) / LOG_FILE
         self.recent: deque[dict] = deque(maxlen=recent)
+        # the same records as JSON, encoded once when logged: summary.json is joined from them,
+        # so writing it costs the same at window 700 as at window 10
+        self._recent_json: deque[bytes] = deque(maxlen=recent)
         self.totals: dict = _empty_totals()
         self._length = 0
 
@@ -73,6 +76,7 @@ class History:
             )
         self._rewrite(records)
         self.recent.clear()
+        self._recent_json.clear()
         self.totals, self._length = _empty_totals(), 0
         for r in records:
             self._count(r)
@@ -81,13 +85,24 @@ class History:
         """Append one window's record durably (fsync) before anything else refers to it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as f:
-            f.write(json.dumps(record).encode() + b"\n")
+            line = json.dumps(record).encode()
+            f.write(line + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        self._count(record)
+        self._count(record, line)
 
-    def _count(self, r: dict) -> None:
+    def summary_json(self, header: dict, truth: dict | None = None) -> bytes:
+        """summary.json as `summary(header, recent, totals, truth)` gives it, joined from the
+        records' JSON encoded when they were logged."""
+        tail = {"totals": self.totals} | ({"truth": truth} if truth is not None else {})
+        tail["reallocations"] = reallocation_costs(list(self.recent))
+        head = json.dumps(header).encode()
+        windows = b"[" + b", ".join(self._recent_json) + b"]"
+        return head[:-1] + (b", " if header else b"") + b'"windows": ' + windows + b", " + json.dumps(tail).encode()[1:]
+
+    def _count(self, r: dict, line: bytes | None = None) -> None:
         self.recent.append(r)
+        self._recent_json.append(line if line is not None else json.dumps(r).encode())
         self._length += 1
         t = self.totals
         t["windows"] += 1

@@ -81,3 +81,14 @@ def test_the_checkpoint_holds_the_log_length_not_the_history(tmp_path):
     meta = json.loads((tmp_path / "checkpoints" / "ckpt-000002" / "meta.json").read_text())
     assert meta["history_length"] == 3 and "history" not in meta
     assert meta["last_record"]["index"] == 2
+
+
+def test_summary_json_joined_from_logged_records_equals_the_summary(tmp_path):
+    from dimstream.ops.history import summary
+
+    h = History(tmp_path)
+    for i in range(RECENT + 3):
+        h.append(_record(i) | {"reallocation": {"source": "daemon"} if i % 7 == 0 else None})
+    header = {"source": "synthetic", "model": "fm", "window_seconds": 3600}
+    want = summary(header, list(h.recent), h.totals, {"field_rank": {"a": 1}})
+    assert json.loads(h.summary_json(header, {"field_rank": {"a": 1}})) == want
