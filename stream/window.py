@@ -292,6 +292,19 @@ class Windower:
             restart = (w.resume, w.read_upto)
             return w
 
+        def release_held():
+            """No next batch will judge the held rows (the source ended, or a live one went idle):
+            the bulk of the last batch is a final jump (placed), a few rows still ahead of all
+            the others are rejected."""
+            nonlocal held
+            if held and sum(len(b) for b, _, _ in held) * 2 > last_rows:
+                for batch, table, src_batch in held:
+                    place(batch, table, src_batch)
+            else:
+                for _, table, _ in held:
+                    reject_ahead(table, max_t)
+            held = []
+
         def close_empty() -> Window:
             """A window without a single accepted row (only rejections): it takes no event time,
             so the watermark stays where it was; the rejected input is behind the resume point."""
@@ -333,6 +346,8 @@ class Windower:
                     last_data = time.monotonic()
                     continue
                 idle = self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout
+                if idle and held:  # no next batch is coming to judge them
+                    release_held()
                 if idle and (parts or pending_rejects):  # nothing decodes: close an empty window all the same
                     read_s += time.perf_counter() - t0
                     yield close(min(parts)) if parts else close_empty()
@@ -361,15 +376,7 @@ class Windower:
                 yield close(min(parts))
                 t0 = time.perf_counter()
         read_s += time.perf_counter() - t0
-        # the source ended with rows of its last batch held back: the bulk of that batch is a
-        # final jump (placed), a few rows are still ahead of all the others (rejected)
-        if held and sum(len(b) for b, _, _ in held) * 2 > last_rows:
-            for batch, table, src_batch in held:
-                place(batch, table, src_batch)
-        else:
-            for _, table, _ in held:
-                reject_ahead(table, max_t)
-        held = []
+        release_held()
         while parts and not self.stop():  # the source ended: close what is left, in order
             yield close(min(parts))
         if pending_rejects and not self.stop():  # rejections after the last window: recorded too

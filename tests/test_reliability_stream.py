@@ -323,3 +323,35 @@ def test_ids_of_every_arrow_kind_decode_and_bad_bytes_are_wrong_type():
             rb = pa.record_batch({"u": u, "p": pa.array([b"1.5", b"\xfe", b""]), "label": [0, 1, 1], "event_time": t})
             r = Decoder(schema).decode(rb)
             assert r.rejected_counts == {"wrong_type": 1} and len(r.batch) == 2, (id_type, u.type)
+
+
+def test_rows_held_back_as_far_ahead_are_decided_when_a_live_source_goes_idle():
+    """A live source whose last batch jumps more than the skew ahead (a gap in the data) and then
+    goes quiet: no next batch will judge the held rows, so the idle timeout does. Before, the
+    rows stayed held and their window never closed."""
+    import threading
+    import time
+
+    from dimstream.stream.decode import Decoder
+    from dimstream.stream.sources.base import Source, SourceBatch
+    from dimstream.stream.window import Windower
+    from tests.helpers import tiny_batch, tiny_schema
+
+    class JumpThenQuiet(Source):
+        name = "jump-then-quiet"
+        schema = tiny_schema()
+        done = threading.Event()
+
+        def read(self, position):
+            yield SourceBatch(tiny_batch(50, 0, t0=0), {"row": 0}, {"row": 1})
+            yield SourceBatch(tiny_batch(50, 1, t0=3 * 86400), {"row": 1}, {"row": 2})  # 3 days later
+            while not self.done.is_set():
+                yield SourceBatch(None, {"row": 2}, {"row": 2})
+                time.sleep(0.05)
+
+    src = JumpThenQuiet()
+    windows = Windower(src, Decoder(src.schema), 3600, idle_timeout=0.3).windows()
+    got = [next(windows), next(windows)]
+    src.done.set()
+    assert [len(w.batch) for w in got] == [50, 50]
+    assert got[1].start >= 3 * 86400
