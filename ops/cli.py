@@ -49,7 +49,7 @@ def _run_parser(sub) -> None:
     p.add_argument(
         "--max-event-time-skew",
         type=int,
-        help="seconds a row may lie ahead of the stream before it is dead-lettered as bad_event_time (86400)",
+        help="seconds a row may lie ahead of the stream before it is dead-lettered as bad_event_time (default: off)",
     )
     p.add_argument("--idle-timeout", type=float, help="close the open window after this many seconds without data")
     p.add_argument("--export-dir", type=Path, help="publish the slim arm for serving after every window")

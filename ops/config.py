@@ -59,8 +59,10 @@ class RunConfig:
     field_check_rows: int = 0
     rows_per_window: int = 50_000  # synthetic source
     allowed_lateness: int = 0
-    # a row this many seconds ahead of the data around it is bad_event_time, not a new watermark
-    max_event_time_skew: int | None = 86400
+    # a row this many seconds ahead of the data around it is bad_event_time, not a new watermark;
+    # None (the default for now): off. On, it dead-lettered 40% of ml-100k replayed through Kafka
+    # after a restart (tests/test_kafka_source.py SIGKILL test), so it is opt-in until fixed.
+    max_event_time_skew: int | None = None
     idle_timeout: float | None = None
     recent_rows: int = 50_000  # bounded buffer of recent rows kept for `dimstream search`
     progress: bool = True
