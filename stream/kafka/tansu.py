@@ -27,8 +27,13 @@ class Broker:
     def __init__(self):
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc = self.spawn()
+        self._wait()
+
+    def spawn(self) -> subprocess.Popen:
+        """A tansu process on this broker's port (empty: in-memory storage)."""
         url = f"tcp://{self.bootstrap}"
-        self.proc = subprocess.Popen(
+        return subprocess.Popen(
             [
                 str(tansu_binary()),
                 "broker",
@@ -42,7 +47,6 @@ class Broker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self._wait()
 
     def _wait(self, timeout: float = 30) -> None:
         from kafka.admin import KafkaAdminClient
