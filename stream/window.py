@@ -263,9 +263,12 @@ class Windower:
                     parts.setdefault(int(s), []).append((batch.take(m), table.filter(pa.array(m)), sb))
             max_t = int(t.max()) if max_t is None else max(max_t, int(t.max()))
 
-        def close(start: int) -> Window:
+        def close(start: int | None) -> Window:
+            """Close window `start`; None: a window without a single accepted row (only
+            rejections), which takes no event time, so the watermark stays where it was."""
             nonlocal pending_rejects, counts, rows_read, replayed, closed_end, read_s, restart
-            mine = parts.pop(start, [])
+            empty_at = (closed_end or 0) if start is None else None
+            mine = parts.pop(start, []) if start is not None else []
             # batches still buffered (open windows, held rows) are read again after a restart
             unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]] + [sb for _, _, sb in held]
             batch = (
@@ -275,8 +278,8 @@ class Windower:
             )
             tables = [t for _, t, _ in mine if t is not None]
             w = Window(
-                start,
-                start + self.length,
+                start if start is not None else empty_at,
+                start + self.length if start is not None else empty_at,
                 batch,
                 concat_tables(tables) if tables else None,
                 pending_rejects,
@@ -288,7 +291,8 @@ class Windower:
                 read_s,
             )
             pending_rejects, counts, rows_read, replayed, read_s = [], {}, 0, 0, 0.0
-            closed_end = w.end
+            if start is not None:
+                closed_end = w.end
             restart = (w.resume, w.read_upto)
             return w
 
@@ -304,29 +308,6 @@ class Windower:
                 for _, table, _ in held:
                     reject_ahead(table, max_t)
             held = []
-
-        def close_empty() -> Window:
-            """A window without a single accepted row (only rejections): it takes no event time,
-            so the watermark stays where it was; the rejected input is behind the resume point."""
-            nonlocal pending_rejects, counts, rows_read, read_s, restart
-            at = closed_end if closed_end is not None else 0
-            unfinished = [sb for _, _, sb in held]
-            w = Window(
-                at,
-                at,
-                SparseBatch.empty(self.decoder.schema.feature_names),
-                None,
-                pending_rejects,
-                counts,
-                rows_read,
-                0,
-                self.source.resume_position(unfinished, last, self.start_position),
-                self.source.read_upto_position(last, self.read_upto),
-                read_s,
-            )
-            pending_rejects, counts, rows_read, read_s = [], {}, 0, 0.0
-            restart = (w.resume, w.read_upto)
-            return w
 
         t0 = time.perf_counter()
         for sb in self.source.read(self.start_position):
@@ -350,7 +331,7 @@ class Windower:
                     release_held()
                 if idle and (parts or pending_rejects):  # nothing decodes: close an empty window all the same
                     read_s += time.perf_counter() - t0
-                    yield close(min(parts)) if parts else close_empty()
+                    yield close(min(parts) if parts else None)
                     t0 = time.perf_counter()
                 continue
             last = sb
@@ -380,4 +361,4 @@ class Windower:
         while parts and not self.stop():  # the source ended: close what is left, in order
             yield close(min(parts))
         if pending_rejects and not self.stop():  # rejections after the last window: recorded too
-            yield close_empty()
+            yield close(None)
