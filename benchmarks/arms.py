@@ -35,6 +35,7 @@ import torch
 from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
 from dimstream.ops.history import read_log, reallocation_costs
+from dimstream.search import registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def aggregate(runs: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--search", default="sseds", choices=("sseds", "ham"))
+    ap.add_argument("--search", default="sseds", choices=registry.names())
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--datasets", default="synthetic,ml-100k")
     ap.add_argument("--threads", type=int, default=1)

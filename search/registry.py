@@ -10,8 +10,8 @@ Knobs are constructor keywords with defaults. One is conventional: `rows`, how m
 most recent rows to search on; the daemon (--search-rows) and `dimstream search` (--rows)
 offer it, and `build` passes it only to a method whose constructor names it.
 
->>> sorted(names())[:2]
-['ham', 'sseds']
+>>> {"sseds", "ham", "autosrh"} <= set(names())
+True
 >>> build("sseds", rows=100).rows, "rows" in knobs("ham"), default_name()
 (100, False, 'sseds')
 """
@@ -54,7 +54,8 @@ class SearchMethod(ABC):
 
 
 METHODS: dict[str, type[SearchMethod]] = {}
-_BUILTIN = ("dimstream.search.sseds", "dimstream.search.ham")  # modules that register on import
+# modules that register on import
+_BUILTIN = ("dimstream.search.sseds", "dimstream.search.ham", "dimstream.search.autosrh", "dimstream.search.adass")
 
 
 def register(cls: type[SearchMethod]) -> type[SearchMethod]:
