@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-_OPTIONAL = ("bayes_auc", "search", "reallocation", "field_check", "plan_rejected")
+_OPTIONAL = ("bayes_auc", "search", "reallocation", "field_check", "plan_rejected", "supernet")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class WindowRecord:
     reallocation: dict | None = None  # the re-shape of the slim arm it (or a plan) caused
     field_check: dict | None = None
     plan_rejected: str | None = None
+    supernet: dict | None = None  # --search adass: the supernet's test-then-train on the window (not an arm)
     read_seconds: float = 0.0
     checkpoint_seconds: float | None = None
     summary_seconds: float | None = None

@@ -114,7 +114,7 @@ def latest_field_check(state_dir: Path, fields: list[str]):
 
 
 def cmd_search(args) -> int:
-    from dimstream.ops.searching import plans_dir
+    from dimstream.ops.searching import SUPERNET_FILE, plans_dir
     from dimstream.search import registry
     from dimstream.search.budget import Budget
     from dimstream.search.plan import Plan, write_plan
@@ -137,7 +137,9 @@ def cmd_search(args) -> int:
         control, schema, ckpt = load_control(state)
         batch = recent_rows(state, schema)
         check = latest_field_check(state, control.feature_names) if args.field_check == "auto" else None
-        method = registry.build(args.method or registry.default_name(), rows=args.rows)
+        # supernet_file: the daemon's AdaS&S supernet, for the method that takes it
+        name = args.method or registry.default_name()
+        method = registry.build(name, rows=args.rows, supernet_file=state / SUPERNET_FILE)
         result = method.run(control, batch, Budget("params", kappa=args.budget), field_check=check)
         plan = Plan.from_result(result, schema.fingerprint(), ckpt.name)
         write_plan(d / "pending.json", plan)

@@ -19,6 +19,18 @@
   2. every `search_every` windows the daemon runs the search itself (any registered method,
      search/registry.py) on the control arm over the window's rows, and the policy decides
      whether the slim arm is re-shaped (models/realloc.py).
+  3. under `--search adass` the AdaS&S supernet (models/supernet.py) trains on every window,
+     test-then-train like an arm: its progressive AUC over the sampled subnets goes to the
+     window's record ("supernet"), not to the A/B (it is no arm, and the control stays a
+     plain model: training the control as the supernet would change the reference every arm
+     is compared against). In a search window it first trains on all but the search's
+     held-out last rows, the RL search (search/adass.py) scores subnets on those, then it
+     trains on them. It is saved to STATE/supernet.pt after every window for `dimstream
+     search --method adass` (separately from the checkpoint: a crash between the two trains
+     it once more on a replayed window). A re-shape by AdaS&S starts the slim arm's granted
+     columns from the supernet's first d columns (the head's column-tied parameters still
+     come from the control; the supernet's transforms, eq. 7, have no place in the slim arm's
+     head, which maps widths with the projections of SSEDS eq. 13).
 The policy's state is `state_dict()`, checkpointed by the runner.
 """
 
@@ -30,7 +42,10 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dimstream.models.arm import ArmSpec
+from dimstream.models.evaluation import window_metrics
 from dimstream.models.realloc import reallocate
 from dimstream.search import registry
 from dimstream.search.budget import Budget
@@ -41,6 +56,7 @@ from dimstream.stream.atomic import write_bytes
 
 log = logging.getLogger("dimstream.search")
 FIELD_CHECK_FILE = "field_check.json"  # the daemon's latest held-out field check, in the state dir
+SUPERNET_FILE = "supernet.pt"  # --search adass: the daemon's supernet, for `dimstream search`
 
 
 def plans_dir(state_dir: Path) -> Path:
@@ -59,6 +75,7 @@ class DaemonSearch:
         self.policy = AllocationPolicy(kappa=cfg.budget, decay=cfg.saliency_decay, min_gain=cfg.realloc_min_gain)
         self.method = registry.build(cfg.search, rows=cfg.search_rows) if cfg.search != "none" else None
         self.check = None  # this window's averaged field check, for its search
+        self.supernet = None  # --search adass: the supernet trained on every window (lazily built)
 
     # --- the runner's calls ---
     def before_training(self, window, record) -> None:
@@ -104,13 +121,19 @@ class DaemonSearch:
         )
 
     def after_training(self, window, record) -> None:
-        """A pending plan, then the due search; each through the policy."""
+        """A pending plan, then the due search; each through the policy. Under --search adass
+        the supernet trains test-then-train on the window around it (`_supernet_window`)."""
         self._take_pending_plan(record)
-        if not self._due(record.index) or len(window.batch) == 0:
-            return
+        due = self._due(record.index) and len(window.batch) > 0
+        if self._supernet_mode():
+            self._supernet_window(window.batch, record, due)
+        elif due:
+            self._search(window.batch, record)
+
+    def _search(self, batch, record) -> None:
         control = self.runner.arm("control")
         budget = Budget("params", kappa=self.runner.cfg.budget)
-        result = self.method.run(control, window.batch, budget, field_check=self.check)
+        result = self.method.run(control, batch, budget, field_check=self.check)
         self._observe(result.method, result.duration_seconds)
         record.search = {
             "method": result.method,
@@ -126,6 +149,67 @@ class DaemonSearch:
             log.info("slim arm kept after the %s search: %s", result.method, decision.reason)
             return
         self._reshape(decision, "daemon", result.method, record)
+
+    # --- the AdaS&S supernet (models/supernet.py): its own model, not an A/B arm ---
+    def _supernet_mode(self) -> bool:
+        return self.method is not None and self.method.name == "adass"
+
+    def _supernet_window(self, batch, record, due: bool) -> None:
+        """Test-then-train of the supernet on the window, the search's held-out rows (its last
+        ones) trained on only after the search has scored subnets on them; then saved for
+        `dimstream search` (STATE/supernet.pt)."""
+        net = self._supernet()
+        n = len(batch)
+        hold = self.method.holdout_rows(n) if due else 0
+        t0 = time.perf_counter()
+        first = _train_supernet(net, batch.slice(0, n - hold))
+        seconds = time.perf_counter() - t0
+        if due:
+            self.method.supernet = net
+            self._search(batch, record)
+        t0 = time.perf_counter()
+        probs = np.concatenate([first, _train_supernet(net, batch.slice(n - hold, n))])
+        seconds += time.perf_counter() - t0
+        record.supernet = {"rows": n, "seconds": seconds, "steps": net.steps} | (
+            {k: v for k, v in window_metrics(batch.labels, probs).items() if k in ("auc", "logloss")} if n else {}
+        )
+        t0 = time.perf_counter()
+        write_bytes(Path(self.runner.state_dir) / SUPERNET_FILE, net.to_bytes())
+        record.supernet["save_seconds"] = time.perf_counter() - t0
+
+    def _supernet(self):
+        """The daemon's supernet: the saved one if it fits the control, else a new one."""
+        if self.supernet is not None:
+            return self.supernet
+        from dimstream.models.supernet import Supernet
+        from dimstream.search.ham import multi_valued
+
+        control = self.runner.arm("control")
+        path = Path(self.runner.state_dir) / SUPERNET_FILE
+        if path.exists():
+            net = Supernet.from_bytes(path.read_bytes())
+            fits = net.num_embeddings == dict(self.runner.schema.num_embeddings)
+            if fits and net.max_dim == max(control.dims.values()):
+                self.supernet = net
+                return net
+            log.warning("%s is for another schema or width: a new supernet is trained", path)
+        self.supernet = Supernet(
+            self.runner.schema.num_embeddings, multi_valued(control), control.config, max(control.dims.values())
+        )
+        return self.supernet
+
+    def _warm_source(self, method: str):
+        """The arm the slim arm's granted columns start from (models/realloc.py): the control,
+        or under AdaS&S a copy of it whose tables are the supernet's max-tables (the kept
+        columns then start from the supernet's first d columns, section 3.3)."""
+        control = self.runner.arm("control")
+        if method != "adass" or self.supernet is None:
+            return control
+        from dimstream.search.ham import copy_arm
+
+        source = copy_arm(control, "control-from-supernet")
+        self.supernet.copy_tables_into(source)
+        return source
 
     def state_dict(self) -> dict:
         return self.policy.state_dict()
@@ -169,7 +253,7 @@ class DaemonSearch:
             spec.column_ids[f] == slim.spec.column_ids[f][: spec.dims[f]] for f in fields
         ):
             return False  # an allocation equal to the current one changes nothing
-        runner.replace_arm(reallocate(slim, runner.arm("control"), spec, runner.build_arm))
+        runner.replace_arm(reallocate(slim, self._warm_source(method), spec, runner.build_arm))
         runner.metrics.reallocations.labels("slim").inc()
         params = runner.arm("slim").embedding_params
         record.reallocation = {"source": source, "method": method, "dims": spec.dims, "embedding_params": params}
@@ -232,6 +316,14 @@ class DaemonSearch:
         else:
             os.replace(claimed, dest / f"{index:06d}.json")
         self.runner.metrics.plans.labels(outcome).inc()
+
+
+def _train_supernet(net, batch) -> np.ndarray:
+    """Test-then-train of the supernet over `batch` in the arms' mini-batches: the sampled
+    subnets' click probabilities, each from before its step (progressive validation)."""
+    size = net.config.batch_size
+    parts = [net.train_step(batch.slice(s, min(s + size, len(batch)))) for s in range(0, len(batch), size)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def _plan_keep(plan: Plan) -> dict[str, bool] | None:
