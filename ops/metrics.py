@@ -203,11 +203,17 @@ class SourceStatusCollector(Collector):
             "Rows skipped after a rebalance or restart because an earlier owner of "
             "the partition had already trained them",
         )
+        resets = CounterMetricFamily(
+            "dimstream_source_offset_resets",
+            "Partitions restarted from their earliest offset because their offsets went back "
+            "(a broker that came back empty, a topic re-created)",
+        )
         if status is not None:
+            resets.add_metric([], float(status.offset_resets))
             up.add_metric([], 1.0 if status.up else 0.0)
             for partition, n in sorted(status.lag.items()):
                 lag.add_metric([str(partition)], float(n))
             if status.last_message_time is not None:
                 since.add_metric([], max(0.0, time.time() - status.last_message_time))
             handed.add_metric([], float(status.handed_over_rows))
-        return [up, lag, since, handed]
+        return [up, lag, since, handed, resets]

@@ -1,5 +1,6 @@
 """Publish a dataset to Kafka in event-time order (how a newcomer, the tests and the benchmarks
-fill a broker).
+fill a broker). Every message carries the dataset's schema in its Arrow schema metadata
+(`dimstream.schema.v1`), so a consumer without a declared [schema] adopts it.
 
 Partitions: without a key, messages go round-robin over the topic's partitions; with
 `key=COLUMN`, each source batch's rows are grouped by a stable hash of that column into one run
@@ -104,7 +105,7 @@ def replay(
                         wait = (t0 - t_event) / speed - (time.monotonic() - t_wall)
                         if wait > 0:
                             time.sleep(wait)
-                    value, headers = encode_arrow(rb, version)
+                    value, headers = encode_arrow(rb, version, source.schema)  # the stream carries its schema
                     if part is None:  # round-robin
                         producer.send(topic, value=value, headers=headers, partition=messages % n_parts)
                     else:

@@ -54,6 +54,8 @@ REASONS = (
     "corrupt_input",
     "late",
     "unknown_schema",
+    "schema_mismatch",  # a Kafka message carrying another schema than the source's (declared or adopted)
+    "unsupported_format",  # a Kafka message in a format dimstream does not read (Avro, schema registry, Protobuf)
 )
 
 EVENT_TIME_MAX = 253402300799  # 9999-12-31T23:59:59Z: the last second a date can be written for

@@ -5,6 +5,15 @@
 ['user', 'price']
 >>> Schema.from_dict(s.to_dict()) == s
 True
+
+The stream carries its schema: every Arrow message dimstream writes holds the declaration as
+JSON under the Arrow schema metadata key `METADATA_KEY` (see the README's Kafka section for the
+contract other producers follow).
+
+>>> Schema.from_metadata(s.to_metadata()) == s
+True
+>>> print(s.difference(Schema([FieldSpec("user", "categorical", 10)])))
+field 'user' num_embeddings 1000 != 10; field 'price' only in this schema
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from dataclasses import asdict, dataclass
 KINDS = ("categorical", "multi", "numeric")
 ID_TYPES = (None, "int", "str")
 EVENT_TIME_UNITS = ("s", "ms", "us")
+# Arrow schema-metadata key of the declaration; a new version of the layout gets a new key
+METADATA_KEY = b"dimstream.schema.v1"
 
 
 class SchemaError(ValueError):
@@ -136,3 +147,48 @@ class Schema:
             del d["event_time_unit"]
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        """Arrow schema metadata carrying this declaration (what the stream carries)."""
+        return {METADATA_KEY: json.dumps(self.to_dict(), sort_keys=True).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict | None) -> Schema | None:
+        """The declaration an Arrow schema's metadata carries; None when it carries none;
+        SchemaError when it carries one that is no valid schema."""
+        blob = (metadata or {}).get(METADATA_KEY)
+        if blob is None:
+            return None
+        try:
+            d = json.loads(blob)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SchemaError(f"{METADATA_KEY.decode()} metadata is not JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise SchemaError(f"{METADATA_KEY.decode()} metadata is not a JSON object")
+        return cls.from_dict(d)
+
+    def difference(self, other: Schema) -> str | None:
+        """What differs between two schemas, in one line (None: the same fingerprint)."""
+        if self.fingerprint() == other.fingerprint():
+            return None
+        out = []
+        for k in ("label", "event_time", "event_time_unit"):
+            if getattr(self, k) != getattr(other, k):
+                out.append(f"{k} {getattr(self, k)!r} != {getattr(other, k)!r}")
+        theirs = {f.name: f for f in other.fields}
+        for f in self.fields:
+            g = theirs.get(f.name)
+            if g is None:
+                out.append(f"field {f.name!r} only in this schema")
+                continue
+            for k, v in f.to_dict().items():
+                if g.to_dict().get(k) != v:
+                    out.append(f"field {f.name!r} {k} {v!r} != {g.to_dict().get(k)!r}")
+        mine = set(self.feature_names)
+        out += [f"field {n!r} only in the other schema" for n in other.feature_names if n not in mine]
+        return "; ".join(out) or "field order differs"
+
+    def describe(self) -> str:
+        """Fields and kinds in one line (what the log says of an adopted schema)."""
+        fields = ", ".join(f"{f.name}:{f.kind}[{f.num_embeddings}]" for f in self.fields)
+        return f"label {self.label!r}, event_time {self.event_time!r} ({self.event_time_unit}), fields {fields}"

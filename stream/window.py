@@ -10,13 +10,16 @@ already handled (trained or dead-lettered): see stream.sources.base for the posi
 A row whose event time lies far ahead of the data (a clock in 2100, milliseconds read as
 seconds) must not move the watermark, or every later row would be late. Rows are rejected as
 "bad_event_time" when they are separated by more than `max_event_time_skew` seconds (default
-one day) from the largest event time seen so far (or, for the very first batch, from the bulk
-of that batch): a row joins the data when its sorted event times reach it in steps of at most
-the skew. Rows beyond such a gap are held back for one batch and then judged with the next
-batch's rows: placed if those reach them (sparse data with a gap of a few days) or if, with
-them, they are more than half of the rows (a real jump: a source that was down for days;
-its first batch is placed one batch late); else rejected. Held rows of the last batch of a
-finite source are placed if they are most of that batch, else rejected. `max_event_time_skew=
+one day) from the largest event time seen so far (or, for the very first batch, from its
+earliest row): a row joins the data when its sorted event times reach it in steps of at most
+the skew. Rows beyond such a gap (not connected to the data, see `detached`) are held back for
+one batch and then judged against that next batch's front (the median event time of its last
+rows in arrival order): placed unless still more than the skew ahead of it, else rejected. So a
+real jump (a source down for days) is placed one batch late, sparse data with gaps of days,
+even months of it re-read in one large batch after a restart, is placed, and a few rows far
+ahead of everything read after them are rejected. New rows that join held ones are connected.
+When no next batch comes (a finite source's end, a live one gone idle), held rows are judged
+against the last batch's front the same way. `max_event_time_skew=
 None` turns the bound off. Event times that are no date at all (negative, beyond year 9999) are
 rejected by the decoder, before any of this.
 
@@ -97,19 +100,22 @@ def concat_tables(tables: list[pa.Table]) -> pa.Table:
 
 
 def detached(t: np.ndarray, anchor: int | None, skew: int, confirmed: np.ndarray | None = None) -> np.ndarray:
-    """Rows whose event time is more than `skew` seconds ahead of the data: of `anchor` (the
-    largest event time seen so far, None at the start) and of the rows it reaches in sorted
-    steps of at most `skew`. A group of rows beyond such a gap is a real jump, kept with
-    everything below it, when it holds more than half of the rows and (if `confirmed` is given)
-    at least one confirmed row: one held back from an earlier batch. Vectorised.
+    """Rows not connected to the data: the sorted rows fall into groups wherever two neighbours
+    are more than `skew` seconds apart; connected are the group of `anchor` (the largest event
+    time seen so far; None at the start: the group of the batch's first row in time) and every group
+    that holds a `confirmed` row (one held back from an earlier batch) next to an unconfirmed
+    one (the new batch has gone there too). Vectorised.
 
     >>> import numpy as np
     >>> detached(np.array([10, 20, 4_000_000_000, 30]), None, 86400).tolist()
     [False, False, True, False]
-    >>> detached(np.array([500_000, 500_010, 500_020]), 100, 86400).tolist()  # the whole batch jumps
-    [False, False, False]
-    >>> detached(np.array([500_000, 500_010]), 100, 86400, np.array([False, False])).tolist()
-    [True, True]
+    >>> detached(np.array([500_000, 500_010, 500_020]), 100, 86400).tolist()  # a jump: held first
+    [True, True, True]
+    >>> detached(np.array([500_000, 500_010]), 100, 86400, np.array([True, False])).tolist()  # then joined
+    [False, False]
+    >>> day = 86400  # stretches two days apart: the new rows join the held ones, not the 2100 row
+    >>> detached(np.array([0, 2, 4, 4, 50_000]) * day, 0, day, np.array([0, 0, 1, 0, 1], bool)).tolist()
+    [False, True, False, False, True]
     """
     n = len(t)
     if n == 0 or t.max() <= (t.min() if anchor is None else anchor) + skew:
@@ -124,15 +130,22 @@ def detached(t: np.ndarray, anchor: int | None, skew: int, confirmed: np.ndarray
     group = np.cumsum(s - prev > skew)  # 0: the rows the anchor (or the first row) reaches
     if not group[-1]:
         return np.zeros(n, bool)
-    sizes = np.bincount(group)
-    jump = sizes * 2 > n
+    joined = np.zeros(group[-1] + 1, bool)
+    joined[0] = True
     if confirmed is not None:
-        jump &= np.bincount(group, weights=confirmed[order], minlength=len(sizes)) > 0
-    jump[0] = True
-    top = np.flatnonzero(jump).max()
+        c = confirmed[order]
+        joined |= (np.bincount(group, weights=c, minlength=len(joined)) > 0) & (
+            np.bincount(group, weights=~c, minlength=len(joined)) > 0
+        )
     out = np.zeros(n, bool)
-    out[order] = group > top
+    out[order] = ~joined[group]
     return out
+
+
+def front(t: np.ndarray, tail: int = 64) -> int:
+    """Where a batch leaves the stream: the median event time of its last `tail` rows in arrival
+    order (a few outliers among them do not move it)."""
+    return int(np.median(t[-tail:]))
 
 
 class WindowObserver:
@@ -198,7 +211,7 @@ class Windower:
         read_s = 0.0
         restart = (self.start_position, self.read_upto)  # the last window boundary (a checkpoint)
         held: list = []  # (SparseBatch, Table, SourceBatch) of rows far ahead, decided at the next batch
-        last_rows = 0  # rows of the last batch read (to judge held rows when the source ends)
+        last_front = None  # front() of the last batch judged (to decide held rows when the source ends)
 
         def reject(rej: Rejected, n: int):
             pending_rejects.append(rej)
@@ -211,11 +224,11 @@ class Windower:
             reject(Rejected("bad_event_time", f"event time more than {self.max_skew} s ahead of {where}", table), n)
 
         def judge(items: list) -> list:
-            """Rows far ahead of the data (see the module doc) must not move the watermark: they
-            are held back for one batch, then placed if the data has reached them or they are
-            the bulk of what was read (a jump), else rejected as bad_event_time."""
-            nonlocal held, last_rows
-            last_rows = sum(len(b) for b, _, _ in items)
+            """Rows far ahead of the data (see the module doc) must not move the watermark: rows
+            not connected to it are held back for one batch; then placed unless they are still
+            more than the skew ahead of that next batch's front, else rejected as bad_event_time."""
+            nonlocal held, last_front
+            last_front = front(items[-1][0].event_time)
             items = held + items
             confirmed = np.concatenate([np.full(len(b), i < len(held)) for i, (b, _, _) in enumerate(items)])
             anchor = max_t if max_t is not None else closed_end
@@ -225,8 +238,10 @@ class Windower:
             for i, (batch, table, src_batch) in enumerate(items):
                 m = ahead[at : at + len(batch)]
                 at += len(batch)
+                if i < len(held):  # held once already: rejected if still ahead of the stream's front
+                    m = batch.event_time > last_front + self.max_skew
                 if m.any():
-                    if i < len(held):  # held once already: still ahead of everything read since
+                    if i < len(held):
                         reject_ahead(table.filter(pa.array(m)), anchor)
                     else:
                         new_held.append((batch.take(m), table.filter(pa.array(m)), src_batch))
@@ -298,15 +313,17 @@ class Windower:
 
         def release_held():
             """No next batch will judge the held rows (the source ended, or a live one went idle):
-            the bulk of the last batch is a final jump (placed), a few rows still ahead of all
-            the others are rejected."""
+            those the last batch's front reaches are where the stream ended (a final jump, the
+            last days of gappy data): placed; rows still ahead of it are rejected."""
             nonlocal held
-            if held and sum(len(b) for b, _, _ in held) * 2 > last_rows:
-                for batch, table, src_batch in held:
+            for batch, table, src_batch in held:
+                m = batch.event_time <= last_front + self.max_skew
+                if m.all():
                     place(batch, table, src_batch)
-            else:
-                for _, table, _ in held:
-                    reject_ahead(table, max_t)
+                    continue
+                reject_ahead(table.filter(pa.array(~m)), max_t)
+                if m.any():
+                    place(batch.take(m), table.filter(pa.array(m)), src_batch)
             held = []
 
         t0 = time.perf_counter()

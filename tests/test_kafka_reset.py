@@ -14,12 +14,6 @@ from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
 from dimstream.stream.kafka.tansu import Broker
 
-# a known bug, kept as a strict xfail: it must fail until KafkaSource detects offsets going back
-pytestmark = pytest.mark.xfail(
-    reason="issue 12 item 4 (open): KafkaSource seeks to its old offsets on a broker that came back empty",
-    strict=True,
-)
-
 
 def _restart_empty(broker: Broker) -> None:
     """Stop the broker and start a new, empty tansu process on the same port."""
@@ -98,6 +92,7 @@ def test_broker_back_empty_restarts_the_partition_from_earliest_and_commits_agai
     old_msgs, new_msgs, per = 60, 30, 50  # 3000 old rows (offsets 0-59), 1500 new (offsets 0-29)
     _produce(broker.bootstrap, topic, 0, old_msgs, per, t0=0)
     cfg = RunConfig(
+        arms=("control",),
         source=f"kafka://{broker.bootstrap}/{topic}?group={group}",
         window_seconds=60,
         windows=1000,
@@ -137,20 +132,25 @@ def test_broker_back_empty_restarts_the_partition_from_earliest_and_commits_agai
                 f"{done(100_000, 100_000 + new)} of {new} new rows trained"
             )
             time.sleep(0.2)
-        deadline = time.time() + 30  # ... and the offsets on the new topic are committed again
+        deadline = time.time() + 30  # ... and the offsets on the new topic are committed again, to its end
         while True:
             c = _committed(broker.bootstrap, group, topic)
-            if c is not None and c > 0:
+            if c == new_msgs:
                 break
-            assert thread.is_alive() and time.time() < deadline, f"no commit on the new topic ({c})"
+            assert thread.is_alive() and time.time() < deadline, f"no commit to the new topic's end ({c})"
             time.sleep(0.5)
+        assert runner.source._durable == {"0": new_msgs}  # the position the next start resumes at
     finally:
         runner.stop_requested = True
         thread.join(timeout=30)
         source_log.removeHandler(errors)
     rids = np.concatenate(trained)
     assert len(rids) == old + new and len(np.unique(rids)) == old + new  # none lost, none twice
-    assert runner.source.offset_resets == 1
+    assert runner.source.offset_resets == 1 and runner.source.status().offset_resets == 1
+    from dimstream.ops.metrics import SourceStatusCollector
+
+    samples = {s.name: s.value for m in SourceStatusCollector(runner.source).collect() for s in m.samples}
+    assert samples["dimstream_source_offset_resets_total"] == 1.0
     lines = [m for m in errors.messages if "went back" in m]
     assert len(lines) == 1, lines
     assert f"{topic}" in lines[0] and "partition 0" in lines[0] and str(old_msgs) in lines[0]

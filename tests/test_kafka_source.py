@@ -36,7 +36,7 @@ def _cfg(source, state, windows, **kw):
         metrics_addr="127.0.0.1:0",
         progress=False,
         model=ModelConfig("fm"),
-        **kw,
+        **({"arms": ("control",)} | kw),
     )
 
 
@@ -319,7 +319,7 @@ def _kafka_runner(broker, topic, group, state, windows, **kw):
         progress=False,
         model=ModelConfig("fm"),
         schema=tiny_schema().to_dict(),
-        **kw,
+        **({"arms": ("control",)} | kw),
     )
     runner = Runner.from_config(cfg)
     trained = []  # (window start, row ids) of every window this daemon trained

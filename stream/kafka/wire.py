@@ -1,7 +1,9 @@
 """One Kafka message = one Arrow IPC stream (schema + one record batch) of many rows.
 
 Headers: `format` (b"arrow", or b"jsonl" for producers that cannot write Arrow: one JSON object
-per line, decoded in bulk by pyarrow.json) and `schema_version` (the Schema fingerprint).
+per line, decoded in bulk by pyarrow.json) and `schema_version` (the Schema fingerprint). The
+Arrow schema's metadata carries the dimstream schema itself (`dimstream.schema.v1`). Messages of
+other producers, without these headers, are recognised by content (stream/kafka/formats.py).
 A message with no rows (a tombstone with value None, an empty value, JSON lines that are all
 blank) raises WireError "empty_message": dead-lettered like any other bad message.
 
@@ -14,7 +16,8 @@ blank) raises WireError "empty_message": dead-lettered like any other bad messag
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.json as pajson
+
+from dimstream.stream.schema import Schema
 
 
 class WireError(ValueError):
@@ -23,7 +26,13 @@ class WireError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
-def encode_arrow(rb: pa.RecordBatch, schema_version: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+def encode_arrow(
+    rb: pa.RecordBatch, schema_version: str, schema: Schema | None = None
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """One Arrow message; with `schema`, the stream carries it: the declaration goes into the
+    Arrow schema metadata under `dimstream.schema.v1` (README, Kafka: the contract)."""
+    if schema is not None:
+        rb = rb.replace_schema_metadata({**(rb.schema.metadata or {}), **schema.to_metadata()})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, rb.schema) as w:
         w.write_batch(rb)
@@ -37,40 +46,22 @@ def encode_jsonl(rows: list[dict], schema_version: str) -> tuple[bytes, list[tup
     return value, [("format", b"jsonl"), ("schema_version", schema_version.encode())]
 
 
-def decode_message(value: bytes | None, headers, expected_version: str | None) -> pa.RecordBatch:
+def decode_message(
+    value: bytes | None, headers, expected_version: str | None, declared_format: str = "auto"
+) -> pa.RecordBatch:
     """The message's rows, or WireError(reason, detail) for a message that cannot be trained on.
+    One message alone; the Kafka source decodes a poll's messages together (formats.decode_values).
 
     >>> decode_message(None, [("format", b"arrow")], None)
     Traceback (most recent call last):
     ...
     dimstream.stream.kafka.wire.WireError: empty_message: a message without a value (a tombstone)
+    >>> decode_message(b'{"x": 1}', None, None).num_rows  # no headers: recognised by content
+    1
     """
-    try:
-        h = {k: (v or b"") for k, v in (headers or [])}
-    except (TypeError, ValueError):
-        raise WireError("corrupt_input", "headers are not (key, value) pairs") from None
-    if value is None:
-        raise WireError("empty_message", "a message without a value (a tombstone)")
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise WireError("corrupt_input", f"message value of type {type(value).__name__}")
-    if not bytes(value).strip():
-        raise WireError("empty_message", "an empty message value")
-    version = bytes(h.get("schema_version", b"")).decode(errors="replace")
-    if expected_version is not None and version != expected_version:
-        raise WireError("unknown_schema", f"schema version {version!r}, expected {expected_version!r}")
-    fmt = h.get("format", b"arrow")
-    if fmt == b"jsonl":
-        try:
-            table = pajson.read_json(pa.BufferReader(value))  # bulk, not row by row
-        except (pa.ArrowInvalid, OSError) as e:
-            raise WireError("corrupt_input", f"not JSON lines: {e}") from None
-        if table.num_rows == 0:
-            raise WireError("empty_message", "JSON lines without any row")
-        return table.combine_chunks().to_batches()[0]
-    if fmt != b"arrow":
-        raise WireError("corrupt_input", f"unsupported format {fmt!r}")
-    try:
-        table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise WireError("corrupt_input", f"not an Arrow IPC stream: {e}") from None
-    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
+    from dimstream.stream.kafka.formats import decode_values
+
+    (piece,) = decode_values([value], [headers], expected_version, declared_format)
+    if piece.error is not None:
+        raise piece.error
+    return piece.rb

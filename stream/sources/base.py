@@ -62,6 +62,7 @@ class SourceStatus:
     lag: dict[str, int] = field(default_factory=dict)  # messages behind, per partition
     last_message_time: float | None = None  # unix seconds of the last data delivered
     handed_over_rows: int = 0  # rows skipped: an earlier owner had trained them
+    offset_resets: int = 0  # partitions restarted from their start: their offsets went back
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,12 @@ row is lost and none is trained twice across the group. A daemon restarting from
 whose record never reached the side topic (it died in between) publishes it before rejoining
 (`recover`).
 
+The schema: declared (`[schema]`), or adopted from the stream when none is (`adopt_schema`: the
+`dimstream.schema.v1` metadata of the first message, checkpointed with the position). Every
+message that carries a schema is checked against the source's (`schema_mismatch`). Messages are
+decoded per poll by stream/kafka/formats.py: Arrow or JSON by header, declared `?format=` or
+content, JSON in bulk across messages; other formats are `unsupported_format`.
+
 Undecodable messages become error batches (dead-lettered by the loop) and are copied to
 `TOPIC.dlq` with headers reason, partition and offset. A broker that is down or hangs never
 raises out of `read`: the source backs off, reports `kafka_up = False` and keeps yielding
@@ -48,14 +54,16 @@ from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 
-from dimstream.stream.kafka.wire import WireError, decode_message
-from dimstream.stream.schema import Schema
+from dimstream.stream.kafka.formats import FORMATS, UNSUPPORTED, decode_values
+from dimstream.stream.kafka.wire import WireError
+from dimstream.stream.schema import METADATA_KEY, Schema, SchemaError
 from dimstream.stream.sources.base import LiveSource, SourceBatch, SourceOptions, SourceStatus
 
 log = logging.getLogger(__name__)
 METADATA_AGE_MS = 5000  # metadata refresh period
 PROBE_INTERVAL_S = 1.0  # liveness probe period
 PROBE_TIMEOUT_S = 2.0  # a broker that has not answered the probe within this is down
+DLQ_MESSAGE_BYTES = 512 << 10  # rejected rows are sent to TOPIC.dlq in Arrow messages of about this size
 
 
 def probe_broker(host: str, port: int, timeout: float = PROBE_TIMEOUT_S, ssl_context=None) -> bool:
@@ -179,8 +187,10 @@ class PositionsTopic:
             if self._producer is None:
                 from kafka import KafkaProducer
 
+                # not idempotent: a record written twice is harmless (the latest per key wins), while an
+                # idempotent producer whose broker came back empty retries UnknownProducerId forever
                 self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, **self.security
+                    bootstrap_servers=self.bootstrap, acks="all", linger_ms=0, enable_idempotence=False, **self.security
                 )
             futures = [
                 self._producer.send(
@@ -196,15 +206,42 @@ class PositionsTopic:
             return True
         except Exception as e:
             log.warning("could not write positions to %s: %s", self.name, e)
+            self._drop("_producer")  # a producer in a fatal state never recovers: a new one next time
+            self._created = False  # the broker may have come back without the topic
             return False
+
+    def forget(self) -> None:
+        """The broker came back empty: new clients, the topic created again (one partition, compacted)
+        before anything is written to it, and no record of the old broker kept."""
+        self._drop("_producer")
+        self._drop("_reader")
+        self._created, self.latest = False, {}
+
+    def _drop(self, attr: str) -> None:
+        client = getattr(self, attr)
+        setattr(self, attr, None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
 
     def refresh(self, timeout: float = 10.0) -> dict[str, dict]:
         """Read the side topic up to its current end and return, per partition, the latest record
         of this group. Raises if the end cannot be reached within `timeout` seconds."""
+        try:
+            return self._refresh(timeout)
+        except Exception:
+            self._drop("_reader")  # rebuilt, and the topic read again from its start, next time
+            self.latest = {}
+            raise
+
+    def _refresh(self, timeout: float) -> dict[str, dict]:
         from kafka import KafkaConsumer
         from kafka.structs import TopicPartition
 
         if self._reader is None:
+            self.latest = {}
             self._reader = KafkaConsumer(
                 bootstrap_servers=self.bootstrap,
                 group_id=None,
@@ -220,6 +257,10 @@ class PositionsTopic:
         if set(tps) != set(self._reader.assignment()):
             self._reader.assign(tps)
         ends = self._reader.end_offsets(tps)
+        if any(self._reader.position(tp) > ends[tp] for tp in tps):  # the broker came back empty
+            log.warning("%s went back (end %s); reading it again from its start", self.name, ends)
+            self.latest = {}
+            self._reader.seek_to_beginning(*tps)
         prefix = f"{self.group}/".encode()
         deadline = time.monotonic() + timeout
         while any(self._reader.position(tp) < ends[tp] for tp in tps):
@@ -253,15 +294,22 @@ class KafkaSource(LiveSource):
         self,
         bootstrap: str,
         topic: str,
-        schema: Schema,
+        schema: Schema | None,
         group: str = "dimstream",
         poll_timeout_ms: int = 500,
         security: dict | None = None,
         auto_offset_reset: str = "earliest",
         dlq: bool = True,
         positions: bool = True,
+        format: str = "auto",
     ):
-        self.bootstrap, self.topic, self.schema, self.group = bootstrap, topic, schema, group
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        self.bootstrap, self.topic, self.group, self.format = bootstrap, topic, group, format
+        # None: no [schema] declared, the schema is adopted from the stream (adopt_schema)
+        self._schema, self.adopting = schema, schema is None
+        self._said: set[str] = set()  # what was logged once: formats found, schemas refused
+        self._ok_schema: Schema | None = None  # the last schema a message carried that matched
         self.name = f"kafka://{bootstrap}/{topic}"
         self.poll_timeout_ms, self.security = poll_timeout_ms, dict(security or {})
         self.auto_offset_reset, self.dlq = auto_offset_reset, dlq
@@ -288,28 +336,134 @@ class KafkaSource(LiveSource):
         self.rebalances = 0  # assignments received
         self.revoked_unfinished = 0  # revocations that found read-but-untrained messages
         self.handed_over_rows = 0  # rows skipped as trained by a partition's previous owner
+        self.offset_resets = 0  # partitions restarted because their offsets went back (see _reset)
+        # per partition, how many times it was reset: kept in positions ("resets"), since offsets
+        # of one incarnation of a topic say nothing about another's
+        self._resets: dict[str, int] = {}
+        self._topic_id: str | None = None  # the topic's id (KIP-516) as last seen, if the broker has ids
 
     @classmethod
     def from_url(cls, url: str, schema_config: dict | None = None, **kw) -> KafkaSource:
+        """`kafka://HOST:PORT/TOPIC[?group=NAME][&format=auto|arrow|json]`; no `schema_config`:
+        the schema is adopted from the stream (`adopt_schema`), never assumed."""
         u = urlparse(url)
         if u.scheme != "kafka" or not u.hostname or not u.port or not u.path.strip("/"):
-            raise ValueError(f"bad Kafka URL {url!r}: use kafka://HOST:PORT/TOPIC[?group=NAME]")
-        if schema_config is None:
-            from dimstream.stream.synthetic import default_schema
-
-            schema = default_schema()
-        else:
+            raise ValueError(f"bad Kafka URL {url!r}: use kafka://HOST:PORT/TOPIC[?group=NAME][&format=json]")
+        schema = None
+        if schema_config is not None:
             from dimstream.stream.sources.files import schema_from_config
 
             schema = schema_from_config(schema_config)
-        group = parse_qs(u.query).get("group", ["dimstream"])[0]
-        return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, **kw)
+        query = parse_qs(u.query)
+        group = query.get("group", ["dimstream"])[0]
+        fmt = query.get("format", ["auto"])[0]
+        return cls(f"{u.hostname}:{u.port}", u.path.strip("/"), schema, group=group, format=fmt, **kw)
 
     @classmethod
     def from_spec(cls, arg: str, options: SourceOptions) -> KafkaSource:
-        """`kafka://HOST:PORT/TOPIC[?group=G]` (`arg` is the whole URL), with the declared schema
-        (the synthetic one if none) and the [kafka] security options."""
+        """`kafka://HOST:PORT/TOPIC[?group=G][&format=F]` (`arg` is the whole URL), with the declared
+        schema (none: adopted from the stream) and the [kafka] security options."""
         return cls.from_url(arg, schema_config=options.schema_config, security=options.kafka or None)
+
+    # --- the schema: declared, or adopted from the stream ---
+    @property
+    def schema(self) -> Schema:
+        if self._schema is None:
+            self.adopt_schema(None)
+        return self._schema
+
+    def adopt_schema(self, position: dict | None, timeout: float | None = None) -> Schema:
+        """With no declared schema: the one a checkpointed `position` holds (resuming), else the
+        one the stream carries (its first message, from the group's position). SchemaError (one
+        line saying what to declare and where) when that message carries none: a model cannot be
+        built without a schema, so a daemon that has never trained stops there (exit 2)."""
+        if not self.adopting or (self._schema is not None and position is None):
+            return self._schema
+        held = (position or {}).get("schema")
+        if held is not None:
+            self._schema = Schema.from_dict(held)
+            log.info("schema adopted from the stream, restored from the checkpoint: %s", self._schema.describe())
+            return self._schema
+        self._schema = self._discover(timeout)
+        log.info(
+            "no [schema] declared: adopted the schema the stream %s carries (%s): %s",
+            self.topic,
+            METADATA_KEY.decode(),
+            self._schema.describe(),
+        )
+        return self._schema
+
+    def _discover(self, timeout: float | None) -> Schema:
+        """The schema of the first message from the group's position (else auto_offset_reset).
+        Waits for one (a line every 30 s says so), through a broker that is not answering."""
+        start, said, consumer = time.monotonic(), -float("inf"), None
+        try:
+            while timeout is None or time.monotonic() - start < timeout:
+                if time.monotonic() - said >= 30:
+                    log.info("no [schema] declared: waiting for a first message on %s to adopt its schema", self.topic)
+                    said = time.monotonic()
+                try:
+                    consumer = consumer or self._peek_consumer()
+                    for m in self._peek(consumer):
+                        schema = self._schema_of_first(m)
+                        if schema is not None:
+                            return schema
+                except SchemaError:
+                    raise
+                except Exception as e:  # the broker is down or hangs: retry, as read() does
+                    if time.monotonic() - said < 1:
+                        log.warning("Kafka %s unreachable (%s); retrying", self.bootstrap, e)
+                    time.sleep(1.0)
+            raise SchemaError(f"no message on {self.topic} within {timeout:.0f}s to adopt a schema from")
+        finally:
+            if consumer is not None:
+                consumer.close(autocommit=False)
+
+    def _peek_consumer(self):
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,  # for its committed offsets only: assign() joins no group
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            request_timeout_ms=15000,
+            **self.security,
+        )
+
+    def _peek(self, consumer) -> list:
+        """One poll's messages, every partition assigned at the group's committed offset."""
+        from kafka.structs import TopicPartition
+
+        parts = consumer.partitions_for_topic(self.topic)
+        if not parts:
+            time.sleep(0.5)
+            return []
+        tps = [TopicPartition(self.topic, q) for q in sorted(parts)]
+        if set(tps) != set(consumer.assignment()):
+            consumer.assign(tps)
+            for tp in tps:
+                committed = consumer.committed(tp)
+                if committed is not None and committed >= 0:
+                    consumer.seek(tp, committed)
+        return [m for msgs in consumer.poll(timeout_ms=500).values() for m in msgs]
+
+    def _schema_of_first(self, m) -> Schema | None:
+        """The schema message `m` carries; None for a message without content (skipped)."""
+        (piece,) = decode_values([m.value], [m.headers], None, self.format)
+        where = f"{self.topic} partition {m.partition} offset {m.offset}"
+        declare = (
+            "declare the fields in the [schema] table of the run's config (--config FILE; README, Kafka), "
+            f"or produce with `dimstream replay`, which puts the schema in every message ({METADATA_KEY.decode()})"
+        )
+        if piece.error is not None:
+            if piece.error.reason == "empty_message":
+                return None
+            raise SchemaError(f"no [schema] declared and message {where} cannot be read ({piece.error}): {declare}")
+        if piece.schema is None:
+            kind = "JSON" if piece.fmt == "json" else "an Arrow message without schema metadata"
+            raise SchemaError(f"no [schema] declared and message {where} is {kind}, which carries no schema: {declare}")
+        return piece.schema
 
     @property
     def kafka_up(self) -> bool:
@@ -327,6 +481,7 @@ class KafkaSource(LiveSource):
             lag=dict(self.lag),
             last_message_time=self.last_message_time,
             handed_over_rows=self.handed_over_rows,
+            offset_resets=self.offset_resets,
         )
 
     # --- reading ---
@@ -375,6 +530,7 @@ class KafkaSource(LiveSource):
             str(p): [list(map(int, r)) for r in rules] for p, rules in ((position or {}).get("carry") or {}).items()
         }
         self.member = str((position or {}).get("member") or self.member)
+        self._resets = {str(p): int(g) for p, g in ((position or {}).get("resets") or {}).items()}
         while True:
             try:
                 if self._consumer is None:
@@ -387,6 +543,7 @@ class KafkaSource(LiveSource):
                     yield SourceBatch(None, here, here, rewind=True)
                     continue
                 self._poll_ok, backoff = True, 0.5
+                records = self._went_back(records)  # a broker that came back empty: see _reset
             except Exception as e:  # broker down or hanging: stay up, back off, keep heart-beating
                 if self.kafka_up or backoff == 0.5:
                     log.warning("Kafka %s unreachable (%s); retrying", self.bootstrap, e)
@@ -412,7 +569,81 @@ class KafkaSource(LiveSource):
                 yield SourceBatch(None, here, here, source_down=not self.kafka_up)
                 continue
             for tp, messages in records.items():
-                yield from self._batches(str(tp.partition), messages)
+                p = str(tp.partition)
+                for sb in self._batches(p, messages):
+                    if self._resets.get(p):  # offsets of this incarnation of the partition
+                        sb.position["resets"] = sb.next_position["resets"] = {p: self._resets[p]}
+                    yield sb
+
+    # --- a broker that comes back empty ---
+    def _current_topic_id(self) -> str | None:
+        try:
+            tid = self._consumer._client.cluster.topic_id(self.topic)
+        except Exception:
+            return None
+        return str(tid) if tid is not None and int(getattr(tid, "int", 1)) != 0 else None
+
+    def _went_back(self, records: dict) -> dict:
+        """Offsets going back (a broker restarted in memory, a topic deleted and re-created): the
+        topic's id changed, or a partition delivers offsets below the next one expected. Such
+        partitions restart from their earliest offset (`_reset`); their records of this poll are
+        dropped (read again from there)."""
+        tid = self._current_topic_id()
+        if tid is not None and self._topic_id is not None and tid != self._topic_id:
+            self._reset(sorted(self._assigned or ()), f"the topic's id changed from {self._topic_id} to {tid}")
+            self._topic_id = tid
+            return {}
+        if tid is not None:
+            self._topic_id = tid
+        back = [tp for tp, ms in records.items() if ms and ms[0].offset < self._next.get(str(tp.partition), -1)]
+        for tp in back:
+            got, expected = records[tp][0].offset, self._next[str(tp.partition)]
+            self._reset([tp.partition], f"offset {got} was delivered where {expected} was next")
+        return {tp: ms for tp, ms in records.items() if tp not in back}
+
+    def _reset(self, partitions, why: str, resume: dict | None = None) -> None:
+        """The documented policy (README, Reliability): the partition restarts from its earliest
+        offset; nothing is skipped and nothing is dead-lettered for the reset itself (rows of the
+        new topic older than the watermark are late, as ever). One ERROR line and
+        `offset_resets` per partition; the positions it had are dropped, and it is marked as a new
+        incarnation (`resets` in positions) so that old offsets are never compared with new ones."""
+        from kafka.structs import TopicPartition
+
+        tps = [TopicPartition(self.topic, int(q)) for q in partitions]
+        if not tps:
+            return
+        self._consumer.seek_to_beginning(*tps)
+        try:
+            first = self._consumer.beginning_offsets(tps)
+        except Exception:
+            first = {}
+        for tp in tps:
+            p = str(tp.partition)
+            old = (resume or {}).get(p, self._next.get(p, self._durable.get(p)))
+            log.error(
+                "Kafka topic %s partition %s went back (%s; it was at offset %s): the broker came back "
+                "empty or the topic was re-created; restarting the partition from its earliest offset %s",
+                self.topic,
+                p,
+                why,
+                old,
+                first.get(tp, 0),
+            )
+            self.offset_resets += 1
+            self._resets[p] = self._resets.get(p, 0) + 1
+            for d in (self._durable, self._durable_meta, self._durable_rec, self._skip, self._carry, self._next):
+                d.pop(p, None)
+            self._side_ok.discard(p)
+            self._read_base[p] = int(first.get(tp, 0))
+        self.lag = {}
+        if self._positions is not None:  # its topic went with the broker: clients and records of the old one go
+            self._positions.forget()
+        producer, self._producer = self._producer, None  # the DLQ producer too
+        if producer is not None:
+            try:
+                producer.close(timeout=1)
+            except Exception:
+                pass
 
     async def _give_up(self, partitions, commit: bool) -> None:
         """Partitions are leaving this member: they go at the last durable checkpoint, whose
@@ -463,9 +694,23 @@ class KafkaSource(LiveSource):
                 records = dict(self._positions.refresh())
             except Exception as e:  # then the committed offset (and its metadata, if kept) decides
                 log.warning("could not read %s (%s); using committed offsets only", self._positions.name, e)
+        # a broker that came back empty, a topic re-created: its id changed, or the offsets claimed
+        # lie beyond a partition's end (offsets went back); such partitions start again (_reset)
+        tid, was = self._current_topic_id(), self._topic_id
+        moved = tid is not None and was is not None and tid != was
+        self._topic_id = tid if tid is not None else was
+        assigned = [TopicPartition(self.topic, q) for q in sorted(self._assigned or ())]
+        try:
+            ends = self._consumer.end_offsets(assigned) if assigned else {}
+        except Exception as e:
+            log.warning("end offsets of %s unavailable (%s)", self.topic, e)
+            ends = {}
         for part in sorted(self._assigned or ()):
             tp, p = TopicPartition(self.topic, part), str(part)
             claims = []  # (offset, rules, positions record, commit metadata, this member's own)
+            if p in self._durable and moved:
+                self._reset([part], f"the topic's id changed from {was} to {tid}", resume={p: self._durable[p]})
+                continue
             if p in self._durable:
                 claims.append(
                     (
@@ -477,6 +722,8 @@ class KafkaSource(LiveSource):
                     )
                 )
             rec = records.get(p)
+            if rec is not None and rec.get("topic_id") not in (None, tid) and tid is not None:
+                rec = None  # a record of an earlier incarnation of the topic
             if rec is not None and isinstance(rec.get("offset"), int) and rec["offset"] >= 0:
                 claims.append((rec["offset"], skip_rules(rec), rec, _metadata(rec), False))
             committed = self._consumer.committed(tp, metadata=True)
@@ -485,6 +732,9 @@ class KafkaSource(LiveSource):
                     meta = json.loads(committed.metadata or "{}")
                 except ValueError:
                     meta = {}
+                if isinstance(meta, dict) and meta.get("topic_id") not in (None, tid) and tid is not None:
+                    committed = meta = None  # committed on an earlier incarnation of the topic
+            if committed is not None and committed.offset is not None and committed.offset >= 0:
                 claims.append(
                     (
                         committed.offset,
@@ -503,6 +753,9 @@ class KafkaSource(LiveSource):
                 self._carry.pop(p, None)
                 continue
             start = max(c[0] for c in claims)
+            if tp in ends and start > int(ends[tp]):
+                self._reset([part], f"its end offset {ends[tp]} is below the resume offset", resume={p: start})
+                continue
             rules = sorted({tuple(r) for c in claims for r in c[1] if r[0] > start})
             best = max((c for c in claims if c[0] == start), key=lambda c: (c[4], c[2] is not None))
             self._consumer.seek(tp, start)
@@ -530,66 +783,118 @@ class KafkaSource(LiveSource):
             self._skip or "none",
         )
 
-    def _handed_over(self, p: str, offset: int, rb: pa.RecordBatch) -> pa.RecordBatch:
+    def _handed_over(self, p: str, offset, rb: pa.RecordBatch) -> pa.RecordBatch:
         """Drop the rows earlier owners of the partition trained: older than a rule's watermark, in
-        a message before its read_upto (vectorised)."""
-        rules = [r for r in self._skip[p] if offset < r[0]]
+        a message before its read_upto (vectorised). `offset`: the message's, or one per row (rows
+        of one-row messages decoded together). Event times are read as the decoder reads them;
+        rows whose time is unreadable stay, for the decoder to dead-letter."""
+        import numpy as np
+
+        from dimstream.stream.decode import event_seconds
+
+        rules = [r for r in self._skip[p] if int(np.min(offset)) < r[0]]
         if not rules:
             del self._skip[p]  # messages come in offset order: no rule applies any more
             return rb
         t = self.schema.event_time
-        if t not in rb.schema.names:
+        if t not in rb.schema.names or rb.num_rows == 0:
             return rb
-        import pyarrow.compute as pc
-
-        watermark = max(w for _, w in rules)  # every rule covers this message: the widest one decides
-        keep = pc.fill_null(pc.greater_equal(rb.column(t), watermark), True)
-        out = rb.filter(keep)
+        per_row = np.broadcast_to(np.asarray(offset, np.int64), (rb.num_rows,))
+        # per row, the widest watermark of the rules covering its message
+        watermark = np.full(rb.num_rows, np.iinfo(np.int64).min, np.int64)
+        for upto, w in rules:
+            watermark = np.where(per_row < upto, np.maximum(watermark, w), watermark)
+        col = rb.column(t)
+        seconds, bad, unparsable = event_seconds(col, self.schema.event_time_unit)
+        null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        out = rb.filter(pa.array((seconds >= watermark) | bad | unparsable | null))
         self.handed_over_rows += rb.num_rows - out.num_rows
         return out
 
+    def _check_schema(self, piece) -> WireError | None:
+        """The schema an Arrow message carries against the source's (declared or adopted): any
+        difference is `schema_mismatch`, said once per schema met. Messages that carry none are
+        checked column by column by the decoder."""
+        theirs = piece.schema
+        if theirs is None:
+            if self.adopting and "no-metadata" not in self._said:
+                self._said.add("no-metadata")
+                log.info("%s: messages without schema metadata are read with the adopted schema", self.topic)
+            return None
+        if theirs is self._ok_schema:
+            return None
+        diff = self.schema.difference(theirs)
+        if diff is None:
+            self._ok_schema = theirs  # formats caches parsed metadata: the next message is the same object
+            return None
+        fp = theirs.fingerprint()
+        whose = "adopted from the stream" if self.adopting else "declared in [schema]"
+        if fp not in self._said:
+            self._said.add(fp)
+            log.warning(
+                "%s: messages carrying schema %s, not this source's %s (%s): dead-lettered as schema_mismatch (%s)",
+                self.topic,
+                fp,
+                self.schema.fingerprint(),
+                whose,
+                diff,
+            )
+        return WireError("schema_mismatch", f"the message carries schema {fp}, the source's ({whose}) differs: {diff}")
+
+    def _say_unsupported(self, piece, where: str) -> None:
+        if piece.fmt in UNSUPPORTED and piece.fmt not in self._said:
+            self._said.add(piece.fmt)
+            log.error(
+                "%s %s: %s; dimstream reads Arrow IPC and JSON: dead-lettered as unsupported_format "
+                "(said once; every such message is counted in dimstream_rows_rejected_total)",
+                self.topic,
+                where,
+                UNSUPPORTED[piece.fmt],
+            )
+
     def _batches(self, p: str, messages) -> Iterator[SourceBatch]:
         """One SourceBatch per run of decodable messages of a partition (small messages are
-        concatenated: per-message overhead would dominate), one error batch per bad message."""
-        run, first = [], None
+        concatenated, and JSON values decoded in bulk across them: per-message overhead would
+        dominate), one error batch per bad message."""
+        self.last_message_time = time.time()
+        offsets = [m.offset for m in messages]
+        pieces = decode_values(
+            [m.value for m in messages], [m.headers for m in messages], self.schema.fingerprint(), self.format
+        )
+        run = []  # (rows, offset of the first message, offset after the last)
 
         def flush():
             if not run:
-                return None
+                return []
+            self._next[p] = run[-1][2]
             try:
-                rb = pa.Table.from_batches(run).combine_chunks().to_batches()[0] if len(run) > 1 else run[0]
+                rows = [r[0] for r in run]
+                rb = pa.Table.from_batches(rows).combine_chunks().to_batches()[0] if len(rows) > 1 else rows[0]
             except pa.ArrowInvalid:  # messages of different Arrow schemas: keep them apart
-                return [
-                    SourceBatch(b, {"offsets": {p: first + i}}, {"offsets": {p: first + i + 1}})
-                    for i, b in enumerate(run)
-                ]
-            return [SourceBatch(rb, {"offsets": {p: first}}, {"offsets": {p: first + len(run)}})]
+                out = [SourceBatch(b, {"offsets": {p: lo}}, {"offsets": {p: hi}}) for b, lo, hi in run]
+            else:
+                out = [SourceBatch(rb, {"offsets": {p: run[0][1]}}, {"offsets": {p: run[-1][2]}})]
+            run.clear()
+            return out
 
-        for msg in messages:
-            self._next[p] = msg.offset + 1
-            self.last_message_time = time.time()
-            try:
-                rb = decode_message(msg.value, msg.headers, self.schema.fingerprint())
+        for piece in pieces:
+            lo, hi = offsets[piece.lo], offsets[piece.hi - 1] + 1
+            error = piece.error or self._check_schema(piece)
+            if error is None:
+                rb = piece.rb
                 if p in self._skip:
-                    rb = self._handed_over(p, msg.offset, rb)
-            except WireError as e:
-                yield from flush() or []
-                run, first = [], None
-                self._dead_letter(msg, e.reason)
-                yield SourceBatch(
-                    None,
-                    {"offsets": {p: msg.offset}},
-                    {"offsets": {p: msg.offset + 1}},
-                    error=e.reason,
-                    detail=f"partition {p} offset {msg.offset}: {e.detail}",
-                )
+                    rb = self._handed_over(p, lo if piece.hi - piece.lo == 1 else offsets[piece.lo : piece.hi], rb)
+                run.append((rb, lo, hi))
                 continue
-            if first is not None and msg.offset != first + len(run):  # a gap (compaction): new run
-                yield from flush() or []
-                run, first = [], None
-            first = msg.offset if first is None else first
-            run.append(rb)
-        yield from flush() or []
+            yield from flush()
+            self._next[p] = hi
+            where = f"partition {p} offset {lo}"
+            self._say_unsupported(piece, where)
+            self._dead_letter(messages[piece.lo], error.reason)
+            yield SourceBatch(
+                None, {"offsets": {p: lo}}, {"offsets": {p: hi}}, error=error.reason, detail=f"{where}: {error.detail}"
+            )
+        yield from flush()
 
     def _update_lag(self, every_seconds: float = 10.0) -> None:
         """Messages behind the end of each assigned partition (a broker round trip, so throttled)."""
@@ -615,10 +920,19 @@ class KafkaSource(LiveSource):
             if self._producer is None:
                 from kafka import KafkaProducer
 
-                self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, **self.security)
+                # not idempotent, like the positions producer (PositionsTopic.write): no fatal state
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self.bootstrap, enable_idempotence=False, **self.security
+                )
             self._producer.send(f"{self.topic}.dlq", value=value, key=key, headers=headers)
         except Exception as e:  # the window's dead-letter file still holds it
             log.warning("could not write to %s.dlq: %s", self.topic, e)
+            producer, self._producer = self._producer, None  # rebuilt next time: a fatal state is not left
+            if producer is not None:
+                try:
+                    producer.close(timeout=1)
+                except Exception:
+                    pass
 
     def _dead_letter(self, msg, reason: str) -> None:
         self._dlq_send(
@@ -638,9 +952,13 @@ class KafkaSource(LiveSource):
         from dimstream.stream.kafka.wire import encode_arrow
 
         for reason in pc.unique(table.column("reason")).to_pylist():
-            part = table.filter(pc.equal(table.column("reason"), reason))
-            value, _ = encode_arrow(part.combine_chunks().to_batches()[0], self.schema.fingerprint())
-            self._dlq_send(value, None, [("reason", str(reason).encode()), ("format", b"arrow-deadletter")])
+            part = table.filter(pc.equal(table.column("reason"), reason)).combine_chunks()
+            # messages under the 1 MB a broker and a producer take by default: a window's rejected rows may be more
+            step = max(1, part.num_rows * DLQ_MESSAGE_BYTES // max(1, part.nbytes))
+            for start in range(0, part.num_rows, step):
+                rb = part.slice(start, step).combine_chunks().to_batches()[0]
+                value, _ = encode_arrow(rb, self.schema.fingerprint())
+                self._dlq_send(value, None, [("reason", str(reason).encode()), ("format", b"arrow-deadletter")])
 
     # --- positions and commits ---
     def _owned(self, offsets: dict) -> dict:
@@ -652,16 +970,20 @@ class KafkaSource(LiveSource):
     def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None) -> dict:
         """Per owned partition, the first message not fully handled; `carry` keeps the rules of
         rows past it that earlier owners trained (so a restart, or the next owner, skips them)."""
-        offsets = dict((start or {}).get("offsets") or {})
+        offsets = self._this_incarnation(start)
         offsets.update(self._read_base)  # taken over since `start`: the group's position
         offsets.update(self._next)
         first: dict[str, int] = {}
         for sb in unfinished:
-            for p, o in sb.position.get("offsets", {}).items():
+            for p, o in self._this_incarnation(sb.position).items():
                 first[p] = min(first.get(p, o), o)
         offsets.update(first)
         offsets = self._owned(offsets)
         position: dict = {"offsets": offsets, "member": self.member}
+        if resets := self._owned({p: g for p, g in self._resets.items() if g}):
+            position["resets"] = resets
+        if self.adopting and self._schema is not None:  # checkpointed: a restart resumes with it
+            position["schema"] = self._schema.to_dict()
         carry = {p: [r for r in self._carry.get(p, []) if r[0] > o] for p, o in offsets.items()}
         carry = {p: rules for p, rules in carry.items() if rules}
         if carry:
@@ -672,10 +994,22 @@ class KafkaSource(LiveSource):
         """Per owned partition, the offset after the last message read (the window loop's test for
         rows read, and handled, before a restart or a rebalance). `last` is not needed: the
         source tracks every partition's next offset itself (`last` holds only one partition)."""
-        offsets = dict((previous or {}).get("offsets") or {})
+        offsets = self._this_incarnation(previous)
         offsets.update(self._read_base)
         offsets.update(self._next)
-        return {"offsets": self._owned(offsets)}
+        position: dict = {"offsets": self._owned(offsets)}
+        if resets := self._owned({p: g for p, g in self._resets.items() if g}):
+            position["resets"] = resets
+        return position
+
+    def _this_incarnation(self, position: dict | None) -> dict:
+        """The offsets of `position` in partitions not reset since it was taken (see _reset)."""
+        resets = (position or {}).get("resets") or {}
+        return {
+            p: o
+            for p, o in ((position or {}).get("offsets") or {}).items()
+            if int(resets.get(p, 0)) == self._resets.get(p, 0)
+        }
 
     def is_before(self, position: dict, limit: dict | None) -> bool:
         """A batch was read before `limit` if, in any of its partitions, its offset lies before
@@ -689,11 +1023,18 @@ class KafkaSource(LiveSource):
         False
         >>> src.is_before({"offsets": {"2": 0}}, {"offsets": {"0": 5}})
         False
+        >>> src.is_before({"offsets": {"0": 4}, "resets": {"0": 1}}, {"offsets": {"0": 5}})  # a new topic
+        False
         """
         upto = (limit or {}).get("offsets")
         if not upto:
             return False
-        return any(int(o) < int(upto.get(p, -1)) for p, o in position.get("offsets", {}).items())
+        mine, theirs = position.get("resets") or {}, (limit or {}).get("resets") or {}
+        return any(
+            int(o) < int(upto.get(p, -1))
+            for p, o in position.get("offsets", {}).items()
+            if int(mine.get(p, 0)) == int(theirs.get(p, 0))  # offsets of one incarnation of the partition
+        )
 
     def commit(
         self, position: dict, watermark: int | None = None, read_upto: dict | None = None, window: int | None = None
@@ -738,6 +1079,8 @@ class KafkaSource(LiveSource):
                 "window": window,
                 "written_at": time.time(),
             }
+            if self._topic_id is not None:
+                rec["topic_id"] = self._topic_id
             if watermark is not None and p in upto:
                 rec |= {"read_upto": int(upto[p]), "watermark": int(watermark)}
             if carry.get(p):
@@ -806,5 +1149,5 @@ class KafkaSource(LiveSource):
 def _metadata(rec: dict) -> str:
     """Commit metadata for a positions record: the facts a new owner needs, compact (brokers cap
     metadata at a few kB)."""
-    keep = {k: rec[k] for k in ("read_upto", "watermark", "skips") if k in rec}
+    keep = {k: rec[k] for k in ("read_upto", "watermark", "skips", "topic_id") if k in rec}
     return json.dumps(keep, sort_keys=True, separators=(",", ":")) if keep else ""
