@@ -14,6 +14,12 @@ layers on both axes), each with its Adam moments gathered the same way. Everythi
 (hidden layers, biases) continues from the old slim arm, Adam state included. With the
 interaction width fixed to the control's, a slim arm cut from the control this way computes
 exactly the masked control model (tests/test_realloc.py).
+
+Under sharding the new arm is a new DMP model with its own plan (the planner may move tables
+whose widths changed); every table and its optimizer state are gathered whole over the ranks
+(`gather_full`, one all-reduce per tensor) and the new plan's shards take their blocks, so a
+kept column carries its values and state across ranks (tests/test_distributed.py). The cost is
+one whole table in CPU memory at a time on every rank.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.ctr import ctr_model
+from dimstream.models.distributed import copy_blocks, gather_full, state_layout
 
 Column = tuple[str, int]
 
@@ -31,8 +38,19 @@ def _columns(spec: ArmSpec, fields: list[str]) -> list[Column]:
     return [(f, j) for f in fields for j in spec.column_ids.get(f, [])[: spec.dims.get(f, 0)]]
 
 
-def _local(t):
-    return t.local_shards()[0].tensor if isinstance(t, ShardedTensor) else t
+def _full(t) -> torch.Tensor:
+    """The whole table (or optimizer state) of a sharded tensor, on every rank, whichever rank
+    holds which shard (collective); a plain tensor as it is."""
+    return gather_full(t)
+
+
+def _assign(target, value: torch.Tensor) -> None:
+    """Copy the whole tensor `value` into `target`: a sharded tensor takes its local blocks
+    (the new plan decides which rank holds what), a plain one all of it."""
+    if isinstance(target, ShardedTensor):
+        copy_blocks(target, value)
+    else:
+        target.copy_(value)
 
 
 def _gather(
@@ -76,10 +94,11 @@ def reallocate(old: Arm, control: Arm, spec: ArmSpec, build) -> Arm:
 
 
 def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:
+    """Tables and fused optimizer state, gathered whole over the ranks and written into the new
+    plan's shards: whether a kept column lived on this rank before does not matter."""
     sd_new, sd_old, sd_ctl = new.model.state_dict(), old.model.state_dict(), control.model.state_dict()
-    st_new = new.model.fused_optimizer.state_dict()["state"]
-    st_old = old.model.fused_optimizer.state_dict()["state"]
-    st_ctl = control.model.fused_optimizer.state_dict()["state"]
+    st = [_OptState(a) for a in (new, old, control)]
+    st_new, st_old, st_ctl = st
     for key, target in sd_new.items():
         if not isinstance(target, ShardedTensor):
             continue
@@ -88,23 +107,42 @@ def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:
         in_old = key in sd_old
         if kind == "wide":  # first order: one scalar per row, not per column
             src, src_state = (sd_old, st_old) if in_old else (sd_ctl, st_ctl)
-            _local(target).copy_(_local(src[key]))
-            for name, val in st_new[key].items():
-                _local(val).copy_(_local(src_state[key][name]))
+            _assign(target, _full(src[key]))
+            for name in st_new.names(key):
+                st_new.assign(key, name, src_state.full(key, name))
             continue
         fcols = [(field, j) for j in spec.column_ids[field][: spec.dims[field]]]
         ocols = [(field, j) for j in old.spec.column_ids.get(field, [])[: old.spec.dims.get(field, 0)]]
         ccols = [(field, j) for j in range(control.spec.dims[field])]
-        old_w = _local(sd_old[key]) if in_old else None
-        _local(target).copy_(_gather(fcols, ocols, ccols, old_w, _local(sd_ctl[key]), (1,)))
-        for name, val in st_new[key].items():
-            v = _local(val)
-            o = _local(st_old[key][name]) if in_old else None
-            c = _local(st_ctl[key][name])
-            if v.dim() == 2:  # per-element state (Adagrad): gathered like the weights
-                v.copy_(_gather(fcols, ocols, ccols, o, c, (1,)))
+        old_w = _full(sd_old[key]) if in_old else None
+        _assign(target, _gather(fcols, ocols, ccols, old_w, _full(sd_ctl[key]), (1,)))
+        for name in st_new.names(key):
+            o = st_old.full(key, name) if in_old else None
+            c = st_ctl.full(key, name)
+            if c.dim() == 2:  # per-element state (Adagrad): gathered like the weights
+                st_new.assign(key, name, _gather(fcols, ocols, ccols, o, c, (1,)))
             else:  # row-wise state: the row's, from whichever arm holds the field
-                v.copy_(o if o is not None else c)
+                st_new.assign(key, name, o if o is not None else c)
+
+
+class _OptState:
+    """An arm's fused optimizer state as every rank sees it: a rank holds the state of its own
+    tables only, so the names and shapes come from all ranks (`state_layout`)."""
+
+    def __init__(self, arm: Arm):
+        self.state = arm.model.fused_optimizer.state_dict()["state"]
+        self.layout = state_layout(self.state)
+
+    def names(self, key: str) -> list[str]:
+        return list(self.layout.get(key, {}))
+
+    def full(self, key: str, name: str) -> torch.Tensor:
+        return gather_full(self.state.get(key, {}).get(name), self.layout[key][name])
+
+    def assign(self, key: str, name: str, value: torch.Tensor) -> None:
+        live = self.state.get(key, {}).get(name)
+        if live is not None:
+            _assign(live, value)
 
 
 def _adam_state(arm: Arm, p: torch.Tensor | None) -> dict | None:

@@ -1,20 +1,30 @@
-"""Crash-safe checkpoints of every arm, the source position and the metrics history.
+"""Crash-safe, sharded checkpoints of every arm, the source position and the metrics history.
 
-Layout: STATE/checkpoints/ckpt-<window:06d>/{meta.json, arms-rank<r>.pt, complete-rank<r>.json},
-and STATE/checkpoints/LATEST naming the newest complete one. A checkpoint is written into a
-temporary directory, every file fsynced, the completion marker (complete-rank<r>.json: the size
-and sha256 of every other file) last, then renamed into place (atomic), and only then is
-LATEST replaced (atomically); the previous checkpoints stay until a newer one is complete.
-`latest` takes the newest checkpoint whose marker exists and whose files match it: a file cut
-short or damaged after the fact, or a garbled LATEST, falls back to the older checkpoint with a
-WARNING. Tensors are loaded with torch.load(weights_only=True).
-
-Sharded tensors (TorchRec's table-wise shards) are stored as their local shards, so each
-rank saves and restores its own part; a world of one holds whole tables.
+Layout: STATE/checkpoints/ckpt-<window:06d>/{meta.json, arms-rank0.pt, shards/, complete-rank0.json},
+and STATE/checkpoints/LATEST naming the newest complete one.
+  - shards/ is a torch.distributed.checkpoint (DCP) checkpoint of every arm's model and fused
+    optimizer state: each rank writes the shards it holds (`__<rank>_0.distcp`, fsynced), rank 0
+    the `.metadata` naming every shard. DCP loads it at any world size, re-sharding the tables
+    for the plan of the loading ranks (2 ranks -> 1, 1 -> 2, a new plan after a re-allocation).
+  - arms-rank0.pt (rank 0) holds what every rank holds alike: the dense optimizers' state
+    (Adam; DMP keeps the dense part data-parallel) and the RNG.
+A checkpoint is written into a temporary directory (.ckpt-<window>.partial, the same path on
+every rank: the state dir is shared, one host or a shared volume); after a barrier, that is
+once every rank's part is durable, rank 0 writes the completion marker (complete-rank0.json:
+the size and sha256 of every file of every rank) last, renames the directory into place
+(atomic) and only then replaces LATEST (atomically); the previous checkpoints stay until a
+newer one is complete. A checkpoint a rank died in never gets its marker or its name, so it is
+never picked up. `latest` takes the newest checkpoint whose marker exists and whose files
+match it: a file cut short or damaged after the fact, or a garbled LATEST, falls back to the
+older checkpoint with a WARNING. It hands the checkpoint out pinned (hard links in a private
+directory): a reader beside a running daemon (`dimstream search`, `export`) keeps it whole
+while it loads it, even if the daemon prunes it meanwhile. Tensors are loaded with
+torch.load(weights_only=True) and DCP.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -25,21 +35,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+import torch.distributed.checkpoint as dcp
 
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig
+from dimstream.models.distributed import barrier, gather_full, rank
 from dimstream.stream.atomic import fsync_dir, write_bytes, write_json
 from dimstream.stream.schema import Schema
 
 log = logging.getLogger(__name__)
 KEEP = 3
-MARKER_FORMAT = 1
+MARKER_FORMAT = 2  # 2: the marker names every rank's DCP shard files too
 _HASH_CHUNK = 1 << 20
+REPLICATED = "arms-rank0.pt"
+SHARDS = "shards"
 
 
 def marker_name(rank: int = 0) -> str:
-    """The completion marker of rank `rank`'s part, written last into the checkpoint."""
+    """The completion marker, written last into the checkpoint by rank 0 after every rank's part
+    is durable (`rank` is kept for callers of the one-marker-per-rank layout; it is always 0)."""
     return f"complete-rank{rank}.json"
 
 
@@ -47,52 +61,33 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _flatten(state: dict) -> dict:
-    """Replace ShardedTensors by the list of their local shard tensors (plain tensors)."""
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, ShardedTensor):
-            out[k] = [s.tensor.detach().clone() for s in v.local_shards()]
-        elif isinstance(v, dict):
-            out[k] = _flatten(v)
-        elif isinstance(v, torch.Tensor):
-            out[k] = v.detach().clone()
-        else:
-            out[k] = v
-    return out
-
-
-def _restore(target: dict, saved: dict, where: str) -> None:
-    """Copy saved tensors into the live tensors of `target` (a state dict of live views)."""
-    for k, v in target.items():
-        if k not in saved:
-            raise CheckpointError(f"{where}: checkpoint lacks {k!r}")
-        s = saved[k]
-        if isinstance(v, ShardedTensor):
-            shards = v.local_shards()
-            if len(shards) != len(s):
-                raise CheckpointError(f"{where}: {k!r} has {len(s)} shards saved, {len(shards)} live")
-            for live, val in zip(shards, s):
-                live.tensor.detach().copy_(val)
-        elif isinstance(v, dict):
-            _restore(v, s, f"{where}.{k}")
-        elif isinstance(v, torch.Tensor):
-            v.detach().copy_(s)
+def _sharded_state(arm) -> dict:
+    """The arm's live state that DCP saves and loads in place: the model (sharded tables and
+    dense parameters) and the fused optimizer's per-table state."""
+    return {"model": arm.model.state_dict(), "fused": arm.model.fused_optimizer.state_dict()["state"]}
 
 
 def arm_state(arm) -> dict:
-    return {
-        "model": _flatten(arm.model.state_dict()),
-        "fused": _flatten(arm.model.fused_optimizer.state_dict()["state"]),
-        "dense": arm.dense_optimizer.state_dict(),
-    }
+    """The arm's whole model state (every sharded table gathered from the ranks that hold it:
+    collective, every rank calls it) and its dense optimizer's state: what export publishes."""
+    whole = {k: gather_full(v) for k, v in arm.model.state_dict().items()}
+    return {"model": whole} | _replicated_state(arm)
+
+
+def _replicated_state(arm) -> dict:
+    """What every rank holds alike (rank 0 writes it): the dense optimizer's state."""
+    return {"dense": arm.dense_optimizer.state_dict()}
 
 
 def load_arm_state(arm, state: dict) -> None:
-    live = arm.model.state_dict()
-    _restore(live, state["model"], f"arm {arm.name} model")
-    arm.model.load_state_dict(live)  # dense parameters (sharded ones were copied in place)
-    _restore(arm.model.fused_optimizer.state_dict()["state"], state["fused"], f"arm {arm.name} optimizer")
+    """Load arm `state["name"]` of checkpoint `state["checkpoint"]` (`read_tensors`) into `arm`:
+    the sharded part through DCP (re-sharded to the arm's plan), then the dense optimizer."""
+    live = _sharded_state(arm)
+    try:
+        dcp.load({state["name"]: live}, checkpoint_id=Path(state["checkpoint"]) / SHARDS)
+    except Exception as e:  # a shard missing or unreadable: say which checkpoint, never half-load silently
+        raise CheckpointError(f"cannot load arm {arm.name} from {state['checkpoint']}: {e}") from None
+    arm.model.load_state_dict(live["model"])  # dense parameters (the sharded ones were loaded in place)
     arm.dense_optimizer.load_state_dict(state["dense"])
 
 
@@ -102,60 +97,67 @@ def _dirs(state_dir: Path) -> Path:
     return d
 
 
-def save(state_dir: Path, window: int, meta: dict, arms: list, rank: int = 0) -> Path:
-    """Write checkpoint `window` (meta + every arm's tensors); returns its directory."""
+def save(state_dir: Path, window: int, meta: dict, arms: list, rank: int | None = None) -> Path:
+    """Write checkpoint `window` (meta + every arm's state); returns its directory. Collective:
+    every rank calls it and writes its shards; rank 0 the rest, last the marker."""
+    me = _rank() if rank is None else rank
     root = _dirs(state_dir)
     final = root / f"ckpt-{window:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".ckpt-{window:06d}.", dir=root))
+    tmp = root / f".ckpt-{window:06d}.partial"
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a world that died while writing it
+        tmp.mkdir()
+    barrier()
     try:
-        blob = {a.name: arm_state(a) for a in arms}
-        blob["rng"] = {"torch": torch.get_rng_state()}
-        tensors = f"arms-rank{rank}.pt"
-        with open(tmp / tensors, "wb") as f:
-            hashing = _HashingWriter(f)
-            torch.save(blob, hashing)
-            f.flush()
-            os.fsync(f.fileno())
-        write_json(tmp / "meta.json", meta)
-        files = {tensors: hashing.digest(), "meta.json": _file_digest(tmp / "meta.json")}
-        write_json(tmp / marker_name(rank), {"format": MARKER_FORMAT, "files": files})  # last
-        fsync_dir(tmp)
-        if final.exists():  # a checkpoint of this window from an earlier, interrupted run
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
+        state = {a.name: _sharded_state(a) for a in arms}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True))
+        if me == 0:
+            _write_replicated(tmp, meta, arms)
+        barrier()  # every rank's shards are durable: only now may the marker say so
+        if me == 0:
+            _seal(tmp, final, root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if me == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    barrier()  # no rank goes on before the checkpoint is in place
+    return final
+
+
+def _rank() -> int:
+    return rank()
+
+
+def _write_replicated(tmp: Path, meta: dict, arms: list) -> None:
+    blob = {a.name: _replicated_state(a) for a in arms}
+    blob["rng"] = {"torch": torch.get_rng_state()}
+    with open(tmp / REPLICATED, "wb") as f:
+        torch.save(blob, f)
+        f.flush()
+        os.fsync(f.fileno())
+    write_json(tmp / "meta.json", meta)
+
+
+def _seal(tmp: Path, final: Path, root: Path) -> None:
+    """Rank 0, after the barrier: the marker (every file's digest) last, then the rename."""
+    fsync_dir(tmp / SHARDS)
+    files = {p.relative_to(tmp).as_posix(): _file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_json(tmp / marker_name(0), {"format": MARKER_FORMAT, "files": files})  # last
+    fsync_dir(tmp)
+    if final.exists():  # a checkpoint of this window from an earlier, interrupted run
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
     write_bytes(root / "LATEST", final.name.encode())
     _prune(root)
-    return final
 
 
 def _prune(root: Path) -> None:
     done = sorted(p for p in root.glob("ckpt-*") if p.is_dir())
     for p in done[:-KEEP]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".ckpt-*"):  # temporaries of crashed writers
+    for p in [*root.glob(".ckpt-*"), *_stale_pins(root)]:  # temporaries of crashed writers and readers
         shutil.rmtree(p, ignore_errors=True)
-
-
-class _HashingWriter:
-    """A file object for torch.save that hashes what it writes (no second read of the file)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def digest(self) -> dict:
-        return {"bytes": self.size, "sha256": self.sha.hexdigest()}
 
 
 def _file_digest(path: Path) -> dict:
@@ -168,14 +170,18 @@ def _file_digest(path: Path) -> dict:
 
 
 def verify(ckpt: Path, rank: int = 0) -> str | None:
-    """None if checkpoint `ckpt` is complete (its marker exists, every file it names has the
-    size and sha256 it records, meta.json is JSON), else what is wrong with it."""
+    """None if checkpoint `ckpt` is complete (its marker exists, every file it names, every
+    rank's shards included, has the size and sha256 it records, meta.json is JSON), else what is
+    wrong with it."""
     ckpt = Path(ckpt)
     try:
         marker = json.loads((ckpt / marker_name(rank)).read_bytes())
         files = marker["files"]
-        if not isinstance(files, dict) or not {"meta.json", f"arms-rank{rank}.pt"} <= set(files):
+        need = {"meta.json", REPLICATED, f"{SHARDS}/.metadata"}
+        if not isinstance(files, dict) or not need <= set(files):
             return f"its completion marker {marker_name(rank)} does not name its files"
+        if marker.get("format") != MARKER_FORMAT:
+            return f"its completion marker {marker_name(rank)} is of another format (an older dimstream)"
     except FileNotFoundError:
         return f"it has no completion marker {marker_name(rank)} (incomplete, or written by an older dimstream)"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -226,11 +232,65 @@ def latest(state_dir: Path, rank: int = 0) -> Path | None:
             log.warning("%s does not name a checkpoint; looking for the newest complete one", pointer)
     candidates += [c for c in checkpoint_dirs(state_dir) if c not in candidates]
     for c in candidates:
-        problem = verify(c, rank)
+        pinned = _pin(c)
+        if pinned is None:
+            continue  # pruned by the daemon since it was listed: a newer one is complete
+        problem = verify(pinned, rank)
         if problem is None:
-            return c
+            return pinned
+        if pinned != c:
+            shutil.rmtree(pinned.parent, ignore_errors=True)
         log.warning("skipping checkpoint %s: %s; trying an older one", c, problem)
     return None
+
+
+_PINS: list[Path] = []
+
+
+def _pin(ckpt: Path) -> Path | None:
+    """Checkpoint `ckpt` as hard links in a private directory (`.pin-<pid>-*/<name>`), so a daemon
+    pruning it while this process reads it takes nothing from under the reader: reading a
+    sharded checkpoint (verify, build the arms, DCP's load) takes seconds, a daemon on short
+    windows prunes within that. None if it vanished meanwhile; `ckpt` itself where the
+    filesystem has no hard links. The pins go when the process ends (or, if it is killed, at
+    the daemon's next prune)."""
+    pin = Path(tempfile.mkdtemp(prefix=f".pin-{os.getpid()}-", dir=ckpt.parent)) / ckpt.name
+    try:
+        for p in sorted(ckpt.rglob("*")):
+            target = pin / p.relative_to(ckpt)
+            if p.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(p, target)
+    except FileNotFoundError:  # being pruned
+        shutil.rmtree(pin.parent, ignore_errors=True)
+        return None
+    except OSError:  # no hard links here (or the checkpoints dir is read-only): read in place
+        shutil.rmtree(pin.parent, ignore_errors=True)
+        return ckpt
+    if not _PINS:
+        atexit.register(_unpin_all)
+    _PINS.append(pin.parent)
+    return pin
+
+
+def _unpin_all() -> None:
+    for d in _PINS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _stale_pins(root: Path) -> list[Path]:
+    """Pins of processes that are gone (killed before their exit handler ran)."""
+    out = []
+    for p in root.glob(".pin-*"):
+        try:
+            os.kill(int(p.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            out.append(p)
+        except (ValueError, IndexError, PermissionError):
+            continue
+    return out
 
 
 def read_meta(ckpt: Path) -> dict:
@@ -241,11 +301,14 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def read_tensors(ckpt: Path, rank: int = 0) -> dict:
-    path = Path(ckpt) / f"arms-rank{rank}.pt"
+    """Per arm what `load_arm_state` loads (its replicated state and where its shards are), and
+    the RNG state."""
+    path = Path(ckpt) / REPLICATED
     try:
-        return torch.load(path, weights_only=True)
+        blob = torch.load(path, weights_only=True)
     except Exception as e:  # corrupt or truncated file: say which, never half-load
         raise CheckpointError(f"cannot load {path}: {e}") from None
+    return {k: (v | {"name": k, "checkpoint": Path(ckpt)} if k != "rng" else v) for k, v in blob.items()}
 
 
 @dataclass

@@ -12,7 +12,8 @@ A crash before 2 leaves the previous checkpoint as the resume point: the window 
 again, once. A crash after 2 resumes after the window; 3-5 are redone or re-told at start
 (`History.resume`, `LiveSource.recover`).
 
-Rank 0 alone writes 1, 3, 4 and 5 (`rank0`); every rank writes its shard in 2.
+Rank 0 alone writes 1, 3, 4 and 5 (`rank0`); every rank writes its shard in 2, and rank 0
+marks the checkpoint complete once every shard is durable (ops/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Committer:
         rank0: bool,
         recent_rows: int,
         export_dir: Path | None = None,
+        base_every: int = 24,
     ):
         self.state_dir = Path(state_dir)
         self.source = source
@@ -48,6 +50,8 @@ class Committer:
         self.rank0 = rank0
         self.recent_rows = recent_rows
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.base_every = base_every
+        self._publisher = None  # ops/export.Publisher, made on first publication (rank 0)
 
     def close(
         self,
@@ -67,11 +71,16 @@ class Committer:
         info = meta(record)
         checkpoint.save(self.state_dir, record.index, info, arms)  # every rank: its part
         record.checkpoint_seconds = time.perf_counter() - t0
+        history.append(record.to_dict())  # counted on every rank, written by rank 0 (History.writer)
+        weights = None
+        if self.export_dir is not None and publish is not None:
+            from dimstream.ops.export import export_weights
+
+            weights = export_weights(publish)  # every rank: the tables are gathered from their shards
         if not self.rank0:
             return
-        history.append(record.to_dict())
-        if self.export_dir is not None and publish is not None:
-            self._publish(record.index, publish, info)
+        if weights is not None:
+            self._publish(record.index, publish, info, weights)
         if isinstance(self.source, LiveSource) and window.resume is not None:
             self.source.commit(window.resume, window.end, window.read_upto, window=record.index)
 
@@ -81,11 +90,11 @@ class Committer:
         recent = window.table.slice(max(0, window.table.num_rows - self.recent_rows))
         write_bytes(self.state_dir / "recent" / "rows.arrow", deadletter.to_ipc_bytes(recent))
 
-    def _publish(self, index: int, arm, meta: dict) -> None:
+    def _publish(self, index: int, arm, meta: dict, weights: dict) -> None:
         """Export the arm as checkpointed for serving and move `latest` atomically, the way
         online systems publish a model every hour."""
-        from dimstream.ops.export import export_model
+        from dimstream.ops.export import Publisher
 
-        name = f"window-{index:06d}"
-        export_model(arm, meta, self.export_dir / name)
-        write_bytes(self.export_dir / "latest", f"{name}\n".encode())
+        if self._publisher is None:  # base every `base_every` windows, deltas between (README "Serving")
+            self._publisher = Publisher(self.export_dir, self.base_every)
+        self._publisher.publish(index, arm, meta, weights)

@@ -13,8 +13,15 @@ window the runner
      commit: ops/committer.py);
   4. writes the bounded summary and plot, exports metrics (ops/metrics.py) and logs a line.
 
-Ranks: every rank trains and writes its checkpoint shard; rank 0 alone writes the summary, the
-plot, the history log, dead letters, the publication and the source commit (`self.rank0`).
+Ranks (torchrun): every arm is one model sharded over all ranks (models/distributed.py). Every
+rank reads the whole window of a files/synthetic source and trains its share of the rows (row i
+to rank i mod N; `row_split` weights for a skewed split); the ranks check with a collective that
+they close the same window (bounds and rows), take the same number of steps (zero-weight
+padding), and score the union of their rows. The search runs on every rank on the whole window
+(the sharded control's gradient over all rows; the ranks check they reach the same shapes). Every
+rank writes its checkpoint shard; rank 0 alone writes the summary, the plot, the history log,
+dead letters, the publication and the source commit (`self.rank0`). A stop request (SIGTERM)
+takes effect at the next window close that all ranks agree on, never mid-window.
 """
 
 from __future__ import annotations
@@ -26,14 +33,16 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
+from dimstream.models import distributed
 from dimstream.models.arm import Arm, ArmSpec
-from dimstream.models.distributed import rank
+from dimstream.models.distributed import rank, world_size
 from dimstream.models.evaluation import auc, progressive_val_score
 from dimstream.ops import checkpoint
 from dimstream.ops.committer import Committer
@@ -54,7 +63,7 @@ from dimstream.stream.window import Window, Windower
 
 log = logging.getLogger("dimstream")
 PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
-CHECKPOINT_FORMAT = 2  # 2: history in STATE/history.jsonl, the checkpoint holds its length
+CHECKPOINT_FORMAT = 3  # 3: sharded (DCP) checkpoints; 2: history in STATE/history.jsonl
 
 
 def open_source(cfg: RunConfig) -> Source:
@@ -112,6 +121,21 @@ class Resume:
             meta.get("last_record"),
             meta.get("search"),
         )
+
+
+def adopt_schema(cfg: RunConfig, source: Source) -> None:
+    """A source without a declared schema (Kafka, no [schema]) adopts one: the schema its last
+    checkpointed position holds, else the stream's. A stream that carries none is a ConfigError
+    (exit 2): without a schema no model can be built, and a daemon that has never trained has
+    nothing to serve."""
+    if not getattr(source, "adopting", False):
+        return
+    ckpt = checkpoint.latest(cfg.state_dir)
+    position = checkpoint.read_meta(ckpt).get("position") if ckpt is not None else None
+    try:
+        source.adopt_schema(position)
+    except ValueError as e:
+        raise ConfigError(f"--source {cfg.source}: {e}") from None
 
 
 def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
@@ -223,8 +247,10 @@ class Runner:
         metrics: Metrics | None = None,
         resume: Resume | None = None,
         lock: StateLock | None = None,
+        row_split: tuple[int, ...] | None = None,
     ):
         self.cfg = cfg
+        self.row_split = row_split  # weights of the rows' split over ranks (None: even)
         self.source = source
         self.schema = source.schema
         self.arms = arms
@@ -252,11 +278,12 @@ class Runner:
         self.readiness = Readiness()
         self.readiness.window_seconds = self.window_seconds
         self.stop_requested = False
+        self._stop_agreed = False
         self.stop_deadline = float("inf")
         self._last_plot = -float("inf")
         # observers(runner, window, record), called after training and before the commit
         self.observers: list = []
-        self.history = History(self.state_dir)
+        self.history = History(self.state_dir, writer=self.rank0)
         self.history.resume(self.resume.history_length, self.resume.last_record)
         # rejections are written, sent and counted as they happen (rank 0 writes the files)
         self.deadletters = DeadLetters(self.state_dir, source, self.metrics, rank0=self.rank0)
@@ -267,6 +294,7 @@ class Runner:
             rank0=self.rank0,
             recent_rows=cfg.recent_rows,
             export_dir=cfg.export_dir,
+            base_every=cfg.base_every,
         )
         self.search = None
         if "slim" in cfg.arms:
@@ -287,6 +315,7 @@ class Runner:
         source = None
         try:
             source = open_source(cfg)
+            adopt_schema(cfg, source)
             found = restore(cfg, source.schema)
             if found is None:
                 arms = [make_arm(s, source.schema, cfg.model) for s in initial_specs(cfg, source.schema.feature_names)]
@@ -341,6 +370,8 @@ class Runner:
     def _run(self) -> dict:
         self.lock.acquire()  # again, if run twice
         host, port = parse_addr(self.cfg.metrics_addr)
+        if port and rank() != 0:  # ranks on one host: each its own port
+            port += int(os.environ.get("LOCAL_RANK", rank()))
         if isinstance(self.source, LiveSource):  # broker status, read at every scrape
             self.metrics.watch_source(self.source)
         try:
@@ -401,11 +432,12 @@ class Runner:
             r.position,
             r.watermark,
             r.read_upto,
-            stop=lambda: self.stop_requested,
+            stop=lambda: self.stop_agreed,
             max_event_time_skew=self.cfg.max_event_time_skew,
             observer=self.deadletters,
         )
         for window in windower.windows():
+            distributed.agree("the window's bounds and rows", [window.start, window.end, len(window.batch)])
             try:
                 record = self.process(window)
             except WindowAbandoned:
@@ -415,11 +447,33 @@ class Runner:
                 break
             if self.search is not None:
                 self.search.after_training(window, record)
+                distributed.agree("the arms' shapes after the search", [self._shapes_crc()])
             for observer in self.observers:
                 observer(self, window, record)
             self.close_window(window, record)
-            if self.stop_requested or len(self.history) >= self.cfg.windows:
+            if world_size() > 1:
+                self.stop_agreed = distributed.any_rank(self.stop_requested)
+            if self.stop_agreed or len(self.history) >= self.cfg.windows:
                 break
+
+    @property
+    def stop_agreed(self) -> bool:
+        """The stop request every rank acts on (one process: its own, at once)."""
+        return self.stop_requested if world_size() == 1 else self._stop_agreed
+
+    @stop_agreed.setter
+    def stop_agreed(self, value: bool) -> None:
+        self._stop_agreed = value
+
+    def _shapes_crc(self) -> int:
+        shapes = [(a.name, sorted(a.spec.dims.items()), sorted(a.spec.column_ids.items())) for a in self.arms]
+        return zlib.crc32(repr(shapes).encode())
+
+    def local_rows(self, window: Window):
+        """This rank's share of the window's rows (all of them in a world of one)."""
+        if world_size() == 1:
+            return window.batch
+        return window.batch.take(distributed.share_mask(len(window.batch), rank(), world_size(), self.row_split))
 
     def process(self, window: Window) -> WindowRecord:
         """Test-then-train every arm on the window (the search's field check first)."""
@@ -438,7 +492,12 @@ class Runner:
         if self.search is not None:
             self.search.before_training(window, record)
         with _Progress(self, record.index, len(batch)) as progress:
-            results = progressive_val_score(self.arms, batch, self.cfg.model.batch_size, on_step=progress.step)
+            if world_size() == 1:
+                results = progressive_val_score(self.arms, batch, self.cfg.model.batch_size, on_step=progress.step)
+            else:
+                results = distributed.progressive_val_score(
+                    self.arms, self.local_rows(window), self.cfg.model.batch_size, on_step=progress.step
+                )
         for arm in self.arms:
             m = results[arm.name]
             quality = {k: m[k] for k in ("auc", "logloss", "ctr_pred", "ctr_obs") if k in m}
@@ -481,6 +540,8 @@ class Runner:
         return {"source": self.cfg.source, "model": self.cfg.model.model, "window_seconds": self.window_seconds}
 
     def _log_window(self, r: WindowRecord) -> None:
+        if not self.rank0:
+            return  # one log line per window, from rank 0
         arms = " | ".join(
             f"{n} auc {m.get('auc', float('nan')):.4f} logloss {m.get('logloss', float('nan')):.4f} "
             f"params {m['embedding_params']:,} {m.get('train_rows_per_s', 0):,.0f} rows/s"
@@ -530,7 +591,7 @@ class _Progress:
             )
         self.bar.update(done - self.shown)
         self.shown = done
-        if self.runner.stop_requested:
+        if self.runner.stop_requested and world_size() == 1:  # ranks never abandon alone
             self._finish_or_abandon(len(self.runner.arms) - 1 - arm, done, seconds)
 
     def _finish_or_abandon(self, arms_after: int, done: int, seconds: float) -> None:

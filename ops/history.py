@@ -51,8 +51,10 @@ def read_log(state_dir: Path) -> list[dict]:
 class History:
     """The log plus what the summary needs: the recent records and running totals."""
 
-    def __init__(self, state_dir: Path, recent: int = RECENT):
+    def __init__(self, state_dir: Path, recent: int = RECENT, *, writer: bool = True):
         self.path = Path(state_dir) / LOG_FILE
+        # ranks other than 0 keep the same records and totals in memory but never write the log
+        self.writer = writer
         self.recent: deque[dict] = deque(maxlen=recent)
         # the same records as JSON, encoded once when logged: summary.json is joined from them,
         # so writing it costs the same at window 700 as at window 10
@@ -74,7 +76,8 @@ class History:
                 f"{self.path} holds {len(records)} windows, the checkpoint {length}: "
                 "the log was edited or lost; use a fresh --state-dir"
             )
-        self._rewrite(records)
+        if self.writer:
+            self._rewrite(records)
         self.recent.clear()
         self._recent_json.clear()
         self.totals, self._length = _empty_totals(), 0
@@ -83,6 +86,9 @@ class History:
 
     def append(self, record: dict) -> None:
         """Append one window's record durably (fsync) before anything else refers to it."""
+        if not self.writer:
+            self._count(record)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as f:
             line = json.dumps(record).encode()
