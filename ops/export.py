@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.json as pajson
 import torch
 
 from dimstream.ops.config import ConfigError
-from dimstream.stream.atomic import fsync_dir
+from dimstream.stream.atomic import fsync_dir, write_bytes
 
 
 def register(sub) -> None:
@@ -45,39 +46,113 @@ def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
     return export_model(restored.arms[arm], restored.meta, out)
 
 
-def export_model(arm, meta: dict, out: Path) -> Path:
-    """Write the live `arm` with the checkpoint `meta` it belongs to (schema, model, window) to
-    directory `out`, atomically replaced: what the daemon publishes after each window."""
-    from dimstream.models.serving import FORMAT, serving_weights
+def export_weights(arm) -> dict:
+    """The arm's weights under serving names, its tables gathered whole (collective)."""
+    from dimstream.models.serving import serving_weights
     from dimstream.ops.checkpoint import arm_state
 
-    weights = serving_weights(arm_state(arm)["model"])
+    return serving_weights(arm_state(arm)["model"])
+
+
+def export_model(arm, meta: dict, out: Path, weights: dict | None = None, extra: dict | None = None) -> Path:
+    """Write the live `arm` with the checkpoint `meta` it belongs to (schema, model, window) to
+    directory `out`, atomically replaced: what the daemon publishes after each window. Under
+    torchrun every rank gathers the `weights` (`export_weights`), rank 0 writes them."""
+    from dimstream.models.serving import FORMAT
+
+    weights = export_weights(arm) if weights is None else weights
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    torch.save(weights, tmp / "weights.pt")
-    (tmp / "model.json").write_text(
-        json.dumps(
-            {
-                "format": FORMAT,
-                "arm": arm.name,
-                "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}",
-                "window": meta["history_length"] - 1,
-                "schema": meta["schema"],
-                "dims": arm.dims,
-                "model": meta["model"],
-                "hashing": "dimstream.stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)",
-            },
-            indent=1,
-        )
-    )
+    _durable(torch.save, weights, tmp / "weights.pt")
+    header = {"format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}"}
+    header |= {"window": meta["history_length"] - 1, "schema": meta["schema"], "dims": arm.dims}
+    header |= {"model": meta["model"], "hashing": HASHING} | (extra or {})
+    _replace_dir(tmp, out, header)
+    return out
+
+
+HASHING = "dimstream.stream.hashing.hash_ids (splitmix64 / FNV-1a / bijective small ints)"
+
+
+def _durable(save, obj, path: Path) -> None:
+    """Write with `save(obj, path)`, then fsync the file: a version is complete before it is named."""
+    save(obj, path)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, out: Path, header: dict) -> None:
+    """model.json written last into `tmp`, everything fsynced, then `tmp` renamed to `out`."""
+    _durable(lambda h, p: p.write_text(json.dumps(h, indent=1)), header, tmp / "model.json")
     fsync_dir(tmp)
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
-    return out
+
+
+class Publisher:
+    """EXPORT_DIR for serving (README "Serving"): a full base every `base_every` windows, a delta
+    in between (the rows each table changed since the last publication, plus the dense weights);
+    `latest` is moved only once the version is durable. A new allocation (the slim arm's
+    re-allocation re-shapes its tables) or a restart (no weights held to diff against) forces
+    a base. Holds one copy of the published weights, rank 0 only."""
+
+    def __init__(self, export_dir: Path, base_every: int = 24):
+        self.dir, self.base_every = Path(export_dir), int(base_every)
+        for stale in self.dir.glob(".window-*"):  # a crash mid-publication left it unnamed
+            shutil.rmtree(stale, ignore_errors=True)
+        self._last: dict | None = None
+        self._layout = None
+        self._chain: list[str] = []
+
+    def publish(self, index: int, arm, meta: dict, weights: dict) -> Path:
+        name = f"window-{index:06d}"
+        layout = _layout(arm, meta)
+        is_base = self._last is None or layout != self._layout or len(self._chain) >= self.base_every
+        chain = [name] if is_base else self._chain + [name]
+        stamp = {"kind": "base" if is_base else "delta", "chain": chain, "published_at": time.time()}
+        if is_base:
+            out = export_model(arm, meta, self.dir / name, weights, stamp)
+        else:
+            out = self._delta(arm, meta, self.dir / name, weights, stamp)
+        write_bytes(self.dir / "latest", f"{name}\n".encode())  # the version is durable: name it
+        self._last = {k: v.detach().clone() for k, v in weights.items()}
+        self._layout, self._chain = layout, chain
+        return out
+
+    def _delta(self, arm, meta: dict, out: Path, weights: dict, stamp: dict) -> Path:
+        from dimstream.models.serving import FORMAT, save_tensors
+
+        rows, dense, changed = {}, {}, {}
+        for k, v in weights.items():
+            if k.startswith("head."):
+                dense[k] = v
+                continue
+            ids = torch.nonzero((v != self._last[k]).any(dim=1)).flatten()
+            rows[f"{k}/ids"], rows[f"{k}/rows"] = ids, v[ids]
+            changed[k] = int(ids.numel())
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        _fsync(save_tensors(rows, tmp / "rows"))
+        _fsync(save_tensors(dense, tmp / "dense"))
+        header = {"format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}"}
+        header |= {"window": meta["history_length"] - 1, "dims": arm.dims, "tables": changed} | stamp
+        _replace_dir(tmp, out, header)
+        return out
+
+
+def _layout(arm, meta: dict):
+    """What a delta cannot change: the arm, its dims and kept columns, the schema, the model."""
+    spec = next((a for a in meta.get("arms", []) if a["name"] == arm.name), {})
+    key = (arm.name, arm.dims, spec.get("column_ids"), meta["schema"], meta["model"])
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def read_rows(path: Path) -> pa.Table:

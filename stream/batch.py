@@ -15,10 +15,13 @@ into mini-batches with `slice`, each turned into a TorchRec KeyedJaggedTensor by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+if TYPE_CHECKING:  # imported where used: a serving process decodes batches without TorchRec
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclass
@@ -89,6 +92,8 @@ class SparseBatch:
 
     def to_kjt(self, keys: list[str] | None = None) -> KeyedJaggedTensor:
         """KeyedJaggedTensor over `keys` (default: all); fields left out of a model are dropped."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         keys = self.keys if keys is None else keys
         values = np.concatenate([self.values[k] for k in keys]) if keys else np.zeros(0, np.int64)
         lengths = np.concatenate([np.diff(self.offsets[k]) for k in keys]) if keys else np.zeros(0, np.int64)

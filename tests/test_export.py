@@ -59,6 +59,7 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
 
 def test_the_daemon_publishes_every_window_with_an_atomic_latest_pointer(tmp_path):
     cfg = RunConfig(
+        arms=("control",),
         windows=2,
         rows_per_window=2000,
         state_dir=tmp_path / "state",
@@ -70,7 +71,9 @@ def test_the_daemon_publishes_every_window_with_an_atomic_latest_pointer(tmp_pat
     runner.run()
     served = tmp_path / "served"
     assert (served / "latest").read_text().strip() == "window-000001"
-    assert (served / "window-000000" / "weights.pt").exists()
+    assert (served / "window-000000" / "weights.pt").exists()  # the base: full weights
+    delta = __import__("json").loads((served / "window-000001" / "model.json").read_text())
+    assert delta["kind"] == "delta" and delta["chain"] == ["window-000000", "window-000001"]
     rows = runner.source.window_table(3).slice(0, 100)
     latest = served / (served / "latest").read_text().strip()
     probs = predict(latest, rows)
