@@ -35,6 +35,7 @@ def run(windows: int, rows: int) -> list[dict]:
     per_window: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         cfg = RunConfig(
+            arms=("control",),
             windows=windows,
             rows_per_window=rows,
             state_dir=Path(d),

@@ -3,25 +3,37 @@
 Criteo shape: 26 categorical + 13 numeric fields, embedding dim 16, batch 2048. Measures
   - decode rows/s: Arrow RecordBatch -> SparseBatch -> KeyedJaggedTensors (batch 2048),
   - bare rows/s: TorchRec forward/backward/fused update on pre-built KJTs (nothing else),
+    at the default precision (ModelConfig.precision, resolved for this machine),
   - loop rows/s: the daemon's window loop (decode, test-then-train, dead letters,
     checkpoint, summary and plot) over the same stream, counting every second it spends
     except the source's own time generating rows (a broker's job in production; see
-    benchmarks/kafka_ingest.py for ingest).
+    benchmarks/kafka_ingest.py for ingest),
+  - levers (issue 15), each measured on and off, interleaved, REPS repetitions, median
+    [min-max] rows/s of the bare step: bf16 autocast of the dense part; the concatenated
+    embedding output fed to the head as it is (against the per-field split re-concatenated);
+    width-grouped bmm projections on a slim-shaped arm (against one matmul per field);
+    and the bare rate of all four heads in fp32 and bf16.
 Writes benchmarks/results/training.json.  Run: .venv/bin/python benchmarks/training.py
+(`--profile-only`: refresh only its `profile`, the top ops of a bare step per precision)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import statistics
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from dimstream.models import ctr, heads
 from dimstream.models.arm import Arm, ArmSpec
-from dimstream.models.config import ModelConfig
+from dimstream.models.config import ModelConfig, cpu_has_bf16, resolve_precision
 from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner, make_arm
 from dimstream.stream.decode import Decoder
@@ -32,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # An hour of Criteo-scale traffic is ~2M rows; 250k-row windows keep the run short while
 # per-window bookkeeping (checkpoint, summary) is amortised as it would be in production.
 BATCH, DIM, ROWS, WINDOWS = 2048, 16, 250_000, 3
+LEVER_ROWS, REPS = 100_000, 3  # rows per lever measurement (one pass), repetitions
 CRITEO_FIELDS = tuple(
     [
         SyntheticField(f"C{i}", c, r)
@@ -87,27 +100,120 @@ def bench_decode(src: SyntheticSource) -> float:
     return table.num_rows / (time.perf_counter() - t0)
 
 
-def bench_bare(src: SyntheticSource) -> float:
-    arm = Arm(
-        ArmSpec("control", {f: DIM for f in src.schema.feature_names}),
-        src.schema.num_embeddings,
-        set(),
-        ModelConfig("deepfm", batch_size=BATCH),
-    )
-    kjts = []
-    for w in range(WINDOWS):  # the same rows the loop trains on, as ready-made tensors
+def _kjts(src: SyntheticSource, feature_names: list[str], rows: int) -> list[tuple]:
+    """The stream's first `rows` rows as ready-made (KJT, labels) batches."""
+    out, w = [], 0
+    while len(out) * BATCH < rows:
         sb = Decoder(src.schema).decode(src.window_table(w)).batch
-        kjts += [
-            (
-                sb.slice(s, min(s + BATCH, len(sb))).to_kjt(arm.feature_names),
-                sb.slice(s, min(s + BATCH, len(sb))).labels_tensor(),
-            )
-            for s in range(0, len(sb), BATCH)
-        ]
+        for s in range(0, len(sb) - BATCH + 1, BATCH):
+            part = sb.slice(s, s + BATCH)
+            out.append((part.to_kjt(feature_names), part.labels_tensor()))
+        w += 1
+    return out[: rows // BATCH]
+
+
+def _arm(src: SyntheticSource, model: str = "deepfm", precision: str | None = None, dims=None) -> Arm:
+    cfg = ModelConfig(model, batch_size=BATCH, interaction_dim=DIM)
+    if precision is not None:
+        cfg.precision = precision
+    dims = dims or {f: DIM for f in src.schema.feature_names}
+    return Arm(ArmSpec("control", dims), src.schema.num_embeddings, set(), cfg)
+
+
+def _rate(arm: Arm, kjts: list[tuple]) -> float:
+    for kjt, y in kjts[:3]:  # warm-up: first-touch allocations, autocast caches
+        _step(arm, kjt, y)
     t0 = time.perf_counter()
     for kjt, y in kjts:
         _step(arm, kjt, y)
-    return sum(len(y) for _, y in kjts) / (time.perf_counter() - t0)
+    return len(kjts) * BATCH / (time.perf_counter() - t0)
+
+
+def bench_bare(src: SyntheticSource) -> float:
+    """One pass over the loop's rows (ROWS x WINDOWS) at the default precision."""
+    arm = _arm(src)
+    return _rate(arm, _kjts(src, arm.feature_names, ROWS * WINDOWS))
+
+
+@contextmanager
+def _list_path():
+    """The hot path as it was: the collection's output split per field, then re-concatenated
+    by the head (torch.cat for the DNN, torch.stack for the FM part)."""
+    fwd = ctr.CTRModel.forward
+
+    def forward(self, kjt, column_mask=None):
+        embs, wide = self.embedding(kjt, column_mask)
+        device = kjt.values().device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self._bf16(device)):
+            return self.head(embs, wide if wide is not None else 0.0).float()
+
+    ctr.CTRModel.forward = forward
+    try:
+        yield
+    finally:
+        ctr.CTRModel.forward = fwd
+
+
+@contextmanager
+def _per_field_projections():
+    """Projections as they were: one matmul per projected field, then a stack."""
+    fwd = heads.FieldProjections.forward
+
+    def forward(self, embs):
+        embs = heads.as_fields(embs, self.dims)
+        return torch.stack([e if i < 0 else e @ self.weights[i].t() for e, i in zip(embs, self.index)], dim=1)
+
+    heads.FieldProjections.forward = forward
+    try:
+        yield
+    finally:
+        heads.FieldProjections.forward = fwd
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _interleaved(src, kjts, variants: dict) -> dict:
+    """variants: name -> (arm factory, context); REPS rounds, each variant once per round."""
+    arms = {name: make() for name, (make, _) in variants.items()}
+    rates = {name: [] for name in variants}
+    for _ in range(REPS):
+        for name, (_, context) in variants.items():
+            with context():
+                rates[name].append(_rate(arms[name], kjts))
+    return {n: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": r} for n, r in rates.items()}
+
+
+def slim_dims(src: SyntheticSource) -> dict[str, int]:
+    """A slim-shaped allocation: widths 4, 8, 12 (projected to k = 16) and 16, by field."""
+    return {f: (4, 8, 12, 16)[i % 4] for i, f in enumerate(src.schema.feature_names)}
+
+
+def bench_levers(src: SyntheticSource) -> dict:
+    kjts = _kjts(src, src.schema.feature_names, LEVER_ROWS)
+    deepfm = {
+        "fp32, per-field split re-concatenated (before)": (lambda: _arm(src, precision="fp32"), _list_path),
+        "fp32, concatenated output as it is": (lambda: _arm(src, precision="fp32"), _nothing),
+        "bf16 autocast, per-field split re-concatenated": (lambda: _arm(src, precision="bf16"), _list_path),
+        "bf16 autocast, concatenated output as it is": (lambda: _arm(src, precision="bf16"), _nothing),
+    }
+    slim = {
+        "slim-shaped, fp32, one matmul per field (before)": (
+            lambda: _arm(src, precision="fp32", dims=slim_dims(src)),
+            _per_field_projections,
+        ),
+        "slim-shaped, fp32, one bmm per width": (lambda: _arm(src, precision="fp32", dims=slim_dims(src)), _nothing),
+        "slim-shaped, bf16, one bmm per width": (lambda: _arm(src, precision="bf16", dims=slim_dims(src)), _nothing),
+    }
+    out = {"deepfm": _interleaved(src, kjts, deepfm), "projections": _interleaved(src, kjts, slim)}
+    models = {}
+    for model in ("deepfm", "wdl", "fm", "dcnv2"):
+        variants = {p: (lambda m=model, p=p: _arm(src, m, precision=p), _nothing) for p in ("fp32", "bf16")}
+        models[model] = _interleaved(src, kjts, variants)
+    out["heads"] = models
+    return out
 
 
 def _step(arm, kjt, y):
@@ -120,6 +226,7 @@ def _step(arm, kjt, y):
 def bench_loop() -> dict:
     with tempfile.TemporaryDirectory() as state:
         cfg = RunConfig(
+            arms=("control",),
             windows=WINDOWS,
             state_dir=Path(state),
             metrics_addr="127.0.0.1:0",
@@ -151,28 +258,82 @@ def bench_loop() -> dict:
     }
 
 
+def bench_profile(src: SyntheticSource, steps: int = 10, top: int = 12) -> dict:
+    """Where a bare DeepFM step spends its time, per precision: the top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kjts = _kjts(src, src.schema.feature_names, (steps + 5) * BATCH)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        arm = _arm(src, precision=precision)
+        rate = _rate(arm, kjts)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for kjt, y in kjts[:steps]:
+                _step(arm, kjt, y)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[precision] = {
+            "rows_per_s": rate,
+            "self_cpu_share": {e.key: round(e.self_cpu_time_total / total, 4) for e in events[:top]},
+        }
+    return out
+
+
 def main() -> None:
+    if "--profile-only" in sys.argv:  # refresh the profile alone, keep the other figures
+        out = ROOT / "benchmarks" / "results" / "training.json"
+        result = json.loads(out.read_text())
+        result["profile"] = bench_profile(criteo_source()) | {"load_average_at_start": _load()}
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["profile"], indent=1))
+        return
     torch.manual_seed(0)
     src = criteo_source()
     decode = bench_decode(src)
     bare = bench_bare(src)
     loop = bench_loop()
+    levers = bench_levers(src)
+    prof = bench_profile(src) | {"load_average_at_start": _load()}
     overhead = bare / loop["rows_per_s"] - 1
+    precision = ModelConfig().precision
     result = {
         "what": "DeepFM, Criteo-shaped synthetic stream (26 categorical + 13 numeric fields), dim 16, batch 2048",
-        "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_bf16": cpu_has_bf16(),
+            "load_average_at_start": _load(),
+        },
+        "precision": {"default": precision, "resolved": resolve_precision(precision, "cpu")},
         "decode_rows_per_s": decode,
         "bare_train_rows_per_s": bare,
         "loop_rows_per_s": loop["rows_per_s"],
         "loop": loop,
         "loop_overhead_vs_bare": overhead,
         "decode_over_train": decode / bare,
-        "checks": {"loop_overhead_at_most_20pct": overhead <= 0.20, "decode_at_least_5x_training": decode >= 5 * bare},
+        "levers": levers,
+        "profile": prof,
+        "target_bare_rows_per_s": 200_000,
+        "checks": {
+            "loop_overhead_at_most_20pct": overhead <= 0.20,
+            "decode_at_least_5x_training": decode >= 5 * bare,
+            "bare_at_least_200k_rows_per_s": bare >= 200_000,
+        },
     }
     out = ROOT / "benchmarks" / "results" / "training.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+def _load() -> float | None:
+    """1-minute load average: other processes on the machine slow every figure down."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

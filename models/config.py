@@ -5,6 +5,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 MODELS = ("deepfm", "wdl", "fm", "dcnv2")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX flags), not by emulation."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """'fp32' or 'bf16': `auto` is bf16 on CUDA and on a CPU with native bf16, else fp32.
+
+    >>> resolve_precision("fp32", "cuda"), resolve_precision("auto", "cuda")
+    ('fp32', 'bf16')
+    """
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
 @dataclass
@@ -21,11 +43,16 @@ class ModelConfig:
     dense_lr: float = 1e-3
     batch_size: int = 512
     init_range: float = 0.05  # deep tables start uniform in [-init_range, init_range]
+    # the dense part (heads) under bf16 autocast, with fp32 master weights and optimizer state;
+    # "auto": bf16 only where the hardware has it (CUDA, or a CPU with AVX512-BF16 or AMX)
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.mlp = tuple(int(x) for x in self.mlp)
 
     def to_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """CTRModel: MixedEmbedding + an interaction head, the unit one arm trains.
 
 >>> import torch
->>> from dimstream.models.config import ModelConfig
+>>> from dimstream.models.config import ModelConfig, resolve_precision
 >>> m = CTRModel({"a": 8, "b": 4}, {"a": 10, "b": 10}, set(), ModelConfig("fm"), device=torch.device("cpu"))
 >>> m.feature_names, m.embedding_params
 (['a', 'b'], 120)
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dimstream.models.config import ModelConfig
+from dimstream.models.config import ModelConfig, resolve_precision
 from dimstream.models.embedding import MixedEmbedding
 from dimstream.models.heads import HEADS, USES_WIDE, ColumnTied
 
@@ -47,6 +47,7 @@ class CTRModel(nn.Module):
         head_cls = HEADS[config.model]
         kwargs = {"layers": config.dcn_layers} if config.model == "dcnv2" else {}
         self.head = head_cls(widths, k, config.mlp, **kwargs)
+        self._precision: dict[str, bool] = {}
 
     @property
     def feature_names(self) -> list[str]:
@@ -65,9 +66,24 @@ class CTRModel(nn.Module):
         return self.head.column_tied(self.feature_names)
 
     def forward(self, kjt: KeyedJaggedTensor, column_mask: dict[str, torch.Tensor] | None = None):
-        """Logits [B]. `column_mask[field]` ([d_i]) scales the field's embedding columns."""
-        embs, wide = self.embedding(kjt, column_mask)
-        return self.head(embs, wide if wide is not None else 0.0)
+        """Logits [B] (fp32). `column_mask[field]` ([d_i]) scales the field's embedding columns.
+
+        Under bf16 precision the head runs in autocast: its GEMMs take bf16 copies of the fp32
+        weights, so the weights, their gradients and the optimizer state stay fp32, and the
+        embedding lookups (FBGEMM, outside autocast's op lists) stay fp32 too."""
+        if column_mask is None:  # the hot path: the collection's concatenated output as it is
+            embs, wide = self.embedding.forward_concat(kjt)
+        else:
+            embs, wide = self.embedding(kjt, column_mask)
+        device = kjt.values().device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self._bf16(device)):
+            logits = self.head(embs, wide if wide is not None else 0.0)
+        return logits.float()
+
+    def _bf16(self, device_type: str) -> bool:
+        if device_type not in self._precision:  # resolved once per device type (auto reads cpuinfo)
+            self._precision[device_type] = resolve_precision(self.config.precision, device_type) == "bf16"
+        return self._precision[device_type]
 
 
 def ctr_model(model) -> CTRModel:

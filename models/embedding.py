@@ -93,6 +93,19 @@ class MixedEmbedding(nn.Module):
         wide = self.wide(kjt).values().sum(dim=1) if self.wide is not None else None
         return embs, wide
 
+    def forward_concat(self, kjt: KeyedJaggedTensor):
+        """As forward without a mask, the deep embeddings as one [B, sum d_i] tensor in
+        `feature_names` order: the collection's own output, with no per-field split to be
+        concatenated again by the head (nor its backward)."""
+        kt = self.deep(kjt)
+        if kt.keys() == self.feature_names:
+            x = kt.values()
+        else:
+            d = kt.to_dict()
+            x = torch.cat([d[f] for f in self.feature_names], dim=1)
+        wide = self.wide(kjt).values().sum(dim=1) if self.wide is not None else None
+        return x, wide
+
     def embedding_params(self, num_embeddings: dict[str, int]) -> int:
         """Parameters of the deep tables, sum_i rows_i x d_i (the budget of SSEDS eq. 4)."""
         return sum(num_embeddings[f] * d for f, d in self.dims.items())

@@ -1,7 +1,9 @@
 """Interaction heads over mixed-dimension field embeddings.
 
-Every head takes the list of pooled field embeddings e_i ([B, d_i], d_i may differ) and the
-first-order sum, and returns logits [B]. FM-style (vector-wise) interactions first map each
+Every head takes the pooled field embeddings e_i ([B, d_i], d_i may differ) and the
+first-order sum, and returns logits [B]. The embeddings come as a list, or as their
+concatenation [B, sum d_i] (the embedding collection's own output: the hot path then neither
+splits nor re-concatenates them, forward or backward). FM-style (vector-wise) interactions first map each
 field to one width k with a per-field projection (SSEDS eq. 13); DNN parts and DCN-V2 take the
 concatenation [B, sum d_i].
 
@@ -38,6 +40,16 @@ class ColumnTied:
     field: str | None = None
 
 
+def as_concat(embs) -> torch.Tensor:
+    """[B, sum d_i]: the concatenation itself, or the list concatenated."""
+    return embs if isinstance(embs, torch.Tensor) else torch.cat(embs, dim=1)
+
+
+def as_fields(embs, dims: list[int]) -> list[torch.Tensor]:
+    """[B, d_i] per field: the list itself, or views of the concatenation."""
+    return list(embs.split(dims, dim=1)) if isinstance(embs, torch.Tensor) else list(embs)
+
+
 def mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -64,9 +76,25 @@ class FieldProjections(nn.Module):
                 w[torch.arange(min(d, k)), torch.arange(min(d, k))] = 1.0
                 self.index.append(len(self.weights))
                 self.weights.append(nn.Parameter(w))
+        # fields grouped by width: one bmm per width instead of one matmul per field
+        by_width: dict[int, list[int]] = {}
+        for pos, (d, i) in enumerate(zip(self.dims, self.index)):
+            if i >= 0:
+                by_width.setdefault(d, []).append(pos)
+        self.groups = list(by_width.values())
 
-    def forward(self, embs: list[torch.Tensor]) -> torch.Tensor:
-        out = [e if i < 0 else e @ self.weights[i].t() for e, i in zip(embs, self.index)]
+    def forward(self, embs) -> torch.Tensor:
+        if not self.groups:  # every field already has width k: nothing to project
+            if isinstance(embs, torch.Tensor):
+                return embs.reshape(len(embs), len(self.dims), self.k)  # [B, F, k], a view
+            return torch.stack(embs, dim=1)  # [B, F, k]
+        fields = as_fields(embs, self.dims)
+        out = list(fields)
+        for group in self.groups:
+            x = torch.stack([fields[p] for p in group])  # [G, B, d]
+            m = torch.stack([self.weights[self.index[p]] for p in group])  # [G, k, d]
+            for p, y in zip(group, torch.bmm(x, m.transpose(1, 2)).unbind(0)):  # [G, B, k]
+                out[p] = y
         return torch.stack(out, dim=1)  # [B, F, k]
 
     def column_tied(self, fields: list[str]) -> list[ColumnTied]:
@@ -114,7 +142,7 @@ class DeepFMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, embs, wide):
-        deep = self.dnn(torch.cat(embs, dim=1)).squeeze(-1)
+        deep = self.dnn(as_concat(embs)).squeeze(-1)
         return self.bias + wide + fm_interaction(self.proj(embs)) + deep
 
     def column_tied(self, fields: list[str]) -> list[ColumnTied]:
@@ -130,7 +158,7 @@ class WideDeepHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, embs, wide):
-        return self.bias + wide + self.dnn(torch.cat(embs, dim=1)).squeeze(-1)
+        return self.bias + wide + self.dnn(as_concat(embs)).squeeze(-1)
 
     def column_tied(self, fields: list[str]) -> list[ColumnTied]:
         return dnn_input(self.dnn)
@@ -159,7 +187,7 @@ class DCNv2Head(nn.Module):
         self.dnn = mlp([width, *mlp_sizes, 1])
 
     def forward(self, embs, wide):
-        x0 = x = torch.cat(embs, dim=1)
+        x0 = x = as_concat(embs)
         for layer in self.cross:
             x = layer(x0, x)
         return self.dnn(x).squeeze(-1)

@@ -49,10 +49,11 @@ def _run_parser(sub) -> None:
     p.add_argument(
         "--max-event-time-skew",
         type=int,
-        help="seconds a row may lie ahead of the stream before it is dead-lettered as bad_event_time (default: off)",
+        help="seconds a row may lie ahead of the stream before it is dead-lettered as bad_event_time (86400; 0: off)",
     )
     p.add_argument("--idle-timeout", type=float, help="close the open window after this many seconds without data")
     p.add_argument("--export-dir", type=Path, help="publish the slim arm for serving after every window")
+    p.add_argument("--base-every", type=int, help="with --export-dir: a full base every N windows, deltas between (24)")
     p.add_argument("--linger-seconds", type=float, help="keep serving /metrics this long after the run ends")
     p.add_argument(
         "--realloc-min-gain",
@@ -68,6 +69,11 @@ def _run_parser(sub) -> None:
         "--field-check-rows",
         type=int,
         help="before a search window trains, check each field on this many of its rows (held out then); 0 = off",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="dense part in bf16 autocast (fp32 master weights); auto: bf16 where the hardware has it",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -90,12 +96,14 @@ def _run_config(args) -> RunConfig:
         "grace_seconds",
         "linger_seconds",
         "export_dir",
+        "base_every",
         "allowed_lateness",
         "max_event_time_skew",
         "idle_timeout",
         "realloc_min_gain",
         "saliency_decay",
         "field_check_rows",
+        "precision",
     ]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
@@ -112,8 +120,21 @@ def cmd_run(args) -> int:
     runner = Runner.from_config(cfg)
     summary = runner.run()
     done = len(summary["windows"])
-    print(f"dimstream: {done} windows in {cfg.state_dir} (summary.json, summary.png)")
+    if runner.rank0:  # under torchrun, one line from rank 0
+        print(f"dimstream: {done} windows in {cfg.state_dir} (summary.json, summary.png)")
+    if runner.rank0 and done:
+        _verdict_and_report(cfg.state_dir)
     return 0
+
+
+def _verdict_and_report(state_dir: Path) -> None:
+    """The A/B verdict over the whole history's second half, and the HTML report beside it."""
+    from dimstream.ops.report import state_summary, write_report
+    from dimstream.ops.verdict import format_verdict, verdict
+
+    full = state_summary(state_dir)
+    print(format_verdict(verdict(full)))
+    print(f"dimstream report: {write_report(full, Path(state_dir) / 'report')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +164,7 @@ def _extra_commands():
     import importlib.util
 
     mods = ("dimstream.ops.search_cli", "dimstream.ops.replay_cli", "dimstream.ops.export", "dimstream.ops.report_cli")
+    mods += ("dimstream.ops.plan", "dimstream.ops.serve")
     return [importlib.import_module(m).register for m in mods if importlib.util.find_spec(m) is not None]
 
 

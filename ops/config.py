@@ -44,9 +44,13 @@ class RunConfig:
     state_dir: Path = Path("dimstream-state")
     metrics_addr: str = "127.0.0.1:9100"
     seed: int = 0
-    arms: tuple[str, ...] = ("control",)
+    # the main job shows the A/B: control, the searched slim arm and the uniform arm of the same
+    # budget; a control-only run is `arms=("control",)` (--arms control)
+    arms: tuple[str, ...] = ("control", "slim", "uniform")
     control_dim: int | None = None  # None: 32 when searching (0, 4, ..., 32 per field), else 16
-    search: str = "none"  # a name of dimstream.search.registry.METHODS, or none
+    # a name of dimstream.search.registry.METHODS, or none; None: the registry's default method
+    # when there is a slim arm to re-shape, else none
+    search: str | None = None
     budget: float = 0.25  # kappa: slim embedding params <= kappa x control's
     search_every: int = 1  # windows between searches (0: only apply cron plans)
     search_rows: int = 8192
@@ -59,15 +63,15 @@ class RunConfig:
     field_check_rows: int = 0
     rows_per_window: int = 50_000  # synthetic source
     allowed_lateness: int = 0
-    # a row this many seconds ahead of the data around it is bad_event_time, not a new watermark;
-    # None (the default for now): off. On, it dead-lettered 40% of ml-100k replayed through Kafka
-    # after a restart (tests/test_kafka_source.py SIGKILL test), so it is opt-in until fixed.
-    max_event_time_skew: int | None = None
+    # a row this many seconds ahead of the data around it is bad_event_time, not a new watermark
+    # (issue 12 item 3: one event time in 2100 must not starve every later window); 0 or None: off
+    max_event_time_skew: int | None = 86400
     idle_timeout: float | None = None
     recent_rows: int = 50_000  # bounded buffer of recent rows kept for `dimstream search`
     progress: bool = True
     export_dir: Path | None = None  # if set: after each window, the slim arm (else control) is
     # exported to EXPORT_DIR/window-<n>, EXPORT_DIR/latest names it
+    base_every: int = 24  # with export_dir: a full base every N windows, deltas between
     linger_seconds: float = 0.0  # keep serving /metrics this long after a finite run ends
     grace_seconds: float = 30.0  # on SIGTERM: finish the window if it fits, else abandon it
     schema: dict | None = None  # for files:DIR (and kafka): the declared schema
@@ -116,14 +120,16 @@ class RunConfig:
         return cls.from_mapping(data)
 
     def validate(self) -> None:
+        from dimstream.search.registry import default_name, names
+
+        if self.search is None:
+            self.search = default_name() if "slim" in self.arms else "none"
         if self.control_dim is None:
             self.control_dim = 32 if (self.search != "none" or "slim" in self.arms) else 16
         if self.windows < 1:
             raise ConfigError("windows must be >= 1")
         if self.control_dim <= 0 or self.control_dim % 4:
             raise ConfigError("control_dim must be a positive multiple of 4 (FBGEMM fused kernels)")
-        from dimstream.search.registry import names
-
         if self.search != "none" and self.search not in names():
             raise ConfigError(f"search must be one of {', '.join(names())} or none, got {self.search!r}")
         if not 0 < self.budget <= 1:
@@ -134,13 +140,17 @@ class RunConfig:
             if a not in ("control", "slim", "uniform"):
                 raise ConfigError(f"unknown arm {a!r}: use control, slim, uniform")
         parse_addr(self.metrics_addr)
+        if self.base_every < 1:
+            raise ConfigError("base_every must be >= 1 (1: a full base every window)")
         if self.search_every < 0:
             raise ConfigError("search_every must be >= 0")
         if not 0 <= self.saliency_decay < 1:
             raise ConfigError("saliency_decay must be in [0, 1)")
         if self.field_check_rows < 0 or self.field_check_rows == 1:
             raise ConfigError("field_check_rows must be 0 (off) or at least 2")
-        if self.max_event_time_skew is not None and self.max_event_time_skew <= 0:
-            raise ConfigError("max_event_time_skew must be a positive number of seconds")
+        if self.max_event_time_skew is not None and self.max_event_time_skew < 0:
+            raise ConfigError("max_event_time_skew must be a number of seconds >= 0 (0: no bound)")
+        if self.max_event_time_skew == 0:
+            self.max_event_time_skew = None
         if not self.realloc_min_gain >= 0:
             raise ConfigError("realloc_min_gain must be >= 0")

@@ -114,9 +114,27 @@ def report_pngs(summary: dict, out: Path) -> list[tuple[str, str]]:
     return made
 
 
+def state_summary(state_dir: Path) -> dict:
+    """summary.json's header, truth and totals over every window of the state dir's history log
+    (summary.json itself holds a recent span only)."""
+    import json
+
+    from dimstream.ops.history import read_log, summary
+
+    recent = json.loads((Path(state_dir) / "summary.json").read_text())
+    windows = read_log(state_dir) or recent["windows"]
+    header = {k: v for k, v in recent.items() if k not in ("windows", "totals", "truth", "reallocations")}
+    return summary(header, windows, recent.get("totals"), recent.get("truth"))
+
+
 def write_report(summary: dict, out: Path) -> Path:
+    from html import escape
+
+    from dimstream.ops.verdict import format_verdict, verdict
+
     out.mkdir(parents=True, exist_ok=True)
     pngs = report_pngs(summary, out)
+    text = format_verdict(verdict(summary))
     windows = summary.get("windows", [])
     rows = ""
     if windows:
@@ -132,7 +150,8 @@ def write_report(summary: dict, out: Path) -> Path:
         f"<!doctype html><html><head><meta charset='utf-8'><title>dimstream report</title>"
         f"<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}td,th{{padding:4px 10px}}</style>"
         f"</head><body><h1>dimstream report</h1><p>source {summary.get('source')}, model {summary.get('model')}, "
-        f"{len(windows)} windows</p><h2>Last window</h2><table border=1><tr><th>arm</th><th>AUC</th>"
+        f"{len(windows)} windows</p><h2>Verdict</h2><pre>{escape(text)}</pre>"
+        f"<h2>Last window</h2><table border=1><tr><th>arm</th><th>AUC</th>"
         f"<th>log-loss</th><th>embedding params</th><th>AUC - control [95% CI]</th></tr>{rows}</table>"
         + "".join(f"<h2>{t}</h2><img src='{f}' alt='{t}'>" for t, f in pngs)
         + "</body></html>"

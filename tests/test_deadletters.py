@@ -72,7 +72,7 @@ def _runner(tmp_path, **kw):
         progress=False,
         control_dim=4,
         model=ModelConfig("fm"),
-        **kw,
+        **({"arms": ("control",)} | kw),
     )
     cfg.model.interaction_dim = cfg.control_dim
     src = BadThenQuiet()

@@ -52,6 +52,7 @@ def test_the_summary_keeps_a_recent_span_and_totals(tmp_path):
 
 def _cfg(state, windows):
     return RunConfig(
+        arms=("control",),
         windows=windows,
         rows_per_window=1000,
         state_dir=state,

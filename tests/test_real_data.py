@@ -13,6 +13,7 @@ from tests.helpers import ML100K
 @pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 def test_deepfm_on_ml100k_reaches_064_auc_over_the_second_half(tmp_path):
     cfg = RunConfig(
+        arms=("control",),
         source=f"ml-100k:{ML100K}",
         window_seconds=86400,
         windows=10_000,

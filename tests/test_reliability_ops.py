@@ -56,7 +56,7 @@ def _cfg(state, windows, **kw):
         metrics_addr="127.0.0.1:0",
         progress=False,
         state_dir=state,
-        **kw,
+        **({"arms": ("control",)} | kw),
     )
 
 

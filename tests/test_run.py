@@ -54,6 +54,8 @@ def _summary(state: Path) -> dict:
 def test_run_writes_summary_plot_and_continues_in_the_same_state_dir(tmp_path):
     base = [
         "run",
+        "--arms",
+        "control",
         "--state-dir",
         str(tmp_path),
         "--rows-per-window",
@@ -90,6 +92,8 @@ def test_sigkill_mid_window_then_resume_trains_every_window_exactly_once(tmp_pat
     state, ref_state = tmp_path / "killed", tmp_path / "reference"
     base = [
         "run",
+        "--arms",
+        "control",
         "--rows-per-window",
         "20000",
         "--windows",
@@ -130,6 +134,8 @@ def test_sigterm_mid_window_exits_0_within_the_grace_period_and_resumes(tmp_path
     state = tmp_path / "state"
     base = [
         "run",
+        "--arms",
+        "control",
         "--rows-per-window",
         "20000",
         "--windows",

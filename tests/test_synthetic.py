@@ -63,7 +63,12 @@ def test_deepfm_progressive_auc_is_within_003_of_bayes_over_windows_13_to_24(tmp
     from dimstream.ops.daemon import Runner
 
     cfg = RunConfig(
-        windows=24, state_dir=tmp_path, metrics_addr="127.0.0.1:0", progress=False, model=ModelConfig("deepfm")
+        windows=24,
+        state_dir=tmp_path,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        arms=("control",),
+        model=ModelConfig("deepfm"),
     )
     summary = Runner.from_config(cfg).run()
     late = summary["windows"][12:24]
