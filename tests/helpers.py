@@ -38,3 +38,22 @@ def tiny_batch(n: int = 64, seed: int = 0, t0: int = 0) -> pa.RecordBatch:
             "event_time": pa.array(t0 + np.sort(rng.integers(0, 3600, n))),
         }
     )
+
+
+def kafka_run_config(source, state, windows, **kw):
+    """The Kafka tests' daemon: one-day windows (`window_seconds` overrides), control only
+    unless `arms` says otherwise, FM, seed 0, a free metrics port, no progress bars."""
+    from dimstream.models.config import ModelConfig
+    from dimstream.ops.config import RunConfig
+
+    return RunConfig(
+        source=source,
+        window_seconds=kw.pop("window_seconds", 86400),
+        windows=windows,
+        state_dir=state,
+        seed=0,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        model=ModelConfig("fm"),
+        **({"arms": ("control",)} | kw),
+    )

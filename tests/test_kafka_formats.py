@@ -13,18 +13,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dimstream.models.config import ModelConfig
-from dimstream.ops.config import ConfigError, RunConfig
+from dimstream.ops.config import ConfigError
 from dimstream.ops.daemon import Runner
 from dimstream.ops.history import read_log
 from dimstream.ops.replay import ensure_topic
 from dimstream.stream.kafka import formats
 from dimstream.stream.kafka.formats import decode_values, sniff
-from dimstream.stream.kafka.tansu import Broker
 from dimstream.stream.kafka.wire import WireError, decode_message, encode_arrow
 from dimstream.stream.schema import METADATA_KEY, Schema
 from dimstream.stream.sources.kafka import KafkaSource
-from tests.helpers import ML100K, tiny_batch, tiny_schema
+from tests.helpers import ML100K, kafka_run_config, tiny_batch, tiny_schema
 
 needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 
@@ -142,27 +140,6 @@ def test_rows_handed_over_are_skipped_per_message_in_a_bulk_decoded_run():
 # --- on a real broker ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def broker():
-    b = Broker()
-    yield b
-    b.stop()
-
-
-def _cfg(source, state, windows, **kw):
-    return RunConfig(
-        source=source,
-        window_seconds=kw.pop("window_seconds", 86400),
-        windows=windows,
-        state_dir=state,
-        seed=0,
-        metrics_addr="127.0.0.1:0",
-        progress=False,
-        model=ModelConfig("fm"),
-        **({"arms": ("control",)} | kw),
-    )
-
-
 def _scrape(port: int) -> dict:
     import urllib.request
 
@@ -193,13 +170,13 @@ def test_replayed_ml100k_consumed_without_schema_windows_equal_the_dataset_run(b
     from dimstream.stream.sources.movielens import MovieLensSource, movielens_schema
 
     windows = 12
-    Runner.from_config(_cfg(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()
+    Runner.from_config(kafka_run_config(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()
     files = [w["rows"] for w in read_log(tmp_path / "files")]
     replay(MovieLensSource(ML100K), f"kafka://{broker.bootstrap}/newcomer", progress=False)
     url = f"kafka://{broker.bootstrap}/newcomer?group=n"
     t0 = time.monotonic()
     with caplog.at_level(logging.INFO):
-        runner = Runner.from_config(_cfg(url, tmp_path / "kafka", windows // 2))  # no [schema]
+        runner = Runner.from_config(kafka_run_config(url, tmp_path / "kafka", windows // 2))  # no [schema]
         assert runner.schema == movielens_schema()
         assert "adopted the schema the stream newcomer carries" in caplog.text
         runner.run()
@@ -208,7 +185,8 @@ def test_replayed_ml100k_consumed_without_schema_windows_equal_the_dataset_run(b
     assert meta["position"]["schema"] == movielens_schema().to_dict()  # checkpointed with the position
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        Runner.from_config(_cfg(url, tmp_path / "kafka", windows)).run()  # resumes with the checkpointed one
+        # resumes with the checkpointed one
+        Runner.from_config(kafka_run_config(url, tmp_path / "kafka", windows)).run()
     assert "restored from the checkpoint" in caplog.text
     got = read_log(tmp_path / "kafka")
     assert [w["index"] for w in got] == list(range(windows))
@@ -223,7 +201,7 @@ def test_another_datasets_batches_in_the_topic_are_schema_mismatch_while_trainin
     from dimstream.stream.synthetic import SyntheticSource
 
     windows = 8
-    Runner.from_config(_cfg(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()
+    Runner.from_config(kafka_run_config(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()
     files = [w["rows"] for w in read_log(tmp_path / "files")]
     ml, other = MovieLensSource(ML100K), SyntheticSource(rows_per_window=600, batch_rows=300)
     strangers = [sb.batch for _, sb in zip(range(4), other.read(None))]
@@ -240,7 +218,7 @@ def test_another_datasets_batches_in_the_topic_are_schema_mismatch_while_trainin
                 p.send("mixed", value=value, headers=headers)
     p.flush()
     p.close()
-    cfg = _cfg(f"kafka://{broker.bootstrap}/mixed?group=m", tmp_path / "kafka", windows, linger_seconds=20)
+    cfg = kafka_run_config(f"kafka://{broker.bootstrap}/mixed?group=m", tmp_path / "kafka", windows, linger_seconds=20)
     runner = Runner.from_config(cfg)
     errors = []
     thread = threading.Thread(target=lambda: errors.append(runner.run() and None))
@@ -273,7 +251,7 @@ def test_a_topic_of_json_without_schema_is_said_at_once_and_exits_2(broker, tmp_
     p.close()
     url = f"kafka://{broker.bootstrap}/foreign"
     with pytest.raises(ConfigError, match=r"is JSON, which carries no schema: declare the fields in the \[schema\]"):
-        Runner.from_config(_cfg(url, tmp_path / "a", 1))
+        Runner.from_config(kafka_run_config(url, tmp_path / "a", 1))
     code = main(["run", "--source", url, "--state-dir", str(tmp_path / "b"), "--metrics-addr", "127.0.0.1:0"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dimstream: error")]
     assert code == 2 and len(err) == 1 and "[schema]" in err[0] and "foreign partition 0 offset 0" in err[0]
@@ -301,7 +279,7 @@ def test_confluent_kafka_json_events_one_per_message_train_every_row_once_and_cl
         p.produce("events", value=value)  # no headers, no key: the usual event topic
     assert p.flush(30) == 0
     del p  # librdkafka's threads end with it, before the broker does
-    cfg = _cfg(
+    cfg = kafka_run_config(
         f"kafka://{broker.bootstrap}/events?group=e",
         tmp_path / "state",
         windows,

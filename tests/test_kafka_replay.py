@@ -5,17 +5,9 @@ import pyarrow as pa
 import pytest
 
 from dimstream.ops.replay import replay
-from dimstream.stream.kafka.tansu import Broker
 from dimstream.stream.kafka.wire import WireError, decode_message, encode_arrow
 from dimstream.stream.sources.movielens import MovieLensSource
 from tests.helpers import ML100K
-
-
-@pytest.fixture(scope="module")
-def broker():
-    b = Broker()
-    yield b
-    b.stop()
 
 
 def _consume(bootstrap, topic, expected_messages, version):

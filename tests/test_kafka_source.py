@@ -11,42 +11,20 @@ from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
 from dimstream.ops.history import read_log
 from dimstream.ops.replay import replay
-from dimstream.stream.kafka.tansu import Broker
 from dimstream.stream.sources.kafka import KafkaSource
 from dimstream.stream.sources.movielens import MovieLensSource, movielens_schema
-from tests.helpers import ML100K
+from tests.helpers import ML100K, kafka_run_config
 
 needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 
 
-@pytest.fixture(scope="module")
-def broker():
-    b = Broker()
-    yield b
-    b.stop()
-
-
-def _cfg(source, state, windows, **kw):
-    return RunConfig(
-        source=source,
-        window_seconds=86400,
-        windows=windows,
-        state_dir=state,
-        seed=0,
-        metrics_addr="127.0.0.1:0",
-        progress=False,
-        model=ModelConfig("fm"),
-        **({"arms": ("control",)} | kw),
-    )
-
-
 @needs_ml100k
 def test_kafka_run_equals_the_file_run_window_by_window(broker, tmp_path):
-    Runner.from_config(_cfg(f"ml-100k:{ML100K}", tmp_path / "files", 40)).run()
+    Runner.from_config(kafka_run_config(f"ml-100k:{ML100K}", tmp_path / "files", 40)).run()
     files = read_log(tmp_path / "files")
     src = MovieLensSource(ML100K)
     replay(src, f"kafka://{broker.bootstrap}/ml", rows_per_message=700, progress=False)
-    cfg = _cfg(
+    cfg = kafka_run_config(
         f"kafka://{broker.bootstrap}/ml?group=eq",
         tmp_path / "kafka",
         40,
@@ -205,7 +183,7 @@ def test_sigkill_of_a_kafka_fed_daemon_then_restart_trains_every_row_once(broker
     src = MovieLensSource(ML100K)
     replay(src, f"kafka://{broker.bootstrap}/killed", rows_per_message=300, progress=False)
     windows = 60
-    Runner.from_config(_cfg(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()
+    Runner.from_config(kafka_run_config(f"ml-100k:{ML100K}", tmp_path / "files", windows)).run()
     files = read_log(tmp_path / "files")
     state = tmp_path / "kafka"
     cfg = tmp_path / "run.toml"
