@@ -75,9 +75,23 @@ def open_source(cfg: RunConfig) -> Source:
         window_seconds=cfg.window_seconds,
     )
     try:
-        return open_spec(cfg.source, options)
+        source = open_spec(cfg.source, options)
     except (ValueError, OSError) as e:
         raise ConfigError(f"--source {cfg.source}: {e}") from None
+    if isinstance(source, LiveSource) and _launch_world() > 1:
+        # every rank reads the whole window and trains its rows i mod N; a live source's ranks
+        # would each get other partitions from the consumer group and close different windows
+        source.close()
+        raise ConfigError(
+            f"--source {cfg.source}: a live source runs on one rank only for now (world size "
+            f"{_launch_world()}); Kafka partitions per rank are not built yet (issue 13)"
+        )
+    return source
+
+
+def _launch_world() -> int:
+    """The world size torchrun launched (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "MASTER_ADDR" in os.environ else 1
 
 
 def uniform_width(control_dim: int, budget: float) -> int:
