@@ -67,9 +67,24 @@ def ensure_process_group() -> None:
     if device().type == "cuda":
         torch.cuda.set_device(device())
     if launched():
-        dist.init_process_group(backend())
+        dist.init_process_group(backend(), **_attempt_rendezvous())
     else:
         dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _attempt_rendezvous() -> dict:
+    """torchrun's store with this restart attempt's own key space, on one node.
+
+    With `--master_port` (static rendezvous) torchrun keeps one TCPStore across worker restarts,
+    so a restarted rank can read the dead world's gloo addresses and hang or fail in
+    `init_process_group`. On one node every rank shares one agent and so one
+    TORCHELASTIC_RESTART_COUNT; across nodes the counts can differ (pytorch#108158), and there
+    the c10d rendezvous, which prefixes each round itself, is the supported way."""
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"dimstream.attempt.{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def rank() -> int:
