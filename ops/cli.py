@@ -42,6 +42,12 @@ def _run_parser(sub) -> None:
     )
     p.add_argument("--budget", type=float, help="kappa: slim params <= kappa x control params (default 0.25)")
     p.add_argument("--search-every", type=int, help="windows between searches; 0 = only apply cron plans")
+    p.add_argument("--search-warmup", type=int, help="windows the control trains before the first search")
+    p.add_argument(
+        "--budget-fill",
+        action=argparse.BooleanOptionalAction,
+        help="spend what the search's ranking leaves of the budget on the next blocks that fit",
+    )
     p.add_argument("--control-dim", type=int, help="uniform width of the control arm (multiple of 4)")
     p.add_argument("--rows-per-window", type=int, help="synthetic source: rows per window (default 50000)")
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM: finish the window if it fits, else abandon it (30)")
@@ -91,6 +97,8 @@ def _run_config(args) -> RunConfig:
         "search",
         "budget",
         "search_every",
+        "search_warmup",
+        "budget_fill",
         "control_dim",
         "rows_per_window",
         "grace_seconds",

@@ -52,8 +52,13 @@ class RunConfig:
     # when there is a slim arm to re-shape, else none
     search: str | None = None
     budget: float = 0.25  # kappa: slim embedding params <= kappa x control's
+    # spend what eq. 12's prefix leaves on the next blocks that fit (search/budget.py Budget.fill)
+    budget_fill: bool = False
     search_every: int = 1  # windows between searches (0: only apply cron plans)
     search_rows: int = 8192
+    # windows the control trains before the first search: on a barely trained control the saliency
+    # and the field check rank fields by how fast their ids are learnt, not by what they carry
+    search_warmup: int = 0
     # re-shape the slim arm only if the searched allocation's total saliency beats the slim arm's
     # current columns by this fraction (scored on the same rows); 0 = whenever it differs
     realloc_min_gain: float = 0.05
@@ -142,6 +147,8 @@ class RunConfig:
         parse_addr(self.metrics_addr)
         if self.base_every < 1:
             raise ConfigError("base_every must be >= 1 (1: a full base every window)")
+        if self.search_warmup < 0:
+            raise ConfigError("search_warmup must be >= 0")
         if self.search_every < 0:
             raise ConfigError("search_every must be >= 0")
         if not 0 <= self.saliency_decay < 1:

@@ -72,7 +72,7 @@ class DaemonSearch:
     def __init__(self, runner):
         self.runner = runner
         cfg = runner.cfg
-        self.policy = AllocationPolicy(kappa=cfg.budget, decay=cfg.saliency_decay, min_gain=cfg.realloc_min_gain)
+        self.policy = AllocationPolicy(cfg.budget, cfg.saliency_decay, cfg.realloc_min_gain, fill=cfg.budget_fill)
         self.method = registry.build(cfg.search, rows=cfg.search_rows) if cfg.search != "none" else None
         self.check = None  # this window's averaged field check, for its search
         self.supernet = None  # --search adass: the supernet trained on every window (lazily built)
@@ -132,7 +132,7 @@ class DaemonSearch:
 
     def _search(self, batch, record) -> None:
         control = self.runner.arm("control")
-        budget = Budget("params", kappa=self.runner.cfg.budget)
+        budget = Budget("params", kappa=self.runner.cfg.budget, fill=self.runner.cfg.budget_fill)
         result = self.method.run(control, batch, budget, field_check=self.check)
         self._observe(result.method, result.duration_seconds)
         record.search = {
@@ -220,7 +220,9 @@ class DaemonSearch:
     # --- parts ---
     def _due(self, index: int) -> bool:
         cfg = self.runner.cfg
-        return self.method is not None and cfg.search_every > 0 and (index + 1) % cfg.search_every == 0
+        if self.method is None or cfg.search_every <= 0 or index < cfg.search_warmup:
+            return False
+        return (index + 1) % cfg.search_every == 0
 
     def _observe(self, method: str, seconds: float) -> None:
         self.runner.metrics.search_duration.labels(method).observe(seconds)

@@ -68,8 +68,8 @@ def _finite(x: float) -> float | None:
 class AllocationPolicy:
     """The moving average, the gain gate and the averaged field check (module docstring)."""
 
-    def __init__(self, kappa: float, decay: float, min_gain: float):
-        self.budget = Budget("params", kappa=kappa)
+    def __init__(self, kappa: float, decay: float, min_gain: float, fill: bool = False):
+        self.budget = Budget("params", kappa=kappa, fill=fill)
         self.decay, self.min_gain = decay, min_gain
         self._scores: dict | None = None  # {"method": name, "scores": {field: [score per column]}}
         self._check: dict | None = None  # {"delta": {field: x}, "var": {field: x}}

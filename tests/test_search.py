@@ -283,6 +283,19 @@ def test_selection_stops_at_the_first_block_that_does_not_fit():
     assert kept == {"big": 1, "mid": 1}  # big/1 overflows: tiny blocks below it are not kept
 
 
+def test_fill_spends_what_the_prefix_leaves_on_the_next_blocks_that_fit():
+    """Budget.fill: after the prefix, lower-ranked blocks that still fit are kept, best first,
+    and a field whose block did not fit gets none of its later ones."""
+    ranking = [("big", 0), ("mid", 0), ("big", 1), ("tiny", 0), ("big", 2), ("mid", 1), ("tiny", 1)]
+    kept = select_blocks(ranking, ROWS, limit=4 * 1150, fill=True)
+    assert kept == {"big": 1, "mid": 1, "tiny": 2}  # 4 x 1108: big/1, big/2 and mid/1 overflow
+    assert select_blocks(ranking, ROWS, limit=4 * 1210, fill=True) == {"big": 1, "mid": 2, "tiny": 2}
+    scores = _scores(0)
+    plain, filled = (allocate(scores, Budget("params", 0.25, fill=f), CTRL, ROWS) for f in (False, True))
+    assert plain.used < filled.used <= filled.limit
+    assert all(filled.dims[f] >= plain.dims[f] for f in CTRL)
+
+
 def test_blocks_are_ranked_by_the_mean_score_of_four_columns():
     """One lucky column does not buy a field 4 columns: a block's score is its columns' mean."""
     scores = {

@@ -369,3 +369,15 @@ def test_the_daemon_search_checks_fields_searches_and_keeps_its_state(tmp_path):
     same = ("delta", "stderr", "dropped", "this_window")
     assert [a.field_check[k] for k in same] == [b.field_check[k] for k in same]
     assert search.check.keep == twin.check.keep and twin.state_dict() == search.state_dict()
+
+
+def test_search_warmup_and_budget_fill(tmp_path):
+    """--search-warmup 2: no search and no cut in windows 0-1, the first in window 2;
+    --budget-fill spends the budget to within 256 parameters (a block of 64 rows), never above it."""
+    base = RUN[:4] + ["sseds", "--search-every", "1"] + RUN[7:] + ["--windows", "3"]
+    _cli(base + ["--state-dir", str(tmp_path), "--search-warmup", "2", "--budget-fill"])
+    ws = _summary(tmp_path)["windows"]
+    assert [bool(w.get("search")) for w in ws] == [False, False, True]
+    assert [bool(w.get("reallocation")) for w in ws] == [False, False, True]
+    limit = int(0.25 * ws[2]["arms"]["control"]["embedding_params"])
+    assert limit - 4 * 64 < ws[2]["reallocation"]["embedding_params"] <= limit
