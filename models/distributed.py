@@ -248,6 +248,16 @@ def any_rank(flag: bool) -> bool:
     return bool(all_gather_ints([int(flag)]).max())
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank (one collective): a window's
+    counts and Kafka positions of the ranks' own partitions."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Each array concatenated over the ranks in rank order (predictions and labels of every
     rank's rows, for the metrics of the union)."""

@@ -17,7 +17,11 @@ Ranks (torchrun): every arm is one model sharded over all ranks (models/distribu
 rank reads the whole window of a files/synthetic source and trains its share of the rows (row i
 to rank i mod N; `row_split` weights for a skewed split); the ranks check with a collective that
 they close the same window (bounds and rows), take the same number of steps (zero-weight
-padding), and score the union of their rows. The search runs on every rank on the whole window
+padding), and score the union of their rows. A Kafka source is split by partition instead
+(partition p to rank p mod N, `KafkaSource.assign_ranks`): each rank windows its own partitions
+and the windows close in lockstep (stream/lockstep.py: a few ints all-gathered every 0.2 s);
+the record counts, and the checkpoint's positions cover, every rank's partitions
+(`_union`, `_merge_positions`). The search runs on every rank on the whole window
 (the sharded control's gradient over all rows; the ranks check they reach the same shapes). Every
 rank writes its checkpoint shard; rank 0 alone writes the summary, the plot, the history log,
 dead letters, the publication and the source commit (`self.rank0`). A stop request (SIGTERM)
@@ -26,6 +30,7 @@ takes effect at the next window close that all ranks agree on, never mid-window.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from dimstream.models import distributed
@@ -54,12 +60,14 @@ from dimstream.ops.metrics import Metrics
 from dimstream.ops.record import WindowRecord
 from dimstream.ops.report import plot_summary
 from dimstream.stream.atomic import write_bytes
+from dimstream.stream.batch import SparseBatch
 from dimstream.stream.decode import Decoder
+from dimstream.stream.lockstep import Lockstep
 from dimstream.stream.sources.base import LiveSource, Source
 from dimstream.stream.sources.registry import SourceOptions
 from dimstream.stream.sources.registry import open_source as open_spec
 from dimstream.stream.synthetic import TRUTH_COLUMN
-from dimstream.stream.window import Window, Windower
+from dimstream.stream.window import Window, Windower, concat_tables
 
 log = logging.getLogger("dimstream")
 PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
@@ -79,13 +87,16 @@ def open_source(cfg: RunConfig) -> Source:
     except (ValueError, OSError) as e:
         raise ConfigError(f"--source {cfg.source}: {e}") from None
     if isinstance(source, LiveSource) and _launch_world() > 1:
-        # every rank reads the whole window and trains its rows i mod N; a live source's ranks
-        # would each get other partitions from the consumer group and close different windows
-        source.close()
-        raise ConfigError(
-            f"--source {cfg.source}: a live source runs on one rank only for now (world size "
-            f"{_launch_world()}); Kafka partitions per rank are not built yet (issue 13)"
-        )
+        # each rank reads its own partitions (p mod N, assigned by hand: no group rebalance moves
+        # them mid-window) and the ranks close windows in lockstep (Runner: stream/lockstep.py)
+        assign = getattr(source, "assign_ranks", None)
+        if assign is None:
+            source.close()
+            raise ConfigError(
+                f"--source {cfg.source}: a live source without partitions per rank runs on one rank only "
+                f"(world size {_launch_world()})"
+            )
+        assign(_launch_rank(), _launch_world())
     return source
 
 
@@ -272,6 +283,9 @@ class Runner:
         self.resume = resume or Resume()
         self.state_dir = Path(cfg.state_dir)
         self.rank0 = rank() == 0
+        # ranks reading their own partitions of a live source (Kafka): windows closed in lockstep
+        self.split = isinstance(source, LiveSource) and world_size() > 1
+        self.search_view: Window | None = None  # the window the search sees (split: every rank's rows)
         # held from before the history log is touched (below) until the end of run()
         own = lock is None
         if own:
@@ -300,7 +314,9 @@ class Runner:
         self.history = History(self.state_dir, writer=self.rank0)
         self.history.resume(self.resume.history_length, self.resume.last_record)
         # rejections are written, sent and counted as they happen (rank 0 writes the files)
-        self.deadletters = DeadLetters(self.state_dir, source, self.metrics, rank0=self.rank0)
+        # split: rank r > 0 alone sees its partitions' rejections, written to STATE/rank<r>/deadletter
+        own_dir = self.state_dir if self.rank0 or not self.split else self.state_dir / f"rank{rank()}"
+        self.deadletters = DeadLetters(own_dir, source, self.metrics, rank0=self.rank0 or self.split)
         self.committer = Committer(
             self.state_dir,
             source,
@@ -330,6 +346,10 @@ class Runner:
         try:
             source = open_source(cfg)
             adopt_schema(cfg, source)
+            if _launch_world() > 1 and getattr(source, "adopting", False):  # each rank read its own first message
+                distributed.ensure_process_group()
+                crc = zlib.crc32(source.schema.fingerprint().encode())
+                distributed.agree("the schema adopted from the stream", [crc])
             found = restore(cfg, source.schema)
             if found is None:
                 arms = [make_arm(s, source.schema, cfg.model) for s in initial_specs(cfg, source.schema.feature_names)]
@@ -434,8 +454,9 @@ class Runner:
 
     def _loop(self) -> None:
         r = self.resume
-        if isinstance(self.source, LiveSource) and r.position is not None:
+        if isinstance(self.source, LiveSource) and r.position is not None and (self.rank0 or not self.split):
             # a crash may have come between the checkpoint and telling the source: tell it now
+            # (ranks: rank 0 publishes the positions of every partition)
             self.source.recover(r.position, r.watermark, r.read_upto, len(self.history) - 1)
         windower = Windower(
             self.source,
@@ -449,9 +470,13 @@ class Runner:
             stop=lambda: self.stop_agreed,
             max_event_time_skew=self.cfg.max_event_time_skew,
             observer=self.deadletters,
+            lockstep=self._lockstep() if self.split else None,
         )
         for window in windower.windows():
-            distributed.agree("the window's bounds and rows", [window.start, window.end, len(window.batch)])
+            if self.split:  # each rank its own partitions' rows: the same bounds
+                distributed.agree("the window's bounds", [window.start, window.end])
+            else:
+                distributed.agree("the window's bounds and rows", [window.start, window.end, len(window.batch)])
             try:
                 record = self.process(window)
             except WindowAbandoned:
@@ -460,7 +485,7 @@ class Runner:
                 log.warning("window abandoned on SIGTERM; resuming will train it from its start")
                 break
             if self.search is not None:
-                self.search.after_training(window, record)
+                self.search.after_training(self.search_view or window, record)
                 distributed.agree("the arms' shapes after the search", [self._shapes_crc()])
             for observer in self.observers:
                 observer(self, window, record)
@@ -469,6 +494,66 @@ class Runner:
                 self.stop_agreed = distributed.any_rank(self.stop_requested)
             if self.stop_agreed or len(self.history) >= self.cfg.windows:
                 break
+
+    def _lockstep(self) -> Lockstep:
+        """Split: windows close as the ranks agree, each rank's event time bounded by its
+        partitions still being read (KafkaSource.event_time_floor)."""
+        return Lockstep(self._lockstep_round, getattr(self.source, "event_time_floor", None))
+
+    def _lockstep_round(self, values: list[int]):
+        """One round of the ranks' window agreement (stream/lockstep.py), the stop request folded
+        in: a SIGTERM on any rank stops every rank after the same round."""
+        seen = distributed.all_gather_ints([*values, int(self.stop_requested)])
+        if seen[:, -1].any():
+            self._stop_agreed = True
+        return seen[:, :-1]
+
+    def _union(self, window: Window, record: WindowRecord) -> Window:
+        """Split: the record counts every rank's rows, rejections and replays (one collective), and
+        the search, if any, sees the union of the ranks' rows (as in the row split, where every
+        rank holds the whole window)."""
+        table = window.table
+        has_truth = table is not None and TRUTH_COLUMN in table.column_names
+        truth = table.column(TRUTH_COLUMN).to_numpy() if has_truth else None
+        mine = {
+            "rows": len(window.batch),
+            "rejected": dict(window.rejected_counts),
+            "replayed": window.replayed_rows,
+            "truth": (window.batch.labels, truth) if truth is not None else None,
+            "window": (window.batch, table) if self.search is not None else None,
+        }
+        everyone = distributed.gather_objects(mine)
+        record.rows = sum(e["rows"] for e in everyone)
+        rejected: dict[str, int] = {}
+        for e in everyone:
+            for reason, n in e["rejected"].items():
+                rejected[reason] = rejected.get(reason, 0) + n
+        record.rejected, record.rejected_rows = rejected, sum(rejected.values())
+        record.replayed_rows = sum(e["replayed"] for e in everyone)
+        truths = [e["truth"] for e in everyone if e["truth"] is not None]
+        record.bayes_auc = auc(*map(np.concatenate, zip(*truths))) if truths else None
+        if self.search is None:
+            return window
+        tables = [e["window"][1] for e in everyone if e["window"][1] is not None]
+        batch = SparseBatch.concat([e["window"][0] for e in everyone])
+        return dataclasses.replace(window, batch=batch, table=concat_tables(tables) if tables else None)
+
+    def _merge_positions(self, window: Window) -> None:
+        """Split: the window's positions of every rank's partitions (one collective), so the
+        checkpoint (every rank's meta, rank 0's file) and rank 0's commit cover the whole topic."""
+        everyone = distributed.gather_objects((window.resume, window.read_upto))
+        log.info(
+            "rank %d of %d: window [%s .. %s] rows %d from partitions %s",
+            rank(),
+            world_size(),
+            _iso(window.start),
+            _iso(window.end),
+            len(window.batch),
+            sorted(int(p) for p in ((window.read_upto or {}).get("offsets") or {})),
+        )
+        # new objects: the windower keeps its own (this rank's) positions to rewind to
+        window.resume = self.source.merge_positions([e[0] for e in everyone])
+        window.read_upto = self.source.merge_positions([e[1] for e in everyone])
 
     @property
     def stop_agreed(self) -> bool:
@@ -485,7 +570,7 @@ class Runner:
 
     def local_rows(self, window: Window):
         """This rank's share of the window's rows (all of them in a world of one)."""
-        if world_size() == 1:
+        if world_size() == 1 or self.split:  # split: the window holds this rank's partitions' rows
             return window.batch
         return window.batch.take(distributed.share_mask(len(window.batch), rank(), world_size(), self.row_split))
 
@@ -503,8 +588,9 @@ class Runner:
         )
         if window.table is not None and TRUTH_COLUMN in window.table.column_names:
             record.bayes_auc = auc(batch.labels, window.table.column(TRUTH_COLUMN).to_numpy())
+        self.search_view = self._union(window, record) if self.split else None
         if self.search is not None:
-            self.search.before_training(window, record)
+            self.search.before_training(self.search_view or window, record)
         with _Progress(self, record.index, len(batch)) as progress:
             if world_size() == 1:
                 results = progressive_val_score(self.arms, batch, self.cfg.model.batch_size, on_step=progress.step)
@@ -527,6 +613,10 @@ class Runner:
         return record
 
     def close_window(self, window: Window, record: WindowRecord) -> None:
+        if self.split:
+            self._merge_positions(window)
+            if not self.rank0:
+                self.deadletters.rotate(record.index)  # rank 0's are rotated by the committer
         self.resume.position, self.resume.watermark = window.resume, window.end
         self.resume.read_upto = window.read_upto
         publish = self.arm("slim" if "slim" in self.cfg.arms else "control")

@@ -177,6 +177,7 @@ class Windower:
         stop=None,
         max_event_time_skew: int | None = 86400,
         observer: WindowObserver | None = None,
+        lockstep=None,
     ):
         if window_seconds <= 0:
             raise ValueError("window length must be positive")
@@ -194,6 +195,9 @@ class Windower:
         self.stop = stop or (lambda: False)  # checked at every batch and heartbeat: a clean way out
         self.rewinds = 0  # times the source went back to the last window boundary (rebalances)
         self.observer = observer or WindowObserver()
+        # readers of disjoint parts of one live stream (ranks): windows close only as all of them
+        # agree, every lockstep.every_seconds (stream/lockstep.py); None: as this one reader sees fit
+        self.lockstep = lockstep
 
     def _window_of(self, t: np.ndarray) -> np.ndarray:
         return (t // self.length) * self.length
@@ -326,10 +330,22 @@ class Windower:
                     place(batch.take(m), table.filter(pa.array(m)), src_batch)
             held = []
 
+        def agreed_closes() -> list:
+            """A lockstep round: the windows every reader closes now (stream/lockstep.py)."""
+            idle = self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout
+            if idle and held:  # no next batch is coming to judge them
+                release_held()
+            return self.lockstep.closes(max_t, list(parts), idle, bool(pending_rejects), self.lateness, self.length)
+
         t0 = time.perf_counter()
         for sb in self.source.read(self.start_position):
             if self.stop():
                 return  # open windows are abandoned: the last checkpoint stays the resume point
+            if self.lockstep is not None and self.lockstep.due():
+                for start in agreed_closes():
+                    read_s += time.perf_counter() - t0
+                    yield close(start)
+                    t0 = time.perf_counter()
             if sb.rewind:  # back to the last window boundary: drop what open windows buffered
                 parts.clear()
                 held.clear()
@@ -344,6 +360,7 @@ class Windower:
                     last_data = time.monotonic()
                     continue
                 idle = self.idle_timeout is not None and time.monotonic() - last_data > self.idle_timeout
+                idle = idle and self.lockstep is None  # in lockstep, idleness is agreed in rounds
                 if idle and held:  # no next batch is coming to judge them
                     release_held()
                 if idle and (parts or pending_rejects):  # nothing decodes: close an empty window all the same
@@ -368,8 +385,8 @@ class Windower:
                 items = judge(items)
             for batch, table, src_batch in items:
                 place(batch, table, src_batch)
-            # close every window whose end the watermark has passed
-            while parts and max_t - self.lateness >= min(parts) + self.length:
+            # close every window whose end the watermark has passed (in lockstep: as agreed)
+            while self.lockstep is None and parts and max_t - self.lateness >= min(parts) + self.length:
                 read_s += time.perf_counter() - t0
                 yield close(min(parts))
                 t0 = time.perf_counter()

@@ -597,16 +597,19 @@ def test_daemon_dying_between_checkpoint_and_commit_then_restarting_as_another_j
     assert per_window == {_iso(s): 2 * int(c) for s, c in zip(starts, counts)}
 
 
-def test_a_live_source_under_torchrun_is_refused_at_start_with_one_line(broker, tmp_path, monkeypatch):
-    """Until Kafka partitions are assigned per rank, N ranks of one consumer group would close
-    different windows; the start says so instead of failing later in a collective."""
-    from dimstream.ops.config import ConfigError
+def test_a_kafka_source_under_torchrun_reads_the_partitions_of_its_rank(broker, tmp_path, monkeypatch):
+    """Under torchrun each rank is assigned partitions p mod N by hand (no consumer group:
+    tests/test_kafka_ranks.py runs it); one process keeps the group."""
     from dimstream.ops.daemon import open_source
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     cfg = kafka_run_config(f"kafka://{broker.bootstrap}/ranks", tmp_path / "s", 1)
-    with pytest.raises(ConfigError, match="one rank only for now \\(world size 2\\)"):
-        open_source(cfg)
+    src = open_source(cfg)
+    assert src.assignment == (1, 2) and [p for p in range(4) if src.owns(p)] == [1, 3]
+    src.close()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    open_source(cfg).close()  # one rank: accepted
+    src = open_source(cfg)
+    assert src.assignment is None  # one rank: the group assigns
+    src.close()

@@ -23,6 +23,13 @@ row is lost and none is trained twice across the group. A daemon restarting from
 whose record never reached the side topic (it died in between) publishes it before rejoining
 (`recover`).
 
+Ranks (torchrun): `assign_ranks(rank, N)` replaces the group's assignment by a manual one,
+partition p to rank p mod N, so no rebalance ever moves a partition mid-window (a lost rank
+restarts the whole world anyway). Each rank's positions cover its partitions; the daemon merges
+them (`merge_positions`) into the checkpoint, and rank 0 writes the positions records and the
+commit for all of them. `event_time_floor` bounds the rank's event time in the ranks' window
+agreement by its partitions still being read.
+
 The schema: declared (`[schema]`), or adopted from the stream when none is (`adopt_schema`: the
 `dimstream.schema.v1` metadata of the first message, checkpointed with the position). Every
 message that carries a schema is checked against the source's (`schema_mismatch`). Messages are
@@ -52,6 +59,7 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import pyarrow as pa
 
 from dimstream.stream.kafka.formats import FORMATS, UNSUPPORTED, decode_values
@@ -63,6 +71,7 @@ log = logging.getLogger(__name__)
 METADATA_AGE_MS = 5000  # metadata refresh period
 PROBE_INTERVAL_S = 1.0  # liveness probe period
 PROBE_TIMEOUT_S = 2.0  # a broker that has not answered the probe within this is down
+HOLD = -(2**63)  # event_time_floor: a partition that holds every window open
 DLQ_MESSAGE_BYTES = 512 << 10  # rejected rows are sent to TOPIC.dlq in Arrow messages of about this size
 
 
@@ -302,6 +311,7 @@ class KafkaSource(LiveSource):
         dlq: bool = True,
         positions: bool = True,
         format: str = "auto",
+        assignment: tuple[int, int] | None = None,
     ):
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -341,6 +351,63 @@ class KafkaSource(LiveSource):
         # of one incarnation of a topic say nothing about another's
         self._resets: dict[str, int] = {}
         self._topic_id: str | None = None  # the topic's id (KIP-516) as last seen, if the broker has ids
+        # (rank, world size): partition p is read by rank p mod N, assigned by hand (no group
+        # membership, no rebalance); None: the consumer group assigns partitions
+        self.assignment: tuple[int, int] | None = None
+        self._assign_at = -float("inf")  # when the topic's partitions were last looked up (monotonic)
+        self._max_event: dict[str, int] = {}  # ranks: per partition, the newest event time handed on
+        self._pending: set[str] = set()  # ranks: partitions of the last poll not yet all handed on
+        if assignment is not None:
+            self.assign_ranks(*assignment)
+
+    def assign_ranks(self, rank: int, world_size: int) -> None:
+        """Read partition p on rank p mod `world_size` only, by manual assignment: no consumer group
+        membership, so no rebalance ever moves a partition to another rank mid-window (a lost rank
+        makes torchrun restart every rank anyway). The group's name still keys the committed
+        offsets and the positions records, which rank 0 alone writes for every partition (the
+        daemon hands it the position of all ranks: `merge_positions`). Call before `read`.
+
+        >>> from dimstream.stream.synthetic import default_schema
+        >>> src = KafkaSource("localhost:9092", "t", default_schema(), assignment=(1, 2))
+        >>> [p for p in range(5) if src.owns(p)]
+        [1, 3]
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        if self._consumer is not None:
+            raise RuntimeError("assign_ranks must come before read")
+        self.assignment = (int(rank), int(world_size))
+        # a rank caught up on its partitions answers the ranks' window agreement at this pace
+        self.poll_timeout_ms = min(self.poll_timeout_ms, 100)
+
+    def owns(self, partition) -> bool:
+        """This source reads `partition`: by the rank rule, else by the group's last assignment
+        (every partition until the first one)."""
+        if self.assignment is not None:
+            return int(partition) % self.assignment[1] == self.assignment[0]
+        return self._assigned is None or int(partition) in self._assigned
+
+    @staticmethod
+    def merge_positions(positions: list[dict | None]) -> dict | None:
+        """One position of the whole topic from the positions of readers of disjoint partitions
+        (the ranks, in rank order): per-partition tables united, the rest (member, schema) the
+        first reader's. The checkpoint holds it, so a restart at any world size resumes every
+        partition.
+
+        >>> KafkaSource.merge_positions([{"offsets": {"0": 5, "2": 1}, "member": "a"}, {"offsets": {"1": 7}}])
+        {'offsets': {'0': 5, '2': 1, '1': 7}, 'member': 'a'}
+        """
+        known = [p for p in positions if p is not None]
+        if not known:
+            return None
+        out = {k: v for k, v in known[0].items() if not isinstance(v, dict)}
+        for pos in known:
+            for key, table in pos.items():
+                if isinstance(table, dict) and key != "schema":
+                    out.setdefault(key, {}).update(table)
+        if "schema" in known[0]:
+            out["schema"] = known[0]["schema"]
+        return {"offsets": out.pop("offsets", {})} | out
 
     @classmethod
     def from_url(cls, url: str, schema_config: dict | None = None, **kw) -> KafkaSource:
@@ -490,6 +557,22 @@ class KafkaSource(LiveSource):
         from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
         source = self
+        if self.assignment is not None:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=self.group,  # for committed offsets and commits only: assign() joins no group
+                enable_auto_commit=False,
+                auto_offset_reset=self.auto_offset_reset,
+                request_timeout_ms=15000,
+                max_partition_fetch_bytes=64 << 20,
+                fetch_max_bytes=128 << 20,
+                max_poll_records=10_000,
+                metadata_max_age_ms=METADATA_AGE_MS,
+                **self.security,
+            )
+            self._assign_at = -float("inf")
+            self._assign_ranks()
+            return
 
         class Listener(AsyncConsumerRebalanceListener):  # runs on kafka-python's IO thread
             async def on_partitions_revoked(self, revoked):
@@ -535,7 +618,13 @@ class KafkaSource(LiveSource):
             try:
                 if self._consumer is None:
                     self._connect()
-                records = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
+                elif self.assignment is not None:
+                    self._assign_ranks()
+                if self.assignment is not None and not self._consumer.assignment():
+                    time.sleep(self.poll_timeout_ms / 1000)  # the topic does not exist yet
+                    records = {}
+                else:
+                    records = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
                 if self._rebalanced:  # records fetched before our seeks: read them again from there
                     self._rebalanced, records = False, {}
                     self._seek_assigned()
@@ -568,12 +657,53 @@ class KafkaSource(LiveSource):
                 # heartbeat: lets the loop close idle windows, unless the broker is not answering
                 yield SourceBatch(None, here, here, source_down=not self.kafka_up)
                 continue
+            self._pending = {str(tp.partition) for tp in records}
             for tp, messages in records.items():
                 p = str(tp.partition)
                 for sb in self._batches(p, messages):
                     if self._resets.get(p):  # offsets of this incarnation of the partition
                         sb.position["resets"] = sb.next_position["resets"] = {p: self._resets[p]}
                     yield sb
+                    if self.assignment is not None and sb.batch is not None:  # the loop has placed its rows
+                        self._note_event_times(p, sb.batch)
+                self._pending.discard(p)
+
+    def _note_event_times(self, p: str, rb: pa.RecordBatch) -> None:
+        from dimstream.stream.decode import event_seconds
+
+        t = self.schema.event_time
+        if t not in rb.schema.names or rb.num_rows == 0:
+            return
+        col = rb.column(t)
+        seconds, bad, unparsable = event_seconds(col, self.schema.event_time_unit)
+        ok = ~(bad | unparsable | np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool))
+        if ok.any():
+            self._max_event[p] = max(self._max_event.get(p, HOLD), int(seconds[ok].max()))
+
+    def event_time_floor(self) -> int | None:
+        """Ranks: the oldest, over this rank's partitions that still have messages the window loop
+        has not placed, of the newest event time each has placed (HOLD for such a partition that
+        has placed none, or while the broker is out of reach); None when every partition is caught
+        up. The ranks' window agreement (stream/lockstep.py) takes it as this rank's event time:
+        a partition read after another in one poll, or lagging behind it, holds the window open
+        until its rows are placed, so none of them is late (the watermark is the minimum over
+        partitions, as Flink's per-partition watermarks)."""
+        if self._consumer is None:
+            return HOLD
+        floor = None
+        try:
+            for tp in self._consumer.assignment():
+                high = self._consumer.highwater(tp)
+                if high is None:
+                    return HOLD  # not fetched yet
+                p = str(tp.partition)
+                if p not in self._pending and self._consumer.position(tp) >= high:
+                    continue  # caught up: nothing of it is waiting
+                t = self._max_event.get(p, HOLD)
+                floor = t if floor is None else min(floor, t)
+        except Exception:
+            return HOLD
+        return floor
 
     # --- a broker that comes back empty ---
     def _current_topic_id(self) -> str | None:
@@ -631,7 +761,8 @@ class KafkaSource(LiveSource):
             )
             self.offset_resets += 1
             self._resets[p] = self._resets.get(p, 0) + 1
-            for d in (self._durable, self._durable_meta, self._durable_rec, self._skip, self._carry, self._next):
+            kept = (self._durable, self._durable_meta, self._durable_rec, self._skip, self._carry, self._next)
+            for d in (*kept, self._max_event):
                 d.pop(p, None)
             self._side_ok.discard(p)
             self._read_base[p] = int(first.get(tp, 0))
@@ -678,16 +809,55 @@ class KafkaSource(LiveSource):
         except Exception as e:  # the commit made after that checkpoint still stands
             log.warning("commit on revocation failed (%s); the last commit stands", e)
 
-    def _seek_assigned(self) -> None:
-        """After an assignment, every owned partition restarts at the furthest of three claims, each
+    def _assign_ranks(self) -> None:
+        """Ranks: assign this rank's partitions of the topic (looked up every METADATA_AGE_MS, so a
+        topic created or grown later is picked up). A partition new to the rank starts at its
+        claims (`_seek_assigned`); one it was reading (a new consumer after an outage) goes on
+        from the next message not yet read, so nothing buffered has to be read again."""
+        from kafka.structs import TopicPartition
+
+        now = time.monotonic()
+        if now - self._assign_at < METADATA_AGE_MS / 1000:
+            return
+        self._assign_at = now
+        parts = self._consumer.partitions_for_topic(self.topic)
+        mine = {q for q in parts or () if self.owns(q)}
+        tps = {TopicPartition(self.topic, q) for q in mine}
+        if parts and not mine and "no-partition" not in self._said:
+            self._said.add("no-partition")
+            log.warning(
+                "rank %d of %d owns no partition of %s (%d partitions): it holds the windows open until it "
+                "is idle for --idle-timeout",
+                *self.assignment,
+                self.topic,
+                len(parts),
+            )
+        if not mine or set(self._consumer.assignment()) == tps:
+            return
+        self._consumer.assign(sorted(tps))
+        going_on = {q for q in mine if str(q) in self._next}
+        for q in sorted(going_on):
+            self._consumer.seek(TopicPartition(self.topic, q), self._next[str(q)])
+        self._assigned = mine
+        if mine - going_on:
+            self._seek_assigned(mine - going_on)
+
+    def _seek_assigned(self, only: set[int] | None = None) -> None:
+        """After an assignment, every owned partition (or those of `only`: partitions new to a rank)
+        restarts at the furthest of three claims, each
         made only once a checkpoint was durable: this member's own last checkpoint, the latest
         record of the positions side topic, and the group's committed offset. Rows past that
         offset that some owner already trained are skipped by the union of the claims' rules (each
         rule is true on its own); this member's own rule is applied by the window loop."""
         from kafka.structs import TopicPartition
 
-        self.rebalances += 1
-        self._next, self.lag, self._skip, self._read_base = {}, {}, {}, {}
+        if only is None:
+            self.rebalances += 1
+            self._next, self.lag, self._skip, self._read_base = {}, {}, {}, {}
+        else:
+            for d in (self._next, self._skip, self._read_base):
+                for q in only:
+                    d.pop(str(q), None)
         records: dict[str, dict] = {}
         if self._positions is not None:
             try:
@@ -699,13 +869,14 @@ class KafkaSource(LiveSource):
         tid, was = self._current_topic_id(), self._topic_id
         moved = tid is not None and was is not None and tid != was
         self._topic_id = tid if tid is not None else was
-        assigned = [TopicPartition(self.topic, q) for q in sorted(self._assigned or ())]
+        seeking = sorted(self._assigned or ()) if only is None else sorted(only)
+        assigned = [TopicPartition(self.topic, q) for q in seeking]
         try:
             ends = self._consumer.end_offsets(assigned) if assigned else {}
         except Exception as e:
             log.warning("end offsets of %s unavailable (%s)", self.topic, e)
             ends = {}
-        for part in sorted(self._assigned or ()):
+        for part in seeking:
             tp, p = TopicPartition(self.topic, part), str(part)
             claims = []  # (offset, rules, positions record, commit metadata, this member's own)
             if p in self._durable and moved:
@@ -774,8 +945,10 @@ class KafkaSource(LiveSource):
             if int(p) not in (self._assigned or ()):
                 del self._carry[p]
         log.info(
-            "rebalance: assigned partitions %s; restarting them at %s (skipping rows trained by earlier owners: %s)",
+            "%s: assigned partitions %s; restarting %s at %s (skipping rows trained by earlier owners: %s)",
+            "rebalance" if self.assignment is None else "rank {} of {}".format(*self.assignment),
             sorted(self._assigned or ()),
+            "them" if only is None else f"{sorted(only)}",
             {
                 p: self._consumer.position(TopicPartition(self.topic, int(p)))
                 for p in map(str, sorted(self._assigned or ()))
@@ -962,10 +1135,8 @@ class KafkaSource(LiveSource):
 
     # --- positions and commits ---
     def _owned(self, offsets: dict) -> dict:
-        """Only partitions this member owns (all of them until the first assignment)."""
-        if self._assigned is None:
-            return offsets
-        return {p: o for p, o in offsets.items() if int(p) in self._assigned}
+        """Only partitions this member owns (`owns`)."""
+        return {p: o for p, o in offsets.items() if self.owns(p)}
 
     def resume_position(self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None) -> dict:
         """Per owned partition, the first message not fully handled; `carry` keeps the rules of
@@ -1067,7 +1238,10 @@ class KafkaSource(LiveSource):
         """The durable position (a checkpoint's) and, per owned partition, its record."""
         upto = (read_upto or {}).get("offsets") or {}
         carry = position.get("carry") or {}
-        self._durable = {p: int(o) for p, o in self._owned(position.get("offsets", {})).items()}
+        offsets = position.get("offsets", {})
+        # ranks: rank 0 publishes the position of every rank's partitions (merge_positions)
+        mine = offsets if self.assignment is not None else self._owned(offsets)
+        self._durable = {p: int(o) for p, o in mine.items()}
         self._durable_meta, self._durable_rec, self._side_ok = {}, {}, set()
         for p, o in self._durable.items():
             rec = {
