@@ -116,6 +116,39 @@ def test_the_cli_under_torchrun_trains_the_rows_of_one_rank_with_its_auc(tmp_pat
     assert r2.stderr.count("INFO dimstream: window 1 ") == 1  # one log line per window (rank 0)
 
 
+def test_two_nodes_through_the_c10d_rendezvous_train_as_one_world(tmp_path):
+    """`--nnodes 2` with a rendezvous endpoint: two torchrun agents (two "nodes" on this host),
+    one rank each, form one world of 2 and train the rows of one process, window by window."""
+    port, state = _port(), tmp_path / "state"
+    args = ["run", "--source", "synthetic", "--windows", "2", "--rows-per-window", "2000", "--arms", "control"]
+    args += ["--search", "none", "--metrics-addr", "127.0.0.1:0", "--no-progress", "--state-dir", str(state)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+            + ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dimstream-test", "--node-rank", str(node)]
+            + ["--no-python", str(BIN / "dimstream"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"node{node}.err", "w"),
+            env=env,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        codes = [a.wait(timeout=240) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    errs = "".join((tmp_path / f"node{n}.err").read_text()[-3000:] for n in (0, 1))
+    assert codes == [0, 0], errs
+    log = _log(state)
+    assert [w["rows"] for w in log] == [2000, 2000]
+    assert (state / "daemon-rank1.lock").exists()  # rank 1 ran on the second agent, same state dir
+    marker = json.loads((state / "checkpoints" / "ckpt-000001" / "complete-rank0.json").read_text())
+    assert {"shards/__0_0.distcp", "shards/__1_0.distcp"} <= set(marker["files"])
+
+
 def test_a_skewed_split_trains_every_row_once_and_resumes_on_one_rank(tmp_path, one_rank):
     state1, ref = one_rank
     state = tmp_path / "state"
