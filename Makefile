@@ -28,8 +28,16 @@ lint: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench: $(STAMP)
+bench: $(STAMP) peers-venv  # benchmarks/peers.py needs the peers' own venv
 	$(PY) benchmarks/run_all.py
 
 clean-venv:
 	rm -rf .venv
+
+# The peers of benchmarks/peers.py (DeepCTR-Torch, FuxiCTR) in their own venv, never in .venv:
+# every package pinned and installed with --no-deps, so pip cannot swap the local CPU torch.
+.PHONY: peers-venv
+peers-venv:
+	test -x benchmarks/peers/.venv/bin/python || python3 -m venv benchmarks/peers/.venv
+	benchmarks/peers/.venv/bin/python -m pip install -q --no-deps -r benchmarks/peers/requirements.txt
+	benchmarks/peers/.venv/bin/python -m pip check
