@@ -256,7 +256,8 @@ def test_unknown_kinds_get_one_line_naming_the_registered_kinds():
     with pytest.raises(ValueError) as e:
         open_source("parquet:/x")
     assert str(e.value) == (
-        "unknown source kind 'parquet' in 'parquet:/x': the kinds are avazu, criteo, files, kafka, ml-100k, synthetic"
+        "unknown source kind 'parquet' in 'parquet:/x': the kinds are "
+        "avazu, clothing, criteo, files, kafka, ml-100k, synthetic"
     )
     for spec in ("nonsense", "", "Synthetic"):
         with pytest.raises(ValueError, match="unknown source kind"):

@@ -1,10 +1,11 @@
 """`--source` specs to Source objects: a mapping from a kind to the class that opens it.
 
-A spec is `KIND` (synthetic), `KIND:ARG` (files:DIR, ml-100k:DIR, criteo:FILE, avazu:FILE) or
-`KIND://...` (kafka://HOST:PORT/TOPIC[?group=G]: the class gets the whole URL). `SOURCES` maps
-each kind to "module:Class", imported only when that kind is opened (so kafka-python is not
-imported for a file run); the class's `from_spec(arg, options)` builds the source. A new source
-is one file plus one entry here, or, for a plug-in, one `register_source` call.
+A spec is `KIND` (synthetic), `KIND:ARG` (files:DIR, ml-100k:DIR, criteo:FILE, avazu:FILE,
+clothing:PATH) or `KIND://...` (kafka://HOST:PORT/TOPIC[?group=G]: the class gets the whole
+URL). `SOURCES` maps each kind to "module:Class", imported only when that kind is opened (so
+kafka-python is not imported for a file run); the class's `from_spec(arg, options)` builds the
+source. A new source is one file plus one entry here, or, for a plug-in, one `register_source`
+call.
 
 >>> src = open_source("synthetic", SourceOptions(seed=3, rows_per_window=1000))
 >>> type(src).__name__, src.rows_per_window, src.window_seconds
@@ -12,7 +13,8 @@ is one file plus one entry here, or, for a plug-in, one `register_source` call.
 >>> open_source("parquet:/x")
 Traceback (most recent call last):
 ...
-ValueError: unknown source kind 'parquet' in 'parquet:/x': the kinds are avazu, criteo, files, kafka, ml-100k, synthetic
+ValueError: unknown source kind 'parquet' in 'parquet:/x': the kinds are avazu, clothing, criteo, files,
+kafka, ml-100k, synthetic
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SOURCES: dict[str, str | type[Source]] = {
     "ml-100k": "dimstream.stream.sources.movielens:MovieLensSource",
     "criteo": "dimstream.stream.sources.criteo:CriteoSource",
     "avazu": "dimstream.stream.sources.avazu:AvazuSource",
+    "clothing": "dimstream.stream.sources.clothing:ClothingSource",
     "kafka": "dimstream.stream.sources.kafka:KafkaSource",
 }
 _KIND = re.compile(r"[a-z0-9][a-z0-9_.+-]*")  # no ":" or "/": those end a kind in a spec
