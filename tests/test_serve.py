@@ -232,3 +232,35 @@ def test_serve_hot_reloads_three_versions_without_a_failed_request(tmp_path):
         server.terminate()
         out = server.communicate(timeout=30)[0].decode()
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_sigkill_at_random_moments_leaves_latest_at_a_complete_version(tmp_path):
+    """A real crash: the daemon is SIGKILLed at random moments of a publishing run (base every 3,
+    deltas between), restarted each time. After every kill `latest` names a version that loads
+    whole (its base and every delta of its chain), and the last run publishes every window."""
+    served, state = tmp_path / "served", tmp_path / "state"
+    cmd = [sys.executable, "-m", "dimstream.ops.cli", "run", "--arms", "control", "--search", "none"]
+    cmd += ["--rows-per-window", "1000", "--windows", "12", "--model", "fm", "--base-every", "3"]
+    cmd += ["--export-dir", str(served), "--state-dir", str(state), "--metrics-addr", "127.0.0.1:0", "--no-progress"]
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(3):
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = (served / "latest").read_text() if (served / "latest").exists() else None
+        deadline = time.monotonic() + 120
+        while not (served / "latest").exists() or (served / "latest").read_text() == start:
+            assert p.poll() is None and time.monotonic() < deadline, "no new version was published"
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0, 0.4)))  # somewhere in a window: training, checkpoint or publication
+        p.kill()
+        p.wait()
+        latest = (served / "latest").read_text().strip()
+        model = ServingModel.load(served / latest)  # loads whole, or raises
+        assert model.version == latest
+        seen.append(latest)
+    assert seen == sorted(seen) and len(set(seen)) == 3  # the pointer only moves forward
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    latest = (served / "latest").read_text().strip()
+    assert latest == "window-000011" and ServingModel.load(served / latest).version == latest
+    assert not list(served.glob(".window-*"))  # no half-written version is left behind
