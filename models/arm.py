@@ -17,6 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dimstream.models.config import ModelConfig
 from dimstream.models.ctr import CTRModel
 from dimstream.models.distributed import shard
+from dimstream.models.vocab import vocabs_of
 from dimstream.stream.batch import SparseBatch
 
 
@@ -46,12 +47,23 @@ def _sparse_optimizer(config: ModelConfig):
 
 
 class Arm:
-    def __init__(self, spec: ArmSpec, num_embeddings: dict[str, int], multi_valued: set[str], config: ModelConfig):
+    def __init__(
+        self,
+        spec: ArmSpec,
+        num_embeddings: dict[str, int],
+        multi_valued: set[str],
+        config: ModelConfig,
+        managed: dict | None = None,
+    ):
+        """`managed`: the schema's managed fields (`Schema.managed`), whose ids the arm maps
+        onto rows itself (models/vocab.py)."""
         self.spec = spec
+        self.managed = dict(managed or {})
+        self.rows = dict(num_embeddings)
         self.name = spec.name
         self.config = config
         torch.manual_seed(config.seed)
-        module = CTRModel(spec.dims, num_embeddings, multi_valued, config)
+        module = CTRModel(spec.dims, num_embeddings, multi_valued, config, managed=self.managed)
         self.feature_names = module.feature_names
         self.embedding_params = module.embedding_params
         opt_cls, opt_kwargs = _sparse_optimizer(config)
@@ -66,8 +78,26 @@ class Arm:
         """Allocation with every schema field (0 = pruned)."""
         return dict(self.spec.dims)
 
+    def vocab_stats(self) -> dict[str, dict]:
+        """Per managed field: rows in use, admissions, evictions and default-row share since the
+        last call (one window: the metrics call it as each window closes)."""
+        return {f: v.take_stats() for f, v in vocabs_of(self.model).items()}
+
     def kjt(self, batch: SparseBatch) -> KeyedJaggedTensor:
+        self._check_rows(batch)
         return batch.to_kjt(self.feature_names)
+
+    def _check_rows(self, batch: SparseBatch) -> None:
+        """A hashed field's ids must be rows of its table: raw 64-bit ids (a managed field of
+        a schema whose `managed` fields this arm was not built with) would be clamped by FBGEMM
+        into wrong rows with at most a warning. One min and max per field: vectorised."""
+        for f in self.feature_names:
+            v = batch.values[f]
+            if f not in self.managed and len(v) and (v.min() < 0 or v.max() >= self.rows[f]):
+                raise ValueError(
+                    f"field {f!r}: ids outside its {self.rows[f]} rows (a managed field? build the "
+                    "Arm with managed=schema.managed)"
+                )
 
     @torch.no_grad()
     def predict(self, batch: SparseBatch, batch_size: int = 8192) -> np.ndarray:

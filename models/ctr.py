@@ -30,6 +30,7 @@ class CTRModel(nn.Module):
         multi_valued: set[str],
         config: ModelConfig,
         device: torch.device | None = None,
+        managed: dict | None = None,
     ):
         super().__init__()
         self.config = config
@@ -41,6 +42,7 @@ class CTRModel(nn.Module):
             wide=USES_WIDE[config.model],
             device=device,
             init_range=config.init_range,
+            managed=managed,
         )
         widths = [self.embedding.dims[f] for f in self.embedding.feature_names]
         k = config.interaction_dim or max(widths)

@@ -3,15 +3,24 @@
 `dims[field] = 0` removes the field. Widths must be multiples of 4 (FBGEMM's fused kernels).
 The first-order (wide) weights are a second collection of width-4 tables whose 4 columns are
 summed: a width-1 table would be placed on a dense kernel with an unreliable backward.
+
+Managed fields (`managed`, models/vocab.py) arrive as raw 64-bit ids; their `ManagedVocab`
+turns them into rows before both tables look them up, and rows it hands to a new id are drawn
+afresh (`reset_rows`).
 """
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dimstream.models.vocab import build_vocabs
 
 WIDE_WIDTH = 4
 
@@ -67,6 +76,7 @@ class MixedEmbedding(nn.Module):
         wide: bool = True,
         device: torch.device | None = None,
         init_range: float = 0.05,
+        managed: dict | None = None,
     ):
         super().__init__()
         check_dims(dims, num_embeddings)
@@ -84,8 +94,69 @@ class MixedEmbedding(nn.Module):
             if wide
             else None
         )
+        self.vocab = build_vocabs(managed, self.feature_names)
+        self._init = {"emb_": init_range, "wide_": 1e-3}
+        self._row_targets: dict | None = None
+
+    def remap(self, kjt: KeyedJaggedTensor, admit: bool | None = None) -> KeyedJaggedTensor:
+        """The KJT with each managed field's raw ids replaced by its rows (admitting and evicting
+        ids in training, unless `admit=False`); hashed fields as they are. The input KJT is not
+        changed: every arm reads the same batch.
+
+        By default only a training step admits: a forward in training mode with gradients on.
+        A lookup under no_grad (a search scoring the control's rows, SSEDS's pooled embeddings)
+        leaves the mapping alone, so every arm's mapping stays the one the training rows made."""
+        if not len(self.vocab):
+            return kjt
+        if admit is None:
+            admit = self.training and torch.is_grad_enabled()
+        values, offsets, keys = kjt.values().clone(), kjt.offset_per_key(), kjt.keys()
+        for i, k in enumerate(keys):
+            if k in self.vocab:
+                rows, evicted = self.vocab[k](values[offsets[i] : offsets[i + 1]], admit)
+                values[offsets[i] : offsets[i + 1]] = rows
+                if evicted is not None and evicted.numel():
+                    self.reset_rows(k, evicted)
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=kjt.lengths(), stride=kjt.stride())
+
+    @torch.no_grad()
+    def reset_rows(self, field: str, rows: torch.Tensor) -> None:
+        """Draw `rows` of the field's deep and wide tables afresh (uniform in their init range)
+        and zero their fused optimizer state: a row handed to a new id starts as a new row.
+        The draw is seeded by the table and the vocabulary's iteration (checkpointed), so a
+        resumed run draws what an uninterrupted one does."""
+        step = int(self.vocab[field].mch._current_iter_tensor.item())
+        for prefix in ("emb_", "wide_"):
+            target = self._targets().get(f"{prefix}{field}")
+            if target is None:
+                continue
+            weight, states = target
+            g = torch.Generator().manual_seed(zlib.crc32(f"{prefix}{field}".encode()) * 1_000_003 + step)
+            lo = self._init[prefix]
+            fresh = torch.empty(rows.numel(), weight.size(1)).uniform_(-lo, lo, generator=g)
+            _write_rows(weight, rows, fresh)
+            for st in states:
+                _write_rows(st, rows, torch.zeros((rows.numel(), *st.size()[1:]), dtype=st.dtype))
+
+    def _targets(self) -> dict:
+        """{table: (weight, [optimizer state tensors])} of the (sharded) tables, views of the
+        live storage (found once)."""
+        if self._row_targets is None:
+            self._row_targets = {}
+            for ebc in (self.deep, self.wide):
+                if ebc is None:
+                    continue
+                sd = ebc.state_dict()
+                fused = getattr(ebc, "fused_optimizer", None)
+                state = fused.state_dict()["state"] if fused is not None else {}
+                for key, w in sd.items():
+                    table = key.rsplit(".", 2)[-2]
+                    st = [t for k, d in state.items() if k.endswith(f".{table}.weight") for t in d.values()]
+                    self._row_targets[table] = (w, [t for t in st if torch.is_tensor(t) and t.dim() >= 1])
+        return self._row_targets
 
     def forward(self, kjt: KeyedJaggedTensor, column_mask: dict[str, torch.Tensor] | None = None):
+        kjt = self.remap(kjt)
         kt = self.deep(kjt).to_dict()
         embs = [kt[f] for f in self.feature_names]
         if column_mask is not None:
@@ -97,6 +168,7 @@ class MixedEmbedding(nn.Module):
         """As forward without a mask, the deep embeddings as one [B, sum d_i] tensor in
         `feature_names` order: the collection's own output, with no per-field split to be
         concatenated again by the head (nor its backward)."""
+        kjt = self.remap(kjt)
         kt = self.deep(kjt)
         if kt.keys() == self.feature_names:
             x = kt.values()
@@ -109,3 +181,18 @@ class MixedEmbedding(nn.Module):
     def embedding_params(self, num_embeddings: dict[str, int]) -> int:
         """Parameters of the deep tables, sum_i rows_i x d_i (the budget of SSEDS eq. 4)."""
         return sum(num_embeddings[f] * d for f, d in self.dims.items())
+
+
+def _write_rows(t, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """t[rows] = values for a plain or sharded tensor (each local shard takes the rows and
+    columns of its block)."""
+    if not isinstance(t, ShardedTensor):
+        t.detach()[rows] = values.to(t.dtype)
+        return
+    for s in t.local_shards():
+        off, size = s.metadata.shard_offsets, s.metadata.shard_sizes
+        sel = (rows >= off[0]) & (rows < off[0] + size[0])
+        block = values[sel]
+        if block.dim() == 2:
+            block = block[:, off[1] : off[1] + size[1]]
+        s.tensor.detach()[rows[sel] - off[0]] = block.to(s.tensor.dtype)

@@ -30,6 +30,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.ctr import ctr_model
 from dimstream.models.distributed import copy_blocks, gather_full, state_layout
+from dimstream.models.vocab import vocabs_of
 
 Column = tuple[str, int]
 
@@ -90,7 +91,17 @@ def reallocate(old: Arm, control: Arm, spec: ArmSpec, build) -> Arm:
     with torch.no_grad():
         _carry_tables(new, old, control, spec)
         _carry_head(new, old, control)
+        _carry_vocab(new, old, control)
     return new
+
+
+def _carry_vocab(new: Arm, old: Arm, control: Arm) -> None:
+    """Managed fields keep their id -> row mapping (and counts), so every row keeps its id: from
+    the old arm, or the control's for a field the old arm had pruned (every arm admits the same
+    ids from the same batches, so their mappings agree)."""
+    olds, ctls = vocabs_of(old), vocabs_of(control)
+    for f, v in vocabs_of(new).items():
+        v.load_state_dict((olds[f] if f in olds else ctls[f]).state_dict())
 
 
 def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:

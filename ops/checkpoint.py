@@ -341,7 +341,7 @@ def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore
     tensors = read_tensors(ckpt, rank)
     arms = {}
     for n in names:
-        arm = Arm(specs[n], schema.num_embeddings, schema.multi_valued, model)
+        arm = Arm(specs[n], schema.num_embeddings, schema.multi_valued, model, managed=schema.managed)
         load_arm_state(arm, tensors[n])
         arms[n] = arm
     torch.set_rng_state(tensors["rng"]["torch"] if restore_rng else rng)

@@ -122,7 +122,7 @@ def initial_specs(cfg: RunConfig, fields: list[str]) -> list[ArmSpec]:
 
 
 def make_arm(spec: ArmSpec, schema, model) -> Arm:
-    return Arm(spec, schema.num_embeddings, schema.multi_valued, model)
+    return Arm(spec, schema.num_embeddings, schema.multi_valued, model, managed=schema.managed)
 
 
 @dataclass

@@ -136,6 +136,48 @@ class Metrics:
             "dimstream_consume_rows_per_second", "Rows consumed per second (last window)", registry=r
         )
         self.model_loaded = Gauge("dimstream_model_loaded", "1 once a model is built or restored", registry=r)
+        self._declare_vocab(r)
+
+    def _declare_vocab(self, r: CollectorRegistry) -> None:
+        """Managed vocabularies (schema vocab = "managed", models/vocab.py), per arm and field."""
+        af = ["arm", "field"]
+        self.vocab_rows_in_use = Gauge(
+            "dimstream_vocab_rows_in_use", "Rows of a managed field holding a live id", af, registry=r
+        )
+        self.vocab_capacity_rows = Gauge(
+            "dimstream_vocab_capacity_rows", "Rows of a managed field's table (default row included)", af, registry=r
+        )
+        self.vocab_admissions = Counter(
+            "dimstream_vocab_admissions", "Ids given a row of their own (admitted)", af, registry=r
+        )
+        self.vocab_evictions = Counter(
+            "dimstream_vocab_evictions", "Live ids that gave their row up to a new id", af, registry=r
+        )
+        self.vocab_window_admissions = Gauge(
+            "dimstream_vocab_window_admissions", "Ids admitted in the last window", af, registry=r
+        )
+        self.vocab_window_evictions = Gauge(
+            "dimstream_vocab_window_evictions", "Ids evicted in the last window", af, registry=r
+        )
+        self.vocab_default_row_ratio = Gauge(
+            "dimstream_vocab_default_row_lookup_ratio",
+            "Share of the last window's training lookups that read the default row (ids not admitted)",
+            af,
+            registry=r,
+        )
+
+    def observe_vocab(self, arms) -> None:
+        """Each managed field of each arm over the window just trained (its counters restart)."""
+        for arm in arms:
+            stats = arm.vocab_stats() if hasattr(arm, "vocab_stats") else {}
+            for f, st in stats.items():
+                self.vocab_rows_in_use.labels(arm.name, f).set(st["rows_in_use"])
+                self.vocab_capacity_rows.labels(arm.name, f).set(st["capacity"])
+                self.vocab_admissions.labels(arm.name, f).inc(st["admissions"])
+                self.vocab_evictions.labels(arm.name, f).inc(st["evictions"])
+                self.vocab_window_admissions.labels(arm.name, f).set(st["admissions"])
+                self.vocab_window_evictions.labels(arm.name, f).set(st["evictions"])
+                self.vocab_default_row_ratio.labels(arm.name, f).set(st["default_share"])
 
     def observe_arms(self, arms) -> None:
         """Size and allocation of every arm (at start and after each window: a re-shape)."""
@@ -157,6 +199,7 @@ class Metrics:
             if "auc" in m:
                 self._observe_arm(name, m)
         self.observe_arms(arms)
+        self.observe_vocab(arms)
 
     def _observe_arm(self, name: str, m: dict) -> None:
         self.arm_auc.labels(name).set(m["auc"])

@@ -120,7 +120,7 @@ def copy_arm(arm: Arm, name: str | None = None) -> Arm:
         spec = ArmSpec(
             name or f"{arm.name}-copy", dict(arm.spec.dims), {f: list(c) for f, c in arm.spec.column_ids.items()}
         )
-        twin = Arm(spec, m.num_embeddings, multi_valued(arm), arm.config)
+        twin = Arm(spec, m.num_embeddings, multi_valued(arm), arm.config, managed=getattr(arm, "managed", None))
     finally:
         torch.set_rng_state(rng)
     with torch.no_grad():
@@ -299,7 +299,7 @@ def touched_rows(model, kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor,
     one_per_bag = KeyedJaggedTensor.from_lengths_sync(
         keys=list(uniq), values=torch.cat(list(uniq.values())), lengths=lengths
     )
-    rows = m.embedding.deep(one_per_bag).to_dict()
+    rows = m.embedding.deep(m.embedding.remap(one_per_bag, admit=False)).to_dict()  # managed ids -> rows
     return {f: (u, rows[f][: len(u)]) for f, u in uniq.items()}
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dimstream.stream.batch import SparseBatch
-from dimstream.stream.hashing import NULL_ID, hash_ids
+from dimstream.stream.hashing import NULL_ID, field_salt, fnv1a_strings, hash_ids, splitmix64
 from dimstream.stream.schema import FieldSpec, Schema
 
 REASONS = (
@@ -103,6 +103,40 @@ def numeric_to_ids(arr: pa.Array, transform: str) -> pa.Array:
     ids = t.astype(np.int64)
     ids[bad] = NULL_ID
     return pa.array(ids)
+
+
+# raw ids a managed field never carries: 0 is the id of padding rows (models/distributed.py
+# `pad`) and int64 max TorchRec's empty-slot sentinel (models/vocab.py); an id mixing onto one
+# of them is moved to the next value (a collision of probability 2^-63 per id)
+RESERVED_IDS = (0, 2**63 - 1)
+
+
+def raw_ids(arr: pa.Array, field_name: str) -> np.ndarray:
+    """64-bit ids of a managed field, one per value, never folded into a table's rows.
+
+    Integers go through splitmix64 (a bijection of the 64-bit ids, so two ids never share a
+    value), strings through FNV-1a (64 bits) first; nulls hash as NULL_ID / the empty string,
+    like the hashed fields. The model (models/vocab.py) gives each admitted value its own row.
+
+    >>> import pyarrow as pa
+    >>> v = raw_ids(pa.array([7, 8, 7]), "user")
+    >>> bool(v[0] == v[2]), bool(v[0] != v[1]), v.dtype
+    (True, True, dtype('int64'))
+    >>> bool((raw_ids(pa.array(["a", "b"]), "item") != 0).all())
+    True
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if _is_bytes(arr.type):
+        base = fnv1a_strings(arr)
+    else:
+        base = pc.fill_null(pc.cast(arr, pa.int64(), safe=False), NULL_ID).to_numpy(zero_copy_only=False)
+    ids = splitmix64(base.view(np.uint64) ^ field_salt(field_name)).view(np.int64)
+    for r in RESERVED_IDS:
+        ids = np.where(ids == r, r - 1 if r else 1, ids)
+    return ids
 
 
 def _is_str(t: pa.DataType) -> bool:
@@ -391,14 +425,14 @@ class Decoder:
         values, offsets = {}, {}
         for f in s.fields:
             col = own[f.name] if f.name in own else table.column(f.source_column).combine_chunks()
+            ids = raw_ids if f.vocab == "managed" else lambda a, name, rows=f.num_embeddings: hash_ids(a, name, rows)
             if f.kind == "multi":
                 lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
-                flat = pc.list_flatten(col)
-                values[f.name] = hash_ids(flat, f.name, f.num_embeddings)
+                values[f.name] = ids(pc.list_flatten(col), f.name)
             else:
                 if f.kind == "numeric":
                     col = numeric_to_ids(col, f.numeric_transform)
-                values[f.name] = hash_ids(col, f.name, f.num_embeddings)
+                values[f.name] = ids(col, f.name)
                 lengths = np.ones(n, np.int64)
             off = np.zeros(n + 1, np.int64)
             np.cumsum(lengths, out=off[1:])

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 KINDS = ("categorical", "multi", "numeric")
 ID_TYPES = (None, "int", "str")
+VOCABS = ("hash", "managed")
+EVICTIONS = ("lfu", "lru")
 EVENT_TIME_UNITS = ("s", "ms", "us")
 # Arrow schema-metadata key of the declaration; a new version of the layout gets a new key
 METADATA_KEY = b"dimstream.schema.v1"
@@ -48,6 +50,13 @@ class FieldSpec:
           None (the default, today's behaviour, and left out of the fingerprint): integer
           columns hash as integers and string columns as strings, so "123" and 123 land on
           DIFFERENT rows: declare id_type when one source mixes the two (e.g. JSON and Arrow).
+    vocab: categorical and multi only. "hash" (the default): ids are hashed into
+          `num_embeddings` rows. "managed": every admitted id gets a row of its own out of
+          `capacity` rows (one of them the default row that unadmitted ids share); when the
+          table is full, `eviction` ("lfu" or "lru") decides which id gives its row up, and an id
+          is admitted once it has occurred `admit_after` times (models/vocab.py).
+          A managed field's table has `capacity` rows (`Schema.num_embeddings`, what the budget
+          counts); its `num_embeddings` is then ignored.
     """
 
     name: str
@@ -57,6 +66,10 @@ class FieldSpec:
     # numeric only: "log2" is the Criteo-winner transform int(log(x)^2) for x > 2 (else int(x))
     numeric_transform: str = "log2"
     id_type: str | None = None
+    vocab: str = "hash"
+    capacity: int | None = None
+    eviction: str = "lfu"
+    admit_after: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -69,12 +82,40 @@ class FieldSpec:
             raise SchemaError(f'field {self.name!r}: id_type must be "int" or "str", got {self.id_type!r}')
         if self.id_type is not None and self.kind == "numeric":
             raise SchemaError(f"field {self.name!r}: id_type applies to categorical and multi fields only")
+        self._check_vocab()
+
+    def _check_vocab(self) -> None:
+        """The vocab options: each wrong one named with what it may be."""
+        where = f"field {self.name!r}"
+        if self.vocab not in VOCABS:
+            raise SchemaError(f'{where}: vocab must be "hash" or "managed", got {self.vocab!r}')
+        if self.eviction not in EVICTIONS:
+            raise SchemaError(f'{where}: eviction must be "lfu" or "lru", got {self.eviction!r}')
+        if not isinstance(self.admit_after, int) or isinstance(self.admit_after, bool) or self.admit_after < 1:
+            raise SchemaError(f"{where}: admit_after must be an integer >= 1, got {self.admit_after!r}")
+        if self.vocab == "hash":
+            if (self.capacity, self.eviction, self.admit_after) != (None, "lfu", 1):
+                raise SchemaError(f'{where}: capacity, eviction and admit_after need vocab = "managed"')
+            return
+        if self.kind == "numeric":
+            raise SchemaError(f"{where}: a numeric field is bucketised, not a vocabulary: vocab must be hash")
+        cap = self.capacity
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 2:
+            raise SchemaError(f"{where}: a managed vocab needs capacity >= 2 (ids + the default row), got {cap!r}")
+
+    @property
+    def rows(self) -> int:
+        """Rows of this field's table: capacity when managed, else num_embeddings."""
+        return int(self.capacity) if self.vocab == "managed" else int(self.num_embeddings)
 
     def to_dict(self) -> dict:
         """The declaration; id_type only when set (so older fingerprints stay the same)."""
         d = asdict(self)
         if d["id_type"] is None:
             del d["id_type"]
+        if d["vocab"] == "hash":  # the vocab options only when managed (older fingerprints stay)
+            for k in ("vocab", "capacity", "eviction", "admit_after"):
+                del d[k]
         return d
 
     @property
@@ -111,7 +152,13 @@ class Schema:
 
     @property
     def num_embeddings(self) -> dict[str, int]:
-        return {f.name: int(f.num_embeddings) for f in self.fields}
+        """Rows per field's table (a managed field's capacity)."""
+        return {f.name: f.rows for f in self.fields}
+
+    @property
+    def managed(self) -> dict[str, FieldSpec]:
+        """Fields with a managed vocabulary (vocab = "managed"), by name."""
+        return {f.name: f for f in self.fields if f.vocab == "managed"}
 
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:
@@ -190,5 +237,7 @@ class Schema:
 
     def describe(self) -> str:
         """Fields and kinds in one line (what the log says of an adopted schema)."""
-        fields = ", ".join(f"{f.name}:{f.kind}[{f.num_embeddings}]" for f in self.fields)
+        fields = ", ".join(
+            f"{f.name}:{f.kind}[{f.rows}{' managed' if f.vocab == 'managed' else ''}]" for f in self.fields
+        )
         return f"label {self.label!r}, event_time {self.event_time!r} ({self.event_time_unit}), fields {fields}"

@@ -10,6 +10,18 @@ window's Bayes-optimal AUC can be reported.
 Deterministic for a seed: window w is generated from the RNG seeded by (seed, w), so reading can
 restart at any row without replaying earlier windows.
 
+Id churn (`churn={field: share}`, categorical fields): each window from the second on, that
+share of the field's popularity slots retires its id and a new id takes the slot, with a
+latent factor of its own (another slot's factor, drawn deterministically): old ids go quiet,
+new ones must be learned. Slot k in its g-th generation emits id k + cardinality * g, so every
+id ever emitted is distinct and the truth stays known (`truth()`, `p_true`).
+
+>>> churned = SyntheticSource(seed=1, rows_per_window=500, churn={"user_id": 0.5})
+>>> a = set(churned.window_table(0).column("user_id").to_pylist())
+>>> b = set(churned.window_table(3).column("user_id").to_pylist())
+>>> len(a - b) > 0 and len(b - a) > 0 and max(b) >= 100_000
+True
+
 >>> src = SyntheticSource(seed=1, rows_per_window=1000)
 >>> sb = next(iter(src.read(None)))
 >>> sb.batch.num_rows, sb.position, sb.next_position
@@ -19,6 +31,7 @@ restart at any row without replaying earlier windows.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -110,13 +123,14 @@ class _HiddenModel:
         rng = np.random.default_rng([seed, 7919])
         self.fields = fields
         self.K = max(f.rank for f in fields)
-        self.latent, self.proj = {}, {}
+        self.latent, self.proj, self.raw, self.shrink = {}, {}, {}, {}
         for f in fields:
             if f.rank > 0 and f.kind != "numeric":
                 u = rng.standard_normal((max(f.cardinality, 1), f.rank)).astype(np.float32)
                 # rare ids stay near the field's mean: an id seen fewer than ~RARE_COUNT times a
                 # window has its factor shrunk, so the signal lives where there is data to learn it
                 self.latent[f.name] = u * self._shrink(f)[:, None]
+                self.raw[f.name], self.shrink[f.name] = u, self._shrink(f)
                 q, _ = np.linalg.qr(rng.standard_normal((self.K, f.rank)))
                 self.proj[f.name] = q.astype(np.float32)
         # first-order weights of norm ~FIRST_ORDER: a field's first-order variance grows with
@@ -134,7 +148,9 @@ class _HiddenModel:
         expected = 50_000 * w / w.sum()
         return np.minimum(1.0, expected / RARE_COUNT).astype(np.float32)
 
-    def logit(self, ids: dict, numeric: dict, window: int) -> np.ndarray:
+    def logit(self, ids: dict, numeric: dict, window: int, factors: dict | None = None) -> np.ndarray:
+        """`factors[field]`: per row, the slot whose factor the row's (churned) id has."""
+        factors = factors or {}
         n = len(next(iter(ids.values())))
         z = np.zeros(n, np.float32)
         total = np.zeros((n, self.K), np.float32)
@@ -148,6 +164,8 @@ class _HiddenModel:
             if f.kind == "multi":
                 flat, offs = ids[f.name]
                 u = np.add.reduceat(self.latent[f.name][flat], offs[:-1], axis=0) / np.diff(offs)[:, None]
+            elif f.name in factors:  # a churned id: its own factor, its slot's popularity shrink
+                u = self.raw[f.name][factors[f.name]] * self.shrink[f.name][ids[f.name]][:, None]
             else:
                 u = self.latent[f.name][ids[f.name]]
             z += u @ self.first[f.name]
@@ -173,8 +191,10 @@ class SyntheticSource(Source):
         base_ctr: float = 0.05,
         fields=DEFAULT_FIELDS,
         max_windows: int | None = None,
+        churn: dict[str, float] | None = None,
     ):
         self.seed = seed
+        self.churn = self._check_churn(dict(churn or {}), fields)
         self.rows_per_window = int(rows_per_window)
         self.window_seconds = int(window_seconds)
         self.default_window_seconds = self.window_seconds
@@ -202,8 +222,42 @@ class SyntheticSource(Source):
         return {f.name: f.rank for f in self.fields}
 
     def truth(self) -> dict:
-        """The rank of every field's signal (0: noise), which a search should recover."""
-        return {"field_rank": self.field_rank}
+        """The rank of every field's signal (0: noise), which a search should recover, and the
+        share of each churned field's ids replaced per window."""
+        return {"field_rank": self.field_rank} | ({"churn": dict(self.churn)} if self.churn else {})
+
+    @staticmethod
+    def _check_churn(churn: dict, fields) -> dict:
+        kinds = {f.name: f.kind for f in fields}
+        for name, share in churn.items():
+            if kinds.get(name) != "categorical":
+                raise ValueError(f"churn applies to categorical fields; {name!r} is {kinds.get(name, 'not a field')}")
+            if not 0.0 <= float(share) <= 1.0:
+                raise ValueError(f"churn share of {name!r} must be in [0, 1], got {share!r}")
+        return {k: float(v) for k, v in churn.items()}
+
+    def generation(self, name: str, window: int) -> np.ndarray:
+        """Per popularity slot of churned field `name`, how many times its id was replaced up to
+        `window` (window 0: none). The loop runs over windows, vectorised over slots."""
+        f = next(x for x in self.fields if x.name == name)
+        gen = np.zeros(f.cardinality, np.int64)
+        for w in range(1, window + 1):
+            gen += (
+                np.random.default_rng([self.seed, zlib.crc32(name.encode()), w]).random(f.cardinality)
+                < self.churn[name]
+            )
+        return gen
+
+    def _apply_churn(self, ids: dict, window: int) -> tuple[dict, dict]:
+        """(ids the rows emit, the slot whose latent factor each churned row's id has)."""
+        emitted, factors = dict(ids), {}
+        for f in self.fields:
+            if f.name in self.churn:
+                slots = ids[f.name]
+                g = self.generation(f.name, window)[slots]
+                emitted[f.name] = slots + f.cardinality * g
+                factors[f.name] = (slots + g * 7919) % f.cardinality  # a prime stride: another slot's factor
+        return emitted, factors
 
     @staticmethod
     def _zipf_cdf(f: SyntheticField) -> np.ndarray:
@@ -250,7 +304,8 @@ class SyntheticSource(Source):
         rng = np.random.default_rng([self.seed, window])
         n = self.rows_per_window
         ids, numeric, _ = self._draw(rng, n)
-        z = self._hidden.logit(ids, numeric, window) * self._hidden.scale + self._intercept
+        emitted, factors = self._apply_churn(ids, window) if self.churn else (ids, None)
+        z = self._hidden.logit(ids, numeric, window, factors) * self._hidden.scale + self._intercept
         z += 0.15 * np.sin(2 * np.pi * window / 24)  # drift of the base rate
         p = 1 / (1 + np.exp(-z))
         label = (rng.random(n) < p).astype(np.int8)
@@ -264,9 +319,9 @@ class SyntheticSource(Source):
                 flat, offs = ids[f.name]
                 cols[f.name] = pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), pa.array(flat))
             elif f.string_ids:
-                cols[f.name] = pa.array(ids[f.name]).cast(pa.string())
+                cols[f.name] = pa.array(emitted[f.name]).cast(pa.string())
             else:
-                cols[f.name] = pa.array(ids[f.name])
+                cols[f.name] = pa.array(emitted[f.name])
         cols["label"] = pa.array(label)
         cols["event_time"] = pa.array(t.astype(np.int64))
         cols[TRUTH_COLUMN] = pa.array(p.astype(np.float32))
