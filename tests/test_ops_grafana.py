@@ -29,13 +29,15 @@ def _labels() -> dict[str, set[str]]:
         def status(self):
             return SourceStatus(up=True, lag={"0": 1}, last_message_time=0.0, handed_over_rows=0)
 
-    metrics = m.Metrics()
+    from dimstream.ops.serve import ServeMetrics  # the scoring server's own registry
+
+    metrics, serve = m.Metrics(), ServeMetrics()
     metrics.watch_source(Live())
     out = {}
-    for family in metrics.registry.collect():
+    for family in [*metrics.registry.collect(), *serve.registry.collect()]:
         for sample in family.samples:
             out.setdefault(sample.name, set()).update(sample.labels)
-    for obj in vars(metrics).values():  # labelled series that have no sample yet
+    for obj in [*vars(metrics).values(), *vars(serve).values()]:  # labelled series with no sample yet
         if hasattr(obj, "_labelnames") and hasattr(obj, "_name"):
             for suffix in ("", "_total", "_bucket", "_sum", "_count"):
                 out.setdefault(obj._name + suffix, set()).update(
@@ -45,7 +47,8 @@ def _labels() -> dict[str, set[str]]:
 
 
 def test_every_query_names_an_exported_metric_with_its_labels():
-    exported, labels = exported_names(), _labels()
+    labels = _labels()
+    exported = exported_names() | set(labels)  # the daemon's, and dimstream serve's
     exprs = _exprs()
     assert len(exprs) >= 14
     needed = {
@@ -60,6 +63,12 @@ def test_every_query_names_an_exported_metric_with_its_labels():
         "dimstream_kafka_consumer_lag_messages",
         "dimstream_arm_train_rows_per_second",
         "dimstream_rows_rejected_total",
+        "dimstream_vocab_rows_in_use",
+        "dimstream_vocab_evictions_total",
+        "dimstream_vocab_default_row_lookup_ratio",
+        "dimstream_serve_request_seconds_bucket",
+        "dimstream_serve_model_lag_seconds",
+        "dimstream_serve_reloads_total",
     }
     used = set()
     for e in exprs:

@@ -104,15 +104,17 @@ def test_every_alert_has_unit_tests_for_firing_and_not_firing():
 
 
 def test_scrape_config_targets_the_daemon_metrics_addr():
-    """prometheus.yml scrapes the CLI's default --metrics-addr; the compose copy scrapes the daemon service."""
+    """prometheus.yml scrapes the CLI's default --metrics-addr and `dimstream serve`'s default
+    --addr; the compose copy scrapes the daemon service."""
+    from dimstream.ops.cli import build_parser
     from dimstream.ops.config import RunConfig
 
-    default = RunConfig.metrics_addr
-    for name, target in (("prometheus.yml", default), ("compose.yml", "daemon:9100")):
+    serve = build_parser().parse_args(["serve", "--export-dir", "x"]).addr
+    for name, want in (("prometheus.yml", [RunConfig.metrics_addr, serve]), ("compose.yml", ["daemon:9100"])):
         cfg = yaml.safe_load((PROM / name).read_text())
         assert cfg["rule_files"] == ["rules.yml"]
         targets = [t for sc in cfg["scrape_configs"] for s in sc["static_configs"] for t in s["targets"]]
-        assert targets == [target], (name, targets)
+        assert targets == want, (name, targets)
         assert all(sc.get("metrics_path", "/metrics") == "/metrics" for sc in cfg["scrape_configs"])
 
 
