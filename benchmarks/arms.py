@@ -16,6 +16,9 @@ and, for the daemon before search smoothing (slim 0.7856 on seed 0, re-shaped ev
     ... --seeds 1 --datasets synthetic --saliency-decay 0 --realloc-min-gain 0 --out /tmp/arms-raw.json
 and with the held-out field check in the daemon (benchmarks/results/arms-field-check.json):
     ... --datasets synthetic --field-check-rows 50000 --out benchmarks/results/arms-field-check.json
+and the variants of benchmarks/results/arms-variants.json (a first search after 3 windows, the
+budget filled past the ranking's prefix), e.g.
+    ... --search-warmup 3 --budget-fill --out /tmp/arms-fw3.json
 """
 
 from __future__ import annotations
@@ -136,6 +139,8 @@ def main() -> None:
         default=0,
         help="held-out field check on this many rows of each search window (0: off)",
     )
+    ap.add_argument("--search-warmup", type=int, default=0, help="windows the control trains before the first search")
+    ap.add_argument("--budget-fill", action="store_true", help="spend what the ranking's prefix leaves (Budget.fill)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arms.json"))
     ap.add_argument("--reaggregate", action="store_true", help="recompute the means of an existing --out file")
     args = ap.parse_args()
@@ -160,6 +165,8 @@ def main() -> None:
             "saliency_decay": args.saliency_decay,
             "realloc_min_gain": args.realloc_min_gain,
             "field_check_rows": args.field_check_rows,
+            "search_warmup": args.search_warmup,
+            "budget_fill": args.budget_fill,
             "torch_threads": args.threads,
             "machine": platform.machine(),
             "python": platform.python_version(),
@@ -181,6 +188,8 @@ def main() -> None:
                 saliency_decay=args.saliency_decay,
                 realloc_min_gain=args.realloc_min_gain,
                 field_check_rows=args.field_check_rows,
+                search_warmup=args.search_warmup,
+                budget_fill=args.budget_fill,
             )
             for seed in range(args.seeds)
         ]
