@@ -283,3 +283,18 @@ def test_the_daemon_trains_a_managed_field_from_a_files_source(tmp_path):
     assert summary["totals"]["rows"] == 800
     vocab = vocabs_of(runner.arm("control"))["user"]
     assert 0 < vocab.rows_in_use() <= 30  # tiny_batch draws users from 30 ids: one row each
+
+
+def test_paths_that_do_not_map_managed_ids_yet_are_refused_at_start(tmp_path):
+    """Publication and the AdaS&S supernet would use raw ids as rows: one clear error instead."""
+    from dimstream.ops.config import ConfigError, RunConfig
+    from dimstream.ops.daemon import refuse_unbuilt_vocab_paths
+    from dimstream.stream.schema import FieldSpec, Schema
+
+    schema = Schema([FieldSpec("user", "categorical", 8, vocab="managed", capacity=8), FieldSpec("a", "numeric", 4)])
+    with pytest.raises(ConfigError, match=r"--export-dir: publishing managed vocabularies \(user\)"):
+        refuse_unbuilt_vocab_paths(RunConfig(export_dir=tmp_path), schema)
+    with pytest.raises(ConfigError, match=r"--search adass: the supernet does not map managed vocabularies"):
+        refuse_unbuilt_vocab_paths(RunConfig(search="adass"), schema)
+    refuse_unbuilt_vocab_paths(RunConfig(), schema)  # the rest runs
+    refuse_unbuilt_vocab_paths(RunConfig(export_dir=tmp_path), Schema([FieldSpec("a", "numeric", 4)]))
