@@ -132,7 +132,9 @@ def main() -> None:
     ap.add_argument("--datasets", default="synthetic,ml-100k")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--saliency-decay", type=float, default=0.8, help="0: every search alone (no moving average)")
-    ap.add_argument("--realloc-min-gain", type=float, default=0.05, help="0: re-shape whenever the allocation differs")
+    ap.add_argument(
+        "--realloc-min-gain", type=float, default=RunConfig.realloc_min_gain, help="0: re-shape whenever it differs"
+    )
     ap.add_argument(
         "--field-check-rows",
         type=int,
@@ -140,7 +142,12 @@ def main() -> None:
         help="held-out field check on this many rows of each search window (0: off)",
     )
     ap.add_argument("--search-warmup", type=int, default=0, help="windows the control trains before the first search")
-    ap.add_argument("--budget-fill", action="store_true", help="spend what the ranking's prefix leaves (Budget.fill)")
+    ap.add_argument(
+        "--budget-fill",
+        action=argparse.BooleanOptionalAction,
+        default=RunConfig.budget_fill,
+        help="spend what the ranking's prefix leaves (Budget.fill)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arms.json"))
     ap.add_argument("--reaggregate", action="store_true", help="recompute the means of an existing --out file")
     args = ap.parse_args()

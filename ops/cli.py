@@ -46,7 +46,7 @@ def _run_parser(sub) -> None:
     p.add_argument(
         "--budget-fill",
         action=argparse.BooleanOptionalAction,
-        help="spend what the search's ranking leaves of the budget on the next blocks that fit",
+        help="spend what the search's ranking leaves of the budget on the next blocks that fit (on)",
     )
     p.add_argument("--control-dim", type=int, help="uniform width of the control arm (multiple of 4)")
     p.add_argument("--rows-per-window", type=int, help="synthetic source: rows per window (default 50000)")
@@ -64,7 +64,7 @@ def _run_parser(sub) -> None:
     p.add_argument(
         "--realloc-min-gain",
         type=float,
-        help="re-shape the slim arm only if the search's allocation scores this fraction above its current one (0.05)",
+        help="re-shape the slim arm only if the allocation scores this fraction above its current one (0: off)",
     )
     p.add_argument(
         "--saliency-decay",

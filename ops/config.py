@@ -52,8 +52,9 @@ class RunConfig:
     # when there is a slim arm to re-shape, else none
     search: str | None = None
     budget: float = 0.25  # kappa: slim embedding params <= kappa x control's
-    # spend what eq. 12's prefix leaves on the next blocks that fit (search/budget.py Budget.fill)
-    budget_fill: bool = False
+    # spend what eq. 12's prefix leaves on the next blocks that fit (search/budget.py Budget.fill):
+    # with the gate off it beats uniform on synthetic and ml-100k (benchmarks/results/arms-variants.json)
+    budget_fill: bool = True
     search_every: int = 1  # windows between searches (0: only apply cron plans)
     search_rows: int = 8192
     # windows the control trains before the first search: on a barely trained control the saliency
@@ -61,7 +62,9 @@ class RunConfig:
     search_warmup: int = 0
     # re-shape the slim arm only if the searched allocation's total saliency beats the slim arm's
     # current columns by this fraction (scored on the same rows); 0 = whenever it differs
-    realloc_min_gain: float = 0.05
+    # (0: the gate is off; with the fill, a 5% gate kept early allocations: ml-100k slim -0.0041
+    # vs uniform instead of -0.0019, benchmarks/results/arms-variants.json)
+    realloc_min_gain: float = 0.0
     saliency_decay: float = 0.8  # moving average of the searches' column scores (0 = latest only)
     # held-out field check (search/fieldcheck.py) on this many of a search window's rows, run
     # before the control trains on them; 0 = off (it costs one head forward per field per row)

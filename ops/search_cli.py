@@ -12,6 +12,7 @@ checkpoint has trained on, on which the check cannot be made.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dimstream.ops.config import ConfigError
+from dimstream.ops.config import ConfigError, RunConfig
 
 log = logging.getLogger("dimstream.search")
 
@@ -51,6 +52,12 @@ def register(sub) -> None:
         help="a registered search method (search/registry.py); default: the registry's default method",
     )
     p.add_argument("--budget", type=float, default=0.25, help="kappa (default 0.25)")
+    p.add_argument(
+        "--budget-fill",
+        action=argparse.BooleanOptionalAction,
+        default=RunConfig.budget_fill,
+        help="spend what the ranking leaves on the next blocks that fit, as the daemon does (on)",
+    )
     p.add_argument(
         "--rows",
         type=int,
@@ -140,7 +147,8 @@ def cmd_search(args) -> int:
         # supernet_file: the daemon's AdaS&S supernet, for the method that takes it
         name = args.method or registry.default_name()
         method = registry.build(name, rows=args.rows, supernet_file=state / SUPERNET_FILE)
-        result = method.run(control, batch, Budget("params", kappa=args.budget), field_check=check)
+        budget = Budget("params", kappa=args.budget, fill=args.budget_fill)
+        result = method.run(control, batch, budget, field_check=check)
         plan = Plan.from_result(result, schema.fingerprint(), ckpt.name)
         write_plan(d / "pending.json", plan)
     kept = sum(1 for v in plan.dims.values() if v)

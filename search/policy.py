@@ -133,6 +133,8 @@ class AllocationPolicy:
         gain = relative_gain(scores, kept, current)
         if over:
             return Decision(True, dims, kept, gain, "over budget")
+        if gain <= 0:  # the incumbent scores as well: a re-shape would cost a dip for nothing
+            return Decision(False, dims, kept, gain, "no gain")
         if gain < self.min_gain:
             return Decision(False, dims, kept, gain, f"gain {gain:.1%} < {self.min_gain:.1%}")
         return Decision(True, dims, kept, gain, f"gain {gain:.1%} >= {self.min_gain:.1%}")

@@ -24,20 +24,6 @@ def _report(agg) -> str:
     )
 
 
-# Both acceptance checks fail since issue 13 draws every table whole from a seeded generator (one
-# model at any world size). That draw alone moves them: at that commit, with FBGEMM's own per-shard
-# init restored, seed 1 gives the old figures exactly (slim 0.8052, uniform 0.8038; with the new
-# draw 0.8035, 0.8048). So slim's margin over uniform on 3 seeds is within the init's noise. Kept
-# strict, so that the test fails (XPASS) the moment the figures come back.
-REGRESSION = pytest.mark.xfail(
-    strict=True,
-    reason="since the seeded whole-table init (issue 13): synthetic slim 0.8150 vs uniform 0.8153, "
-    "ml-100k slim 0.6955 vs uniform 0.6976 "
-    "(benchmarks/results/arms.json); before: 0.8164 vs 0.8149, 0.6970 vs 0.6980",
-)
-
-
-@REGRESSION
 @pytest.mark.timeout(2400)
 def test_slim_matches_control_and_beats_uniform_on_the_synthetic_stream(one_thread):
     """Windows 13-24, mean over seeds 0-2: slim >= control - 0.003 and slim > uniform."""
@@ -49,7 +35,6 @@ def test_slim_matches_control_and_beats_uniform_on_the_synthetic_stream(one_thre
     assert agg["slim"]["auc_mean"] > agg["uniform"]["auc_mean"], _report(agg)
 
 
-@REGRESSION
 @pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 def test_slim_is_within_0002_of_uniform_on_ml100k(one_thread):
     """One-day windows, second half, mean over seeds 0-2: slim >= uniform - 0.002."""

@@ -32,7 +32,7 @@ def test_the_moving_average_keeps_one_contrary_shot_from_flipping_the_allocation
     state = p.state_dict()["search_scores"]
     assert state == {"method": "m", "scores": {"a": [0.5] * 8, "b": [0.4] * 8}}
     assert second.dims == {"a": 8, "b": 0} and second.gain == 0.0
-    assert not second.reshape and second.reason == "gain 0.0% < 5.0%"
+    assert not second.reshape and second.reason == "no gain"
     # the same contrary shot alone (decay 0) takes the proposal's own allocation, and it wins
     alone = AllocationPolicy(kappa=0.5, decay=0.0, min_gain=0.05)
     own = proposal([0.0] * 8, [0.8] * 8, dims={"a": 0, "b": 8}, kept={"a": [], "b": list(range(8))})

@@ -249,6 +249,8 @@ class _Runner:
                     "budget": 0.25,
                     "saliency_decay": 0.8,
                     "realloc_min_gain": 0.05,
+                    "budget_fill": False,
+                    "search_warmup": 0,
                     "field_check_rows": 0,
                     "arms": ("control", "slim"),
                 }
