@@ -57,3 +57,48 @@ def kafka_run_config(source, state, windows, **kw):
         model=ModelConfig("fm"),
         **({"arms": ("control",)} | kw),
     )
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of rank `rank` (its child with RANK=<rank>)."""
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (child / "stat").read_text()
+            env = (child / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(child.name)
+    return None
+
+
+def kill_rank_1_after_two_windows(cmd: list[str], state: Path, log: Path, env: dict) -> str:
+    """Run torchrun `cmd` (with --max-restarts), SIGKILL rank 1 once window 1's checkpoint is
+    complete (so in a later window's training or checkpoint), and wait for the restarted world
+    to finish. Asserts it ended 0 and resumed from a checkpoint; returns torchrun's stderr."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w+") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+        try:
+            latest = state / "checkpoints" / "LATEST"
+            deadline = time.monotonic() + 150
+            while not (latest.exists() and latest.read_text() >= "ckpt-000001"):  # two windows done
+                assert p.poll() is None and time.monotonic() < deadline, "the run ended or stalled before window 2"
+                time.sleep(0.1)
+            victim = rank_pid(p.pid, 1)
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            rc = p.wait(timeout=200)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        err.seek(0)
+        text = err.read()
+    assert rc == 0, text[-4000:]
+    assert "resumed from ckpt-" in text, text[-3000:]
+    return text

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests import distributed_worker as worker
-from tests.helpers import REPO
+from tests.helpers import REPO, kill_rank_1_after_two_windows
 
 BIN = REPO / ".venv" / "bin"
 WORKER = REPO / "tests" / "distributed_worker.py"
@@ -184,45 +181,13 @@ def test_a_one_rank_checkpoint_on_two_ranks_predicts_alike_and_reallocates_as_on
     assert not np.allclose(one["reallocated"]["slim"], one["loaded"]["slim"], atol=1e-3)  # really re-shaped
 
 
-def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker process of rank `rank` (its child with RANK=<rank>)."""
-    for child in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (child / "stat").read_text()
-            env = (child / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(child.name)
-    return None
-
-
 def test_sigkill_of_rank_1_restarts_the_world_which_trains_every_window_once(tmp_path):
     state = tmp_path / "state"
     args = ["run", "--source", "synthetic", "--windows", "5", "--rows-per-window", "2000", "--arms", "control"]
     args += ["--search", "none", "--metrics-addr", "127.0.0.1:0", "--no-progress", "--state-dir", str(state)]
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--max-restarts", "1", "--master_addr", "127.0.0.1"]
     cmd += ["--master_port", str(_port()), "--no-python", str(BIN / "dimstream"), *args]
-    err = open(tmp_path / "stderr", "w+")
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    try:
-        latest = state / "checkpoints" / "LATEST"
-        deadline = time.monotonic() + 150
-        while not (latest.exists() and latest.read_text() >= "ckpt-000001"):  # two windows done
-            assert p.poll() is None and time.monotonic() < deadline, "the run ended or stalled before window 2"
-            time.sleep(0.1)
-        victim = _rank_pid(p.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)  # in window 2's training or its checkpoint
-        rc = p.wait(timeout=200)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    err.seek(0)
-    text = err.read()
-    assert rc == 0, text[-4000:]
-    assert "resumed from ckpt-" in text, text[-3000:]
+    kill_rank_1_after_two_windows(cmd, state, tmp_path / "stderr", os.environ | {"OMP_NUM_THREADS": "1"})
     log = _log(state)
     assert [r["index"] for r in log] == [0, 1, 2, 3, 4] and [r["rows"] for r in log] == [2000] * 5
     assert all(b["start"] == a["end"] for a, b in zip(log, log[1:]))  # no window lost, none twice

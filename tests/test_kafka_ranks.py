@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from dimstream.ops.daemon import _iso
-from tests.helpers import REPO, tiny_batch, tiny_schema
+from tests.helpers import REPO, kill_rank_1_after_two_windows, tiny_batch, tiny_schema
 
 BIN = REPO / ".venv" / "bin"
 pytestmark = pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun not installed in .venv")
@@ -186,45 +185,11 @@ def test_a_partition_with_messages_not_yet_placed_holds_the_ranks_event_time(bro
     assert floors[-1] is None and max(src._max_event.values()) >= 2 * HOUR  # caught up: no bound
 
 
-def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker process of rank `rank` (its child with RANK=<rank>)."""
-    from pathlib import Path
-
-    for child in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (child / "stat").read_text()
-            env = (child / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(child.name)
-    return None
-
-
 def test_sigkill_of_rank_1_restarts_the_world_which_trains_every_row_once(broker, tmp_path):
     topic, windows = "ranks-kill", 6
     messages = produce(broker.bootstrap, topic, windows)
     state = tmp_path / "state"
-    err = open(tmp_path / "stderr", "w+")
-    p = subprocess.Popen(
-        command(broker.bootstrap, topic, state, windows, restarts=1), stdout=subprocess.DEVNULL, stderr=err, env=ENV
+    kill_rank_1_after_two_windows(
+        command(broker.bootstrap, topic, state, windows, restarts=1), state, tmp_path / "stderr", ENV
     )
-    try:
-        latest = state / "checkpoints" / "LATEST"
-        deadline = time.monotonic() + 150
-        while not (latest.exists() and latest.read_text() >= "ckpt-000001"):  # two windows done
-            assert p.poll() is None and time.monotonic() < deadline, "the run ended or stalled before window 2"
-            time.sleep(0.1)
-        victim = _rank_pid(p.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)  # in a later window's training or its checkpoint
-        rc = p.wait(timeout=200)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    err.seek(0)
-    text = err.read()
-    assert rc == 0, text[-4000:]
-    assert "resumed from ckpt-" in text, text[-3000:]
     check_every_row_once(state, broker.bootstrap, topic, messages, windows)
