@@ -26,12 +26,16 @@ the record counts, and the checkpoint's positions cover, every rank's partitions
 rank writes its checkpoint shard; rank 0 alone writes the summary, the plot, the history log,
 dead letters, the publication and the source commit (`self.rank0`). A stop request (SIGTERM)
 takes effect at the next window close that all ranks agree on, never mid-window.
+
+Audit: with DIMSTREAM_TRAINED_IDS naming a column of unique integer row ids, every rank writes
+the ids it trained per window (`_write_trained_ids`), so exactly-once is checked row by row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import io
 import logging
 import os
 import signal
@@ -72,6 +76,9 @@ from dimstream.stream.window import Window, Windower, concat_tables
 log = logging.getLogger("dimstream")
 PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
 CHECKPOINT_FORMAT = 3  # 3: sharded (DCP) checkpoints; 2: history in STATE/history.jsonl
+# names a column of unique row ids: every rank writes the ids it trained per window (an audit of
+# exactly-once, read by the tests; Runner._write_trained_ids)
+TRAINED_IDS_ENV = "DIMSTREAM_TRAINED_IDS"
 
 
 def open_source(cfg: RunConfig) -> Source:
@@ -631,6 +638,8 @@ class Runner:
             self._merge_positions(window)
             if not self.rank0:
                 self.deadletters.rotate(record.index)  # rank 0's are rotated by the committer
+        if os.environ.get(TRAINED_IDS_ENV):
+            self._write_trained_ids(window, record.index, os.environ[TRAINED_IDS_ENV])
         self.resume.position, self.resume.watermark = window.resume, window.end
         self.resume.read_upto = window.read_upto
         publish = self.arm("slim" if "slim" in self.cfg.arms else "control")
@@ -644,6 +653,27 @@ class Runner:
         self.metrics.observe_window(window, record, self.arms)
         self.readiness.last_close = time.time()
         self._log_window(record)
+
+    def _write_trained_ids(self, window: Window, index: int, column: str) -> None:
+        """The audit of exactly-once (env DIMSTREAM_TRAINED_IDS=COLUMN, a column of unique integer
+        row ids the stream carries): this rank's trained rows' ids, STATE/trained-ids/window-<n>.rank<r>.npy.
+        Written before the checkpoint, so a window trained again after a crash (at any world size:
+        rank 0 drops the files of ranks the world no longer has) rewrites its files, and the
+        files of the windows in the history log are the rows the model learnt from."""
+        table = window.table
+        if table is not None and column not in table.column_names:
+            raise ConfigError(f"{TRAINED_IDS_ENV}={column}: window {index} has no column {column!r}")
+        ids = np.asarray(table.column(column).to_numpy() if table is not None else [], np.int64)
+        if world_size() > 1 and not self.split:  # the rows this rank trained (local_rows)
+            ids = ids[distributed.share_mask(len(ids), rank(), world_size(), self.row_split)]
+        out = self.state_dir / "trained-ids"
+        if self.rank0:
+            for stale in out.glob(f"window-{index:06d}.rank*.npy"):
+                if int(stale.name.split(".rank")[1].split(".")[0]) >= world_size():
+                    stale.unlink()
+        buf = io.BytesIO()
+        np.save(buf, ids)
+        write_bytes(out / f"window-{index:06d}.rank{rank()}.npy", buf.getvalue())
 
     # --- output (rank 0) ---
     def _plot(self) -> None:

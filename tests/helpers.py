@@ -24,7 +24,9 @@ def tiny_schema() -> Schema:
     )
 
 
-def tiny_batch(n: int = 64, seed: int = 0, t0: int = 0) -> pa.RecordBatch:
+def tiny_batch(n: int = 64, seed: int = 0, t0: int = 0, ids: np.ndarray | None = None) -> pa.RecordBatch:
+    """`n` rows of `tiny_schema`; with `ids`, also a column "row_id" the schema does not declare
+    (the decoder passes it through: DIMSTREAM_TRAINED_IDS audits it)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 4, n)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -37,6 +39,7 @@ def tiny_batch(n: int = 64, seed: int = 0, t0: int = 0) -> pa.RecordBatch:
             "label": pa.array((rng.random(n) < 0.3).astype(np.int8)),
             "event_time": pa.array(t0 + np.sort(rng.integers(0, 3600, n))),
         }
+        | ({} if ids is None else {"row_id": pa.array(np.asarray(ids, np.int64))})
     )
 
 
@@ -101,4 +104,30 @@ def kill_rank_1_after_two_windows(cmd: list[str], state: Path, log: Path, env: d
         text = err.read()
     assert rc == 0, text[-4000:]
     assert "resumed from ckpt-" in text, text[-3000:]
+    return text
+
+
+def sigterm_after_window(cmd: list[str], state: Path, index: int, log: Path, env: dict) -> str:
+    """Run `cmd` (a daemon), SIGTERM it once window `index`'s checkpoint is complete, and wait
+    for it to stop. Asserts it ended 0; returns its stderr."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w+") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+        try:
+            latest = state / "checkpoints" / "LATEST"
+            deadline = time.monotonic() + 150
+            while not (latest.exists() and latest.read_text() >= f"ckpt-{index:06d}"):
+                assert p.poll() is None and time.monotonic() < deadline, f"the run ended or stalled in window {index}"
+                time.sleep(0.05)
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        err.seek(0)
+        text = err.read()
+    assert rc == 0, text[-4000:]
     return text
