@@ -7,6 +7,11 @@
 `ServingModel.load(dir)` rebuilds the same heads (models/heads.py) over nn.EmbeddingBag tables;
 the stable hash (stream/hashing.py) maps ids to the same rows as in training.
 
+A managed field (schema `vocab = "managed"`, models/vocab.py) reaches the model as raw 64-bit
+ids (stream/decode.py `raw_ids`); the export carries its mapping as `vocab_<field>/raw_ids`
+(sorted) and `vocab_<field>/rows`, and `RowMap` looks ids up in it (one searchsorted), every id
+the trainer gave no row reading the field's default row, as TorchRec's remap does.
+
 A delta version (README "Serving": model.json `kind = "delta"`) holds only the rows each table
 changed since its parent plus the dense weights; `load` replays its `chain` (base first) and
 `apply_delta` applies one more delta in place. Nothing here imports TorchRec.
@@ -26,6 +31,37 @@ from dimstream.stream.batch import SparseBatch
 from dimstream.stream.schema import Schema
 
 FORMAT = "dimstream-serving/1"
+VOCAB = "vocab_"  # weight names of a managed field's mapping: vocab_<field>/raw_ids, vocab_<field>/rows
+SENTINEL = torch.iinfo(torch.int64).max  # an empty slot of TorchRec's sorted ids (models/vocab.py)
+
+
+class RowMap:
+    """Raw id -> row of one managed field, as the trainer's vocabulary maps it in eval (TorchRec's
+    `_mch_remap`: a searchsorted over the sorted live ids; an id not among them reads the
+    default row). Vectorised: one searchsorted per batch, no Python loop over ids.
+
+    >>> m = RowMap(torch.tensor([30, 10, 20]), torch.tensor([2, 0, 1]), default_row=3)
+    >>> m(torch.tensor([10, 20, 30, 25, 99, -5])).tolist()
+    [0, 1, 2, 3, 3, 3]
+    """
+
+    def __init__(self, raw_ids: torch.Tensor, rows: torch.Tensor, default_row: int):
+        if raw_ids.shape != rows.shape or raw_ids.dim() != 1:
+            raise ValueError(f"a mapping needs as many rows as ids, got {tuple(raw_ids.shape)} / {tuple(rows.shape)}")
+        order = torch.argsort(raw_ids)
+        self.raw_ids, self.rows = raw_ids[order].to(torch.int64).contiguous(), rows[order].to(torch.int64)
+        self.default_row = int(default_row)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.raw_ids.numel():
+            return torch.full_like(ids, self.default_row)
+        pos = torch.searchsorted(self.raw_ids, ids).clamp_(max=self.raw_ids.numel() - 1)
+        return torch.where(self.raw_ids[pos] == ids, self.rows[pos], self.default_row)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, field: str, default_row: int) -> RowMap:
+        key = f"{VOCAB}{field}"
+        return cls(tensors[f"{key}/raw_ids"], tensors[f"{key}/rows"], default_row)
 
 
 class ServingModel(nn.Module):
@@ -35,6 +71,9 @@ class ServingModel(nn.Module):
         self.schema, self.config = schema, config
         self.feature_names = [f.name for f in schema.fields if dims.get(f.name, 0) > 0]
         self.dims = {f: int(dims[f]) for f in self.feature_names}
+        # the managed fields the model keeps; their RowMaps are set by `set_vocab` (load, deltas)
+        self.managed = [f for f in self.feature_names if f in schema.managed]
+        self.vocab: dict[str, RowMap] = {}
         mode = {f.name: ("mean" if f.kind == "multi" else "sum") for f in schema.fields}
         rows = schema.num_embeddings
         self.emb = nn.ModuleDict({f: nn.EmbeddingBag(rows[f], d, mode=mode[f]) for f, d in self.dims.items()})
@@ -54,6 +93,8 @@ class ServingModel(nn.Module):
         embs, wide = [], 0.0
         for f in self.feature_names:
             values = torch.from_numpy(batch.values[f])
+            if f in self.vocab:  # raw ids -> the rows the trainer gave them
+                values = self.vocab[f](values)
             offsets = torch.from_numpy(batch.offsets[f][:-1])
             embs.append(self.emb[f](values, offsets))
             if self.use_wide:
@@ -73,6 +114,7 @@ class ServingModel(nn.Module):
         wide = next((v.shape[1] for k, v in state.items() if k.startswith("wide_")), 4)
         model = cls(Schema.from_dict(bmeta["schema"]), bmeta["dims"], ModelConfig(**cfg), wide)
         model.load_state_dict(model._serving_names(state))
+        model.set_vocab(state, base)
         model._stamp(base.name, bmeta)
         for name in chain[1:] if base != d else []:
             model.apply_delta(d.parent / name)
@@ -85,6 +127,15 @@ class ServingModel(nn.Module):
             if self.use_wide:
                 mine[f"wide.{f}.weight"] = state[f"wide_{f}"]
         return mine | {k: v for k, v in state.items() if k.startswith("head.")}
+
+    def set_vocab(self, tensors: dict, where: Path, replace_only: bool = False) -> None:
+        """The RowMap of each managed field from `tensors` (a base's weights, a delta's vocab).
+        A base must carry every managed field's mapping: without it raw ids would be used as rows."""
+        for f in self.managed:
+            if f"{VOCAB}{f}/raw_ids" in tensors:
+                self.vocab[f] = RowMap.from_tensors(tensors, f, self.schema.num_embeddings[f] - 1)
+            elif not replace_only:
+                raise ValueError(f"{where}: no mapping for managed field {f!r} ({VOCAB}{f}/raw_ids)")
 
     def _stamp(self, name: str, meta: dict) -> None:
         self.version, self.published_at = name, meta.get("published_at")
@@ -104,6 +155,8 @@ class ServingModel(nn.Module):
             ids, values = rows[f"{table}/ids"], rows[f"{table}/rows"]
             params[self._param_name(table)][ids] = values
         self.load_state_dict(dense, strict=False)
+        if meta.get("vocab"):  # the whole mapping of each managed field, as of this version
+            self.set_vocab(load_tensors(d / "vocab"), d, replace_only=True)
         self._stamp(d.name, meta)
 
     @staticmethod
@@ -148,11 +201,40 @@ def _whole(value) -> torch.Tensor:
 
 
 def serving_weights(model_state: dict) -> dict[str, torch.Tensor]:
-    """Checkpoint model state (DMP names) -> serving names."""
+    """Checkpoint model state (DMP names) -> serving names; a managed field's mapping (its
+    TorchRec buffers, models/vocab.py) as `vocab_<field>/raw_ids` and `/rows` (`vocab_mapping`)."""
     out = {}
     for k, v in model_state.items():
         if ".embedding_bags." in k:
             out[k.split(".embedding_bags.")[1].rsplit(".", 1)[0]] = _whole(v)
         elif k.startswith("head."):
             out[k] = _whole(v)
+        elif ".vocab." in k and k.endswith(".mch._mch_sorted_raw_ids"):
+            field = k.split(".vocab.")[1].rsplit(".mch.", 1)[0]
+            rows = model_state[k.replace("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping")]
+            out |= vocab_mapping(field, v, rows)
+    return out
+
+
+def vocab_mapping(field: str, sorted_raw_ids: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The live ids of a managed field (TorchRec's empty slots left out), sorted, and their rows.
+
+    >>> m = vocab_mapping("user", torch.tensor([5, 9, SENTINEL]), torch.tensor([1, 0, 2]))
+    >>> m["vocab_user/raw_ids"].tolist(), m["vocab_user/rows"].tolist()
+    ([5, 9], [1, 0])
+    """
+    live = sorted_raw_ids != SENTINEL
+    ids, order = torch.sort(sorted_raw_ids[live])
+    key = f"{VOCAB}{field}"
+    return {f"{key}/raw_ids": ids.clone(), f"{key}/rows": rows[live][order].clone()}
+
+
+def vocab_header(weights: dict, schema: dict) -> dict:
+    """model.json's `vocab`: per managed field its live ids and its default row (capacity - 1)."""
+    rows = Schema.from_dict(schema).num_embeddings if schema else {}
+    out = {}
+    for k, v in weights.items():
+        if k.startswith(VOCAB) and k.endswith("/raw_ids"):
+            f = k[len(VOCAB) : -len("/raw_ids")]
+            out[f] = {"live_ids": int(v.numel()), "default_row": rows[f] - 1 if f in rows else None}
     return out

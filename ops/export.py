@@ -58,7 +58,7 @@ def export_model(arm, meta: dict, out: Path, weights: dict | None = None, extra:
     """Write the live `arm` with the checkpoint `meta` it belongs to (schema, model, window) to
     directory `out`, atomically replaced: what the daemon publishes after each window. Under
     torchrun every rank gathers the `weights` (`export_weights`), rank 0 writes them."""
-    from dimstream.models.serving import FORMAT
+    from dimstream.models.serving import FORMAT, vocab_header
 
     weights = export_weights(arm) if weights is None else weights
     out = Path(out)
@@ -68,6 +68,9 @@ def export_model(arm, meta: dict, out: Path, weights: dict | None = None, extra:
     header = {"format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}"}
     header |= {"window": meta["history_length"] - 1, "schema": meta["schema"], "dims": arm.dims}
     header |= {"model": meta["model"], "hashing": HASHING} | (extra or {})
+    vocab = vocab_header(weights, meta["schema"])
+    if vocab:  # managed fields: their mapping is in weights.pt (vocab_<field>/raw_ids, /rows)
+        header["vocab"] = vocab
     _replace_dir(tmp, out, header)
     return out
 
@@ -100,7 +103,9 @@ def _replace_dir(tmp: Path, out: Path, header: dict) -> None:
 
 class Publisher:
     """EXPORT_DIR for serving (README "Serving"): a full base every `base_every` windows, a delta
-    in between (the rows each table changed since the last publication, plus the dense weights);
+    in between (the rows each table changed since the last publication, plus the dense weights,
+    plus the whole id -> row mapping of each managed field: two int64 per live id; a row
+    re-drawn for a new id is a changed row, so it is in the delta's rows);
     `latest` is moved only once the version is durable. A new allocation (the slim arm's
     re-allocation re-shapes its tables) or a restart (no weights held to diff against) forces
     a base. Holds one copy of the published weights, rank 0 only."""
@@ -129,12 +134,15 @@ class Publisher:
         return out
 
     def _delta(self, arm, meta: dict, out: Path, weights: dict, stamp: dict) -> Path:
-        from dimstream.models.serving import FORMAT, save_tensors
+        from dimstream.models.serving import FORMAT, VOCAB, save_tensors, vocab_header
 
-        rows, dense, changed = {}, {}, {}
+        rows, dense, vocab, changed = {}, {}, {}, {}
         for k, v in weights.items():
             if k.startswith("head."):
                 dense[k] = v
+                continue
+            if k.startswith(VOCAB):  # a managed field's mapping: whole, in every delta
+                vocab[k] = v
                 continue
             ids = torch.nonzero((v != self._last[k]).any(dim=1)).flatten()
             rows[f"{k}/ids"], rows[f"{k}/rows"] = ids, v[ids]
@@ -144,6 +152,9 @@ class Publisher:
         _fsync(save_tensors(dense, tmp / "dense"))
         header = {"format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}"}
         header |= {"window": meta["history_length"] - 1, "dims": arm.dims, "tables": changed} | stamp
+        if vocab:
+            _fsync(save_tensors(vocab, tmp / "vocab"))
+            header["vocab"] = vocab_header(vocab, meta["schema"])
         _replace_dir(tmp, out, header)
         return out
 

@@ -31,6 +31,7 @@ from dimstream.ops.config import ConfigError, parse_addr
 
 log = logging.getLogger(__name__)
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+DRAIN_FACTOR = 4  # an oversized body up to 4 x the limit is read (and dropped) before its 413
 
 
 class BadRequest(ValueError):
@@ -255,18 +256,35 @@ class App:
         self.metrics.latency.labels(str(code)).observe(time.perf_counter() - t0)
 
     async def _body(self, receive, headers) -> bytes:
-        if int(headers.get("content-length", 0) or 0) > self.max_body:
-            raise BadRequest(f"body over {self.max_body} bytes (--max-body-bytes)", 413)
+        too_big = BadRequest(f"body over {self.max_body} bytes (--max-body-bytes)", 413)
+        declared = int(headers.get("content-length", 0) or 0)
+        if declared > self.max_body:
+            await self._drain(receive, declared)
+            raise too_big
         parts, size = [], 0
         while True:
             msg = await receive()
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise BadRequest(f"body over {self.max_body} bytes (--max-body-bytes)", 413)
+                await self._drain(receive, declared, msg)
+                raise too_big
             parts.append(chunk)
             if not msg.get("more_body"):
                 return b"".join(parts)
+
+    async def _drain(self, receive, declared: int, msg: dict | None = None) -> None:
+        """Read the rest of an oversized body and drop it, so the client, still sending, reads
+        the 413 instead of a broken pipe (the server closes a connection whose body it left
+        unread). Up to DRAIN_FACTOR x --max-body-bytes, nothing kept; a larger body is cut off."""
+        if declared > DRAIN_FACTOR * self.max_body:
+            return
+        seen = 0
+        while msg is None or msg.get("more_body"):
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > DRAIN_FACTOR * self.max_body or msg["type"] == "http.disconnect":
+                return
 
 
 async def _send(send, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from dimstream.models.serving import ServingModel
+from dimstream.models.serving import ServingModel, load_tensors
 from dimstream.ops import export
 from dimstream.ops.committer import Committer
 from dimstream.ops.config import RunConfig
@@ -107,6 +107,116 @@ def test_publisher_forces_a_base_when_the_allocation_changes(tmp_path):
     pub.publish(2, Arm, meta2, w)
     assert [_kind(tmp_path / f"window-{i:06d}") for i in range(3)] == ["base", "delta", "base"]
     assert json.loads((tmp_path / "window-000001" / "model.json").read_text())["tables"] == {"emb_a": 1}
+
+
+# --- managed vocabularies: the mapping travels with every version ---
+
+
+def _managed_stream(tmp_path, windows):
+    """A files source of synthetic windows whose user and site ids churn (30% of a field's ids
+    replaced each window), both managed: user_id LRU in 96 rows (about 220 users a window, so ids
+    are admitted and evicted in every window), site (string ids) LFU, admitted after 2
+    occurrences. Returns (source, its [schema] table, rows no window trains on)."""
+    import pyarrow.parquet as pq
+
+    from dimstream.stream.synthetic import SyntheticField, SyntheticSource
+
+    fields = (
+        SyntheticField("user_id", 400, 3, zipf=1.1),
+        SyntheticField("site", 200, 5, string_ids=True),
+        SyntheticField("item_id", 300, 4),
+        SyntheticField("tags", 50, 4, kind="multi"),
+        SyntheticField("num_price", 0, 1, kind="numeric"),
+    )
+    src = SyntheticSource(seed=0, rows_per_window=1200, fields=fields, churn={"user_id": 0.3, "site": 0.3})
+    data = tmp_path / "data"
+    data.mkdir()
+    for w in range(windows):
+        pq.write_table(src.window_table(w), data / f"part-{w:03d}.parquet")
+    managed = {
+        "user_id": {"vocab": "managed", "capacity": 96, "eviction": "lru"},
+        "site": {"vocab": "managed", "capacity": 64, "admit_after": 2, "id_type": "str"},
+    }
+    schema = {
+        "fields": [
+            {"name": f.name, "kind": f.kind, "num_embeddings": n} | managed.get(f.name, {})
+            for f, n in zip(fields, (1, 1, 600, 100, 64))
+        ]
+    }
+    # rows of every window (ids admitted, evicted and re-admitted along the way), a window no
+    # run trains on, and ids no window carries (they read the default row)
+    seen = pa.concat_tables([src.window_table(w).slice(0, 40) for w in range(windows)])
+    rows = pa.concat_tables([seen, src.window_table(windows + 3).slice(0, 40)]).drop_columns(["p_true"])
+    unknown = rows.slice(0, 8).to_pylist()
+    for i, r in enumerate(unknown):
+        r["user_id"], r["site"] = 10**12 + i, f"never-seen-{i}"
+    return f"files:{data}", schema, pa.concat_tables([rows, pa.Table.from_pylist(unknown, rows.schema)])
+
+
+def _mapping(model, field):
+    m = model.vocab[field]
+    return dict(zip(m.raw_ids.tolist(), m.rows.tolist()))
+
+
+def test_a_managed_field_is_published_with_its_mapping_and_replays_the_trainer(tmp_path, monkeypatch):
+    from dimstream.models.vocab import vocabs_of
+    from dimstream.stream.decode import raw_ids
+
+    source, schema, rows = _managed_stream(tmp_path, windows=5)
+    cfg = _config(tmp_path, source=source, schema=schema, windows=5, arms=("control",), base_every=3, seed=0)
+    runner = Runner.from_config(cfg)  # --export-dir with managed fields: no longer refused
+    batch = runner.decoder.decode(rows).batch
+    want, publish = {}, Committer._publish
+
+    def recording(self, index, arm, meta, weights):  # the trainer's predictions and mapping as published
+        publish(self, index, arm, meta, weights)
+        want[index] = (arm.predict(batch), {f: v.mapping() for f, v in vocabs_of(arm).items()})
+
+    monkeypatch.setattr(Committer, "_publish", recording)
+    runner.run()
+    served = tmp_path / "served"
+    assert sorted(want) == [0, 1, 2, 3, 4]
+    assert [_kind(served / f"window-{i:06d}") for i in range(5)] == ["base", "delta", "delta", "base", "delta"]
+    users = set(batch.values["user_id"].tolist())
+    stepped = ServingModel.load(served / "window-000000")  # and deltas applied one by one, in place
+    for i, (probs, mappings) in want.items():
+        version = served / f"window-{i:06d}"
+        if i:
+            stepped = ServingModel.load(version) if _kind(version) == "base" else stepped
+            if _kind(version) == "delta":
+                stepped.apply_delta(version)
+        for model in (ServingModel.load(version), stepped):
+            assert model.version == version.name
+            assert np.abs(model(batch).numpy() - probs).max() < 1e-6, i
+            assert all(_mapping(model, f) == mappings[f] for f in ("user_id", "site")), i
+        meta = json.loads((version / "model.json").read_text())
+        assert meta["vocab"]["user_id"] == {"live_ids": len(mappings["user_id"]), "default_row": 95}
+        if not i:
+            continue
+        before, now = want[i - 1][1]["user_id"], mappings["user_id"]
+        # ids of the fixed batch were evicted and others admitted between the two versions
+        assert users & (set(before) - set(now)) and users & (set(now) - set(before)), i
+        if _kind(version) == "delta":  # rows handed to another id were re-drawn: they are in the delta
+            moved = set(now.values()) - {r for u, r in now.items() if before.get(u) == r}
+            delta_rows = load_tensors(version / "rows")
+            assert moved and moved <= set(delta_rows["emb_user_id/ids"].tolist()), i
+            assert moved <= set(delta_rows["wide_user_id/ids"].tolist()), i
+    # ids no window carried read the default row (the trainer's too: its predictions matched above)
+    last = ServingModel.load(served / "window-000004")
+    unknown = torch.from_numpy(raw_ids(pa.array([10**12, 10**12 + 1]), "user_id"))
+    assert last.vocab["user_id"](unknown).tolist() == [95, 95]
+    sites = torch.from_numpy(raw_ids(pa.array(["never-seen-0"]), "site"))
+    assert last.vocab["site"](sites).tolist() == [63]
+    # `dimstream predict` shares the path, and `dimstream export` writes the mapping too
+    probs = export.predict(served / "window-000004", rows.drop_columns(["label", "event_time"]))
+    assert np.abs(probs - want[4][0]).max() < 1e-6
+    exported = export.export_arm(tmp_path / "state", "control", tmp_path / "exported")
+    assert np.abs(export.predict(exported, rows) - want[4][0]).max() < 1e-6
+    # a base without a managed field's mapping is refused: raw ids would be read as rows
+    weights = torch.load(exported / "weights.pt", weights_only=True)
+    torch.save({k: v for k, v in weights.items() if not k.startswith("vocab_site/")}, exported / "weights.pt")
+    with pytest.raises(ValueError, match="no mapping for managed field 'site'"):
+        ServingModel.load(exported)
 
 
 # --- the server ---
@@ -228,6 +338,39 @@ def test_serve_hot_reloads_three_versions_without_a_failed_request(tmp_path):
             next(x for x in metrics.splitlines() if x.startswith("dimstream_serve_model_lag_seconds ")).split()[1]
         )
         assert 0 <= lag < 300
+    finally:
+        server.terminate()
+        out = server.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_serve_maps_managed_ids_as_the_trainer_across_reloads(tmp_path):
+    """`dimstream serve` on a managed field (int user ids, string site ids): the served version
+    advances by deltas that re-map ids, and every answer is the trainer's, unknown ids included."""
+    source, schema, rows = _managed_stream(tmp_path, windows=3)
+    kw = dict(source=source, schema=schema, arms=("control",), seed=0)
+    Runner.from_config(_config(tmp_path, windows=1, **kw)).run()  # window 0: the base the server starts on
+    port = _free_port()
+    block_torchrec = "import sys; sys.modules['torchrec'] = None; from dimstream.ops.cli import main; sys.exit(main())"
+    argv = ["serve", "--export-dir", str(tmp_path / "served"), "--addr", f"127.0.0.1:{port}", "--poll-seconds", "0.2"]
+    server = subprocess.Popen(
+        [sys.executable, "-c", block_torchrec, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: _get(url + "/readyz")[0] == 200, 120, "/readyz")
+        body = json.dumps(rows.to_pylist()).encode()
+        code, first = _post(url + "/predict", body)
+        assert code == 200 and first["model_version"] == "window-000000"
+        runner = Runner.from_config(_config(tmp_path, windows=3, **kw))
+        runner.run()  # window 1 (a base: a restarted daemon holds nothing to diff) and 2 (a delta)
+        _wait(lambda: _post(url + "/predict", body)[1].get("model_version") == "window-000002", 60, "v2")
+        code, answer = _post(url + "/predict", body)
+        want = runner.arm("control").predict(runner.decoder.decode(rows).batch)
+        assert code == 200 and np.abs(np.array(answer["predictions"]) - want).max() < 1e-6
+        assert np.abs(np.array(first["predictions"]) - want).max() > 1e-3  # the model did move
+        _, metrics = _get(url + "/metrics")
+        assert 'dimstream_serve_reloads_total{kind="delta"} 1.0' in metrics  # the delta re-mapped ids in place
     finally:
         server.terminate()
         out = server.communicate(timeout=30)[0].decode()
