@@ -21,6 +21,12 @@ The supernet is not an A/B arm: it trains test-then-train on every window (the d
 ops/searching.py), reports the progressive AUC of its sampled subnets, and the RL search
 (search/adass.py) evaluates subnets on it with inherited weights (`subnet_logits`).
 
+Managed fields (`managed`, models/vocab.py): the supernet admits nothing itself. Its max-tables
+look each id up through the control's mapping, adopted by `follow(control)` before each of its
+windows (and before a bootstrap copies the control's tables), so a row of a max-table, of the
+control and of a slim arm warm-started from the supernet (`copy_tables_into`) is one id. A row
+whose id changed since the last adoption is drawn afresh (`MixedEmbedding.reset_rows`).
+
 >>> from dimstream.models.config import ModelConfig
 >>> net = Supernet({"a": 10, "b": 20}, set(), ModelConfig("fm", batch_size=8), max_dim=8)
 >>> net.sizes, net.p_e.shape, net.p_f.tolist()
@@ -45,6 +51,7 @@ from dimstream.models.config import ModelConfig
 from dimstream.models.distributed import shard, world_size
 from dimstream.models.embedding import MixedEmbedding
 from dimstream.models.heads import HEADS, USES_WIDE
+from dimstream.models.vocab import SENTINEL, vocabs_of
 from dimstream.stream.batch import SparseBatch
 
 QUANTUM = 4
@@ -113,7 +120,13 @@ class SupernetModel(nn.Module):
     """Max-tables + the per-size transforms (eq. 7) + the main model; forward(kjt, arch)."""
 
     def __init__(
-        self, num_embeddings: dict[str, int], multi_valued: set[str], config: ModelConfig, max_dim: int, d_f: int
+        self,
+        num_embeddings: dict[str, int],
+        multi_valued: set[str],
+        config: ModelConfig,
+        max_dim: int,
+        d_f: int,
+        managed: dict | None = None,
     ):
         super().__init__()
         self.sizes = candidate_sizes(max_dim)
@@ -123,6 +136,7 @@ class SupernetModel(nn.Module):
             multi_valued,
             wide=USES_WIDE[config.model],
             init_range=config.init_range,
+            managed=managed,
         )
         self.max_dim = int(max_dim)
         self.d_f = d_f
@@ -143,7 +157,9 @@ class SupernetModel(nn.Module):
 
     def pooled(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """[B, M, max_dim + 1]: every field's max-table lookup, then its first-order weight (a
-        field that is dropped loses both, as a field at width 0 in an arm does)."""
+        field that is dropped loses both, as a field at width 0 in an arm does). Managed ids
+        are looked up in the adopted mapping, never admitted (`Supernet.follow`)."""
+        kjt = self.embedding.remap(kjt, admit=False)
         deep = self.embedding.deep(kjt).to_dict()
         cols = [deep[f] for f in self.feature_names]
         if self.embedding.wide is not None:
@@ -214,7 +230,10 @@ class Supernet:
         eta_f: float = 0.01,
         p_f0: float = 0.8,
         seed: int | None = None,
+        managed: dict | None = None,
     ):
+        """`managed`: the schema's managed fields (`Schema.managed`, or their options as
+        dicts), whose mapping the supernet adopts from the control (`follow`)."""
         if world_size() > 1:
             raise ValueError("the AdaS&S supernet trains in one process (world size 1)")
         self.config, self.num_embeddings, self.multi_valued = config, dict(num_embeddings), set(multi_valued)
@@ -223,7 +242,7 @@ class Supernet:
         rng = torch.get_rng_state()
         try:
             torch.manual_seed(config.seed if seed is None else seed)
-            module = SupernetModel(num_embeddings, multi_valued, config, self.max_dim, self.d_f)
+            module = SupernetModel(num_embeddings, multi_valued, config, self.max_dim, self.d_f, managed)
         finally:
             torch.set_rng_state(rng)
         self.sizes, self.feature_names = module.sizes, module.feature_names
@@ -290,6 +309,30 @@ class Supernet:
             self.lambda_fs,
         )
         self.module.last_pooled = None
+
+    @torch.no_grad()
+    def follow(self, arm) -> int:
+        """Adopt `arm`'s (the control's) id -> row mapping of every managed field, and draw
+        afresh, with zeroed optimizer state, the max-table rows whose id changed since the last
+        adoption (an evicted id's trained row must not become the new id's). Returns the number
+        of rows re-drawn."""
+        emb, theirs = self.module.embedding, vocabs_of(arm)
+        theirs = {f: v for f, v in theirs.items() if f in self.feature_names}
+        if set(emb.vocab) != set(theirs):
+            raise ValueError(
+                f"the supernet manages the ids of {sorted(emb.vocab)}, arm {getattr(arm, 'name', '?')!r} "
+                f"those of {sorted(theirs)}: build it with the schema's managed fields"
+            )
+        redrawn = 0
+        for f, mine in emb.vocab.items():
+            before = mine.owners()
+            mine.load_state_dict(theirs[f].state_dict())
+            now = mine.owners()
+            rows = torch.nonzero((now != before) & (now != SENTINEL)).flatten()
+            if rows.numel():
+                emb.reset_rows(f, rows)
+            redrawn += int(rows.numel())
+        return redrawn
 
     # --- subnets with inherited weights ---
     @torch.no_grad()
@@ -361,6 +404,7 @@ class Supernet:
 
     def meta(self) -> dict:
         return {
+            "managed": {f: v.options() for f, v in self.module.embedding.vocab.items()},
             "num_embeddings": self.num_embeddings,
             "multi_valued": sorted(self.multi_valued),
             "config": self.config.to_dict(),
@@ -384,6 +428,7 @@ class Supernet:
             lambda_fs=m["lambda_fs"],
             eta_e=m["eta_e"],
             eta_f=m["eta_f"],
+            managed=m.get("managed"),
         )
         with torch.no_grad():
             for k, v in net.model.state_dict().items():

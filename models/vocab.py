@@ -32,6 +32,15 @@ So one `MCHManagedCollisionModule` per field remaps the ids before both of the f
 in front of it. Its buffers (sorted raw ids, id -> row mapping, counts or last-access
 iterations, iteration counter) are in the model's state_dict, so the DCP checkpoint carries them.
 
+Ranks (torchrun): the module is replicated, not sharded, and every rank must hold the same
+mapping, or a row of the sharded tables would mean another id on each rank. So a training step
+admits from the step's ids of all ranks (`gather_step_ids`: two all_gathers over the default
+group), the same union on every rank, and each rank then maps only its own ids. TorchRec's
+update depends on the step's multiset of ids only (it sorts them: `torch.unique`), so the
+mapping is the one a single process makes from the same rows; the evicted rows are the same on
+every rank, and `MixedEmbedding.reset_rows` re-draws them from a seed of table and step, each
+rank writing the blocks of its own shards. A world of one pays no collective.
+
 >>> import torch
 >>> v = ManagedVocab("user", capacity=4)
 >>> rows, evicted = v(torch.tensor([11, 12, 11, 13, 14, 15]))
@@ -43,10 +52,9 @@ iterations, iteration counter) are in the model's state_dict, so the DCP checkpo
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.modules.mc_modules import LFU_EvictionPolicy, LRU_EvictionPolicy, MCHManagedCollisionModule
 from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -100,20 +108,34 @@ class ManagedVocab(nn.Module):
             finally:
                 self.train()
         pad = ids == PAD_ID
-        keep = ~pad if self.admit_after == 1 else ~pad & self._admitted(ids, ~pad)
-        # only real, admissible ids reach TorchRec's module: padding or unadmitted ids passed as
-        # a sentinel would be counted on a free slot (LFU) and could even be admitted themselves
-        sel = ids[keep]
-        rows = torch.full_like(ids, self.default_row)
+        real = ids[~pad]
         evicted, before = None, self.rows_in_use() if self.training else 0
-        if sel.numel():
-            self._fit_history(sel.numel())
-            jt = JaggedTensor(values=sel, lengths=torch.tensor([sel.numel()], dtype=torch.int64))
-            rows[keep] = self.mch({self.field: jt})[self.field].values()
-            evicted = self.mch.evict() if self.training else None
+        if self.training:
+            evicted = self._admit(real)
+        rows = torch.full_like(ids, self.default_row)
+        if real.numel():  # ids without a row of their own (unadmitted, or lost) read the default row
+            jt = JaggedTensor(values=real, lengths=torch.tensor([real.numel()], dtype=torch.int64))
+            rows[~pad] = self.mch.remap({self.field: jt})[self.field].values()
         if self.training:
             self._count(rows, pad, evicted, before)
         return rows, evicted
+
+    def _admit(self, own: torch.Tensor) -> torch.Tensor | None:
+        """Admission and eviction (TorchRec's profile/evict) on the step's ids of *every* rank,
+        so that each rank's mapping is the one a single process makes from the step's rows; the
+        rows whose id changed (the same on every rank), or None.
+
+        Only real, admissible ids reach TorchRec's module: padding or unadmitted ids passed as a
+        sentinel would be counted on a free slot (LFU) and could even be admitted themselves."""
+        step = gather_step_ids(own)
+        if self.admit_after > 1:
+            step = step[self._admitted(step)]
+        if not step.numel():
+            return None
+        self._fit_history(step.numel())
+        jt = JaggedTensor(values=step, lengths=torch.tensor([step.numel()], dtype=torch.int64))
+        self.mch.profile({self.field: jt})
+        return self.mch.evict()
 
     def _fit_history(self, n: int) -> None:
         """TorchRec sizes the module's history buffer at 1.25 x the first batch's ids and leaves
@@ -123,13 +145,14 @@ class ManagedVocab(nn.Module):
         if self.training and self.mch._input_history_buffer_size < n:
             self.mch._input_history_buffer_size = -1  # profile() re-sizes it from this batch
 
-    def _admitted(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Which ids have occurred `admit_after` times in all, this batch included (count-min
-        sketch: the least of SKETCH_DEPTH hashed counters, never below the true count)."""
+    def _admitted(self, ids: torch.Tensor) -> torch.Tensor:
+        """Count the step's (real) ids, then which have occurred `admit_after` times in all,
+        this step included (count-min sketch: the least of SKETCH_DEPTH hashed counters, never
+        below the true count)."""
         cols = self._sketch_cols(ids)
-        if self.training:
-            for d in range(SKETCH_DEPTH):  # loop over the sketch's rows, vectorised over ids
-                self.sketch[d].index_add_(0, cols[d][real], torch.ones(int(real.sum()), dtype=torch.int64))
+        ones = torch.ones(ids.numel(), dtype=torch.int64)
+        for d in range(SKETCH_DEPTH):  # loop over the sketch's rows, vectorised over ids
+            self.sketch[d].index_add_(0, cols[d], ones)
         est = torch.stack([self.sketch[d][cols[d]] for d in range(SKETCH_DEPTH)]).min(dim=0).values
         return est >= self.admit_after
 
@@ -160,6 +183,18 @@ class ManagedVocab(nn.Module):
         live = raw != SENTINEL
         return dict(zip(raw[live].tolist(), self.mch._mch_remapped_ids_mapping[live].tolist()))
 
+    def owners(self) -> torch.Tensor:
+        """[capacity]: the raw id each row holds (SENTINEL for a free row and the default row)."""
+        raw = self.mch._mch_sorted_raw_ids
+        live = raw != SENTINEL
+        out = torch.full((self.capacity,), SENTINEL, dtype=torch.int64)
+        out[self.mch._mch_remapped_ids_mapping[live]] = raw[live]
+        return out
+
+    def options(self) -> dict:
+        """What builds this vocabulary again (`build_vocabs` takes it in place of a FieldSpec)."""
+        return {"capacity": self.capacity, "eviction": self.eviction, "admit_after": self.admit_after}
+
     def take_stats(self) -> dict:
         """Admissions, evictions, lookups and default-row lookups since the last call (one
         window), with the rows in use now; the counters restart."""
@@ -171,26 +206,41 @@ class ManagedVocab(nn.Module):
 
 def build_vocabs(managed: dict, fields: list[str]) -> nn.ModuleDict:
     """One ManagedVocab per managed field the model keeps. `managed` maps a field to its
-    options (a schema FieldSpec, or anything with capacity, eviction and admit_after).
-
-    Single-rank only: each rank would admit ids from its own rows and their mappings would part
-    (sharing them needs the ranks' ids gathered before each admission: not built yet)."""
-    if managed and _world_size() > 1:
-        raise VocabError(f"managed vocabularies ({', '.join(managed)}) run on one rank only, not {_world_size()}")
+    options: a schema FieldSpec, or a dict of capacity, eviction and admit_after
+    (`ManagedVocab.options`)."""
+    get = lambda o, k: o[k] if isinstance(o, dict) else getattr(o, k)  # noqa: E731
     return nn.ModuleDict(
         {
-            f: ManagedVocab(f, int(o.capacity), o.eviction, int(o.admit_after))
+            f: ManagedVocab(f, int(get(o, "capacity")), get(o, "eviction"), int(get(o, "admit_after")))
             for f, o in (managed or {}).items()
             if f in fields
         }
     )
 
 
-def _world_size() -> int:
-    """The ranks of this run: torchrun's WORLD_SIZE (set before any group is formed) or the
-    group's size, whichever is larger."""
-    group = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return max(group, int(os.environ.get("WORLD_SIZE", "1")))
+def gather_step_ids(own: torch.Tensor) -> torch.Tensor:
+    """The ids of one training step over all ranks, rank by rank (`own` itself in a world of
+    one: no collective). Every rank takes each step (models/distributed.py pads a short rank's
+    steps), so the two all_gathers (lengths, then the ids padded to the longest) match.
+
+    >>> gather_step_ids(torch.tensor([5, 7])).tolist()
+    [5, 7]
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return own
+    world = dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([own.numel()], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    if max(sizes) == 0:
+        return own
+    padded = torch.full((max(sizes),), PAD_ID, dtype=torch.int64, device=dev)
+    padded[: own.numel()] = own.to(dev)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:k] for o, k in zip(out, sizes)]).to(own.device)
 
 
 def vocabs_of(model) -> dict[str, ManagedVocab]:

@@ -112,19 +112,6 @@ def _launch_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if "MASTER_ADDR" in os.environ else 1
 
 
-def refuse_unbuilt_vocab_paths(cfg: RunConfig, schema) -> None:
-    """Managed vocabularies are not yet carried by publication (serving would hash the raw ids
-    into rows the mapping never chose) nor by the AdaS&S supernet (it would look raw ids up):
-    one clear error at start instead of wrong predictions later."""
-    if not schema.managed:
-        return
-    names = ", ".join(schema.managed)
-    if cfg.export_dir is not None:
-        raise ConfigError(f"--export-dir: publishing managed vocabularies ({names}) is not built yet")
-    if cfg.search == "adass":
-        raise ConfigError(f"--search adass: the supernet does not map managed vocabularies ({names}) yet")
-
-
 def uniform_width(control_dim: int, budget: float) -> int:
     """Largest multiple of 4 whose uniform allocation stays within kappa x control's params."""
     return max(4, int(budget * control_dim) // 4 * 4)
@@ -370,7 +357,6 @@ class Runner:
                 distributed.ensure_process_group()
                 crc = zlib.crc32(source.schema.fingerprint().encode())
                 distributed.agree("the schema adopted from the stream", [crc])
-            refuse_unbuilt_vocab_paths(cfg, source.schema)
             found = restore(cfg, source.schema)
             if found is None:
                 arms = [make_arm(s, source.schema, cfg.model) for s in initial_specs(cfg, source.schema.feature_names)]

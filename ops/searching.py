@@ -159,6 +159,7 @@ class DaemonSearch:
         ones) trained on only after the search has scored subnets on them; then saved for
         `dimstream search` (STATE/supernet.pt)."""
         net = self._supernet()
+        net.follow(self.runner.arm("control"))  # managed ids: the control's mapping, this window's
         n = len(batch)
         hold = self.method.holdout_rows(n) if due else 0
         t0 = time.perf_counter()
@@ -194,7 +195,11 @@ class DaemonSearch:
                 return net
             log.warning("%s is for another schema or width: a new supernet is trained", path)
         self.supernet = Supernet(
-            self.runner.schema.num_embeddings, multi_valued(control), control.config, max(control.dims.values())
+            self.runner.schema.num_embeddings,
+            multi_valued(control),
+            control.config,
+            max(control.dims.values()),
+            managed=control.managed,
         )
         return self.supernet
 

@@ -183,7 +183,8 @@ def bootstrap_supernet(control, train: SparseBatch) -> Supernet:
     adaptive-sampling pass over `train`."""
     m = ctr_model(control)
     widths = set(m.dims.values())
-    net = Supernet(m.num_embeddings, multi_valued(control), control.config, max(widths))
+    net = Supernet(m.num_embeddings, multi_valued(control), control.config, max(widths), managed=control.managed)
+    net.follow(control)  # managed ids: the control's rows, so its tables can be copied row for row
     if len(widths) == 1:
         with torch.no_grad():
             for f in m.feature_names:

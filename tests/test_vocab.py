@@ -98,12 +98,19 @@ def test_an_arm_built_without_the_managed_fields_refuses_their_raw_ids():
         arm.train_step(_batch(schema, [1, 2, 3]))
 
 
-def test_managed_ids_refuse_more_than_one_rank(monkeypatch):
-    from dimstream.models.vocab import VocabError, build_vocabs
+def test_managed_ids_build_for_more_than_one_rank_and_a_world_of_one_gathers_nothing(monkeypatch):
+    """More ranks are no longer refused: each step admits from every rank's ids (two ranks
+    against one process: tests/test_vocab_ranks.py). A world of one pays no collective: the
+    step's ids are its own, the very tensor."""
+    from dimstream.models.distributed import ensure_process_group, world_size
+    from dimstream.models.vocab import build_vocabs, gather_step_ids
 
+    ensure_process_group()
+    assert world_size() == 1
+    ids = torch.tensor([3, 5, 3])
+    assert gather_step_ids(ids) is ids
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(VocabError, match="one rank only"):
-        build_vocabs(_schema().managed, ["user", "item"])
+    assert list(build_vocabs(_schema().managed, ["user", "item"])) == ["user"]
 
 
 def test_churn_keeps_admitted_ids_distinct_and_padding_is_never_admitted():
@@ -283,18 +290,3 @@ def test_the_daemon_trains_a_managed_field_from_a_files_source(tmp_path):
     assert summary["totals"]["rows"] == 800
     vocab = vocabs_of(runner.arm("control"))["user"]
     assert 0 < vocab.rows_in_use() <= 30  # tiny_batch draws users from 30 ids: one row each
-
-
-def test_paths_that_do_not_map_managed_ids_yet_are_refused_at_start(tmp_path):
-    """Publication and the AdaS&S supernet would use raw ids as rows: one clear error instead."""
-    from dimstream.ops.config import ConfigError, RunConfig
-    from dimstream.ops.daemon import refuse_unbuilt_vocab_paths
-    from dimstream.stream.schema import FieldSpec, Schema
-
-    schema = Schema([FieldSpec("user", "categorical", 8, vocab="managed", capacity=8), FieldSpec("a", "numeric", 4)])
-    with pytest.raises(ConfigError, match=r"--export-dir: publishing managed vocabularies \(user\)"):
-        refuse_unbuilt_vocab_paths(RunConfig(export_dir=tmp_path), schema)
-    with pytest.raises(ConfigError, match=r"--search adass: the supernet does not map managed vocabularies"):
-        refuse_unbuilt_vocab_paths(RunConfig(search="adass"), schema)
-    refuse_unbuilt_vocab_paths(RunConfig(), schema)  # the rest runs
-    refuse_unbuilt_vocab_paths(RunConfig(export_dir=tmp_path), Schema([FieldSpec("a", "numeric", 4)]))
