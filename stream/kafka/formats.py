@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 
@@ -41,6 +43,7 @@ UNSUPPORTED = {
     "unknown": "no format dimstream reads (not Arrow IPC, JSON, Avro or schema-registry framing)",
 }
 _BLANK = b" \t\r\n"
+_MIN_BLOCK = 1 << 20  # smaller blocks cost more per block than the parallel parse gains
 
 
 @dataclass
@@ -137,10 +140,13 @@ def _schema_of(blob: bytes) -> Schema:
     return Schema.from_metadata({METADATA_KEY: blob})
 
 
-def _read_json(buf: bytes) -> pa.Table:
-    # one block for the whole buffer: types are inferred once, not per 1 MB block
-    options = pajson.ReadOptions(block_size=max(1 << 20, len(buf) + 1))
-    return pajson.read_json(pa.BufferReader(buf), read_options=options)
+def _read_json(buf: bytes, longest: int | None = None) -> pa.Table:
+    """JSON lines in blocks that pyarrow parses on every core (types are inferred per block and
+    unified: the same table as one block gives, tests/test_kafka_bulk.py). A block holds at
+    least the longest line (`longest`; None: the whole buffer is one block)."""
+    per_core = -(-len(buf) // (os.cpu_count() or 1))
+    block = len(buf) + 1 if longest is None else max(_MIN_BLOCK, longest + 1, per_core + 1)
+    return pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=block))
 
 
 def decode_json(value: bytes) -> pa.RecordBatch:
@@ -160,21 +166,38 @@ def decode_json(value: bytes) -> pa.RecordBatch:
     return table.combine_chunks().to_batches()[0]
 
 
-def _bulk_json(values: list[bytes], lo: int) -> list[Piece]:
-    """Single-line JSON values (messages lo, lo+1, ...) in one read_json; halves on failure."""
+def _bulk_json(values: list[bytes], lo: int, buf: bytes | None = None) -> list[Piece]:
+    """Single-line JSON values (messages lo, lo+1, ...) in one read_json; halves on failure.
+    `buf`: the values already joined with b"\\n"."""
     if len(values) == 1:
         try:
             return [Piece(lo, lo + 1, decode_json(values[0]), fmt="json")]
         except WireError as e:
             return [Piece(lo, lo + 1, error=e, fmt="json")]
     try:
-        table = _read_json(b"\n".join(values))
+        table = _read_json(b"\n".join(values) if buf is None else buf, max(map(len, values)))
         if table.num_rows == len(values):  # one row per message: rows map onto messages
             return [Piece(lo, lo + len(values), table.combine_chunks().to_batches()[0], fmt="json")]
     except (pa.ArrowInvalid, OSError):
         pass
     half = len(values) // 2
     return _bulk_json(values[:half], lo) + _bulk_json(values[half:], lo + half)
+
+
+def _one_event_each(values: list, headers: list) -> bytes | None:
+    """The values joined with b"\\n" when every message is one JSON object on one line without
+    headers (the usual event topic, checked without a loop over messages), else None."""
+    if not values or any(headers) or set(map(type, values)) != {bytes}:
+        return None
+    buf = b"\n".join(values)
+    if buf.count(b"\n") != len(values) - 1:
+        return None  # a value of several lines (or an empty one among them)
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    if lengths.min() == 0:
+        return None
+    starts = np.zeros(len(values), np.int64)
+    np.cumsum(lengths[:-1] + 1, out=starts[1:])
+    return buf if (np.frombuffer(buf, np.uint8)[starts] == ord("{")).all() else None
 
 
 def decode_values(
@@ -185,6 +208,10 @@ def decode_values(
     A `schema_version` header that differs from `expected_version` is `unknown_schema` (no header:
     the content decides)."""
     headers = headers or [None] * len(values)
+    if declared in ("auto", "json"):
+        buf = _one_event_each(values, headers)
+        if buf is not None:
+            return _bulk_json(values, 0, buf)
     pieces: list[Piece] = []
     run: list[bytes] = []  # consecutive single-line JSON values, decoded in bulk
 

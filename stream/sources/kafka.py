@@ -618,6 +618,9 @@ class KafkaSource(LiveSource):
             try:
                 if self._consumer is None:
                     self._connect()
+                    from dimstream.stream.kafka.bulk import install
+
+                    install(self._consumer)  # record batches unpacked in bulk (stream/kafka/bulk.py)
                 elif self.assignment is not None:
                     self._assign_ranks()
                 if self.assignment is not None and not self._consumer.assignment():
