@@ -17,21 +17,75 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dimstream.models.config import ModelConfig
 from dimstream.models.ctr import CTRModel
 from dimstream.models.distributed import shard
+from dimstream.models.tiers import TierShape
 from dimstream.models.vocab import vocabs_of
 from dimstream.stream.batch import SparseBatch
 
 
 @dataclass
 class ArmSpec:
-    """Configuration of one arm: a name and its embedding dimension per field."""
+    """Configuration of one arm: a name and its embedding dimension per field.
+
+    Frequency tiers (models/tiers.py), for the fields in `tiers`: tiers[f][t] lists the control
+    columns tier t's table keeps (its width is their number) and tier_rows[f][t] its rows; the
+    field's dim is then the number of columns any tier kept, column_ids[f] those columns
+    (sorted). `tier_of[f]` ([rows] ints), the tier of every id, is what a new arm is built
+    with; it is not part of the spec's JSON: a checkpoint's arm takes it from its state."""
 
     name: str
     dims: dict[str, int]
     column_ids: dict[str, list[int]] = field(default_factory=dict)  # control column of each column
+    tiers: dict[str, list[list[int]]] = field(default_factory=dict)
+    tier_rows: dict[str, list[int]] = field(default_factory=dict)
+    tier_of: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         for f, d in self.dims.items():
             self.column_ids.setdefault(f, list(range(d)))
+        for f, cols in self.tiers.items():
+            union = sorted({c for tier in cols for c in tier})
+            if self.dims.get(f) != len(union) or sorted(self.column_ids[f][: self.dims[f]]) != union:
+                raise ValueError(f"tiered field {f!r}: its dim and column_ids must be the union of its tiers' columns")
+            if len(self.tier_rows.get(f, [])) != len(cols):
+                raise ValueError(f"tiered field {f!r}: tier_rows must give the rows of each of its {len(cols)} tiers")
+
+    def to_dict(self) -> dict:
+        """The JSON a checkpoint's meta keeps of the arm (without `tier_of`)."""
+        out = {"name": self.name, "dims": self.dims, "column_ids": self.column_ids}
+        return out | ({"tiers": self.tiers, "tier_rows": self.tier_rows} if self.tiers else {})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArmSpec:
+        return cls(d["name"], d["dims"], d["column_ids"], d.get("tiers", {}), d.get("tier_rows", {}))
+
+    @classmethod
+    def from_tiers(cls, name: str, fields: list[str], tiers: dict) -> ArmSpec:
+        """The spec of a (field, tier) allocation (search/autosrh.py `tiered_allocation`:
+        kept_columns[f][t], rows[f][t], tier_of[f]); a field no tier keeps a column of gets 0.
+
+        >>> s = ArmSpec.from_tiers("slim", ["a", "b"], {"kept_columns": {"a": [[4, 0, 1, 2], []],
+        ...     "b": [[], []]}, "rows": {"a": [2, 3], "b": [1, 4]}, "tier_of": {"a": [0, 1, 1, 0, 1]}})
+        >>> s.dims, s.column_ids["a"], s.tiers, s.tier_rows
+        ({'a': 4, 'b': 0}, [0, 1, 2, 4], {'a': [[0, 1, 2, 4], []]}, {'a': [2, 3]})
+        """
+        dims, column_ids, cols, rows, tier_of = {}, {}, {}, {}, {}
+        for f in fields:
+            per_tier = [sorted(int(c) for c in k) for k in tiers["kept_columns"].get(f, [])]
+            union = sorted({c for k in per_tier for c in k})
+            dims[f], column_ids[f] = len(union), union
+            if union:
+                cols[f], rows[f] = per_tier, [int(n) for n in tiers["rows"][f]]
+                tier_of[f] = tiers["tier_of"][f]
+        return cls(name, dims, column_ids, cols, rows, tier_of)
+
+    def tier_shapes(self) -> dict[str, TierShape]:
+        """The tiered fields as the embedding builds them: each tier's columns as positions in
+        the field's output (column_ids order)."""
+        out = {}
+        for f, cols in self.tiers.items():
+            pos = {c: i for i, c in enumerate(self.column_ids[f][: self.dims[f]])}
+            out[f] = TierShape(tuple(tuple(pos[c] for c in tier) for tier in cols), tuple(self.tier_rows[f]))
+        return out
 
 
 def _sparse_optimizer(config: ModelConfig):
@@ -63,7 +117,12 @@ class Arm:
         self.name = spec.name
         self.config = config
         torch.manual_seed(config.seed)
-        module = CTRModel(spec.dims, num_embeddings, multi_valued, config, managed=self.managed)
+        module = CTRModel(
+            spec.dims, num_embeddings, multi_valued, config, managed=self.managed, tiers=spec.tier_shapes()
+        )
+        for f, tier_of in spec.tier_of.items():
+            if f in spec.tiers and spec.dims.get(f, 0):
+                module.embedding.tier_maps.assign(f, tier_of)
         self.feature_names = module.feature_names
         self.embedding_params = module.embedding_params
         opt_cls, opt_kwargs = _sparse_optimizer(config)

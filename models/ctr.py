@@ -31,7 +31,9 @@ class CTRModel(nn.Module):
         config: ModelConfig,
         device: torch.device | None = None,
         managed: dict | None = None,
+        tiers: dict | None = None,
     ):
+        """`tiers`: {field: TierShape} of the tiered fields (models/tiers.py)."""
         super().__init__()
         self.config = config
         self.num_embeddings = dict(num_embeddings)
@@ -43,6 +45,7 @@ class CTRModel(nn.Module):
             device=device,
             init_range=config.init_range,
             managed=managed,
+            tiers=tiers,
         )
         widths = [self.embedding.dims[f] for f in self.embedding.feature_names]
         k = config.interaction_dim or max(widths)

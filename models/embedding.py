@@ -7,6 +7,11 @@ summed: a width-1 table would be placed on a dense kernel with an unreliable bac
 Managed fields (`managed`, models/vocab.py) arrive as raw 64-bit ids; their `ManagedVocab`
 turns them into rows before both tables look them up, and rows it hands to a new id are drawn
 afresh (`reset_rows`).
+
+Tiered fields (`tiers`, models/tiers.py: AutoSrh's frequency tiers) have one deep table per
+(field, tier) in the same collection, each of its tier's rows and its own width; the field's
+pooled embedding is its tiers' zero-padded to the field's width (the union of the control
+columns its tiers kept). Their first-order tables stay one per field.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dimstream.models.tiers import TierMaps, TierShape, assemble, split_kjt, tier_feature
 from dimstream.models.vocab import build_vocabs
 
 WIDE_WIDTH = 4
@@ -38,6 +44,33 @@ def check_dims(dims: dict[str, int], num_embeddings: dict[str, int]) -> None:
         raise AllocationError(f"embedding dims must be non-negative multiples of 4: {bad}")
     if not any(dims.values()):
         raise AllocationError("allocation keeps no field")
+
+
+def check_tiers(tiers: dict[str, TierShape], dims: dict[str, int], num_embeddings: dict[str, int], managed) -> None:
+    """A tiered field: kept, not managed, its tiers' rows covering the field, widths multiples
+    of 4 placed inside the field's width."""
+    for f, s in tiers.items():
+        if f in (managed or {}):
+            raise AllocationError(f"field {f!r} is managed (models/vocab.py): frequency tiers are not supported for it")
+        if dims.get(f, 0) <= 0:
+            raise AllocationError(f"tiered field {f!r} has no width")
+        if sum(s.rows) != num_embeddings[f] or min(s.rows) < 0:
+            raise AllocationError(f"tiers of {f!r} hold {list(s.rows)} rows, the field has {num_embeddings[f]}")
+        if any(w % 4 for w in s.widths()) or any(p < 0 or p >= dims[f] for ps in s.positions for p in ps):
+            raise AllocationError(f"tier widths of {f!r} must be multiples of 4 inside its width {dims[f]}: {s}")
+
+
+def _tier_tables(dims: dict[str, int], tiers: dict[str, TierShape]) -> tuple[dict[str, int], dict[str, int]]:
+    """(width, rows) per deep table feature: a plain field's, and one per active tier."""
+    widths, rows = {}, {}
+    for f, d in dims.items():
+        if f not in tiers:
+            widths[f] = d
+            continue
+        for t in tiers[f].active():
+            widths[tier_feature(f, t)] = len(tiers[f].positions[t])
+            rows[tier_feature(f, t)] = tiers[f].rows[t]
+    return widths, rows
 
 
 def _tables(
@@ -77,16 +110,24 @@ class MixedEmbedding(nn.Module):
         device: torch.device | None = None,
         init_range: float = 0.05,
         managed: dict | None = None,
+        tiers: dict[str, TierShape] | None = None,
     ):
         super().__init__()
         check_dims(dims, num_embeddings)
         self.dims = {f: int(d) for f, d in dims.items() if d > 0}
         self.feature_names = list(self.dims)
+        self.tier_shapes = {f: s for f, s in (tiers or {}).items() if f in self.dims}
+        check_tiers(self.tier_shapes, self.dims, num_embeddings, managed)
+        self.multi_valued = set(multi_valued)
         pooling = {f: PoolingType.MEAN for f in multi_valued}
         device = device or torch.device("meta")  # DMP materialises the shards
+        # tier tables pool SUM (named by their tier feature, not in `pooling`): the field's mean
+        # is taken over all its tiers in `assemble`
+        widths, tier_rows = _tier_tables(self.dims, self.tier_shapes)
         self.deep = EmbeddingBagCollection(
-            _tables("emb_", self.dims, num_embeddings, pooling, init_range), device=device
+            _tables("emb_", widths, num_embeddings | tier_rows, pooling, init_range), device=device
         )
+        self.tier_maps = TierMaps(self.tier_shapes) if self.tier_shapes else None
         self.wide = (
             EmbeddingBagCollection(
                 _tables("wide_", {f: WIDE_WIDTH for f in self.dims}, num_embeddings, pooling, 1e-3), device=device
@@ -155,10 +196,22 @@ class MixedEmbedding(nn.Module):
                     self._row_targets[table] = (w, [t for t in st if torch.is_tensor(t) and t.dim() >= 1])
         return self._row_targets
 
+    def _deep(self, kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
+        """The pooled deep embedding of every field ([B, d_i], `feature_names` order)."""
+        if self.tier_maps is None:
+            kt = self.deep(kjt).to_dict()
+            return [kt[f] for f in self.feature_names]
+        kt = self.deep(split_kjt(kjt, self.feature_names, self.tier_maps)).to_dict()
+        return [
+            assemble(kt, f, d, self.tier_shapes[f], kjt if f in self.multi_valued else None)
+            if f in self.tier_shapes
+            else kt[f]
+            for f, d in self.dims.items()
+        ]
+
     def forward(self, kjt: KeyedJaggedTensor, column_mask: dict[str, torch.Tensor] | None = None):
         kjt = self.remap(kjt)
-        kt = self.deep(kjt).to_dict()
-        embs = [kt[f] for f in self.feature_names]
+        embs = self._deep(kjt)
         if column_mask is not None:
             embs = [e * column_mask[f] if f in column_mask else e for e, f in zip(embs, self.feature_names)]
         wide = self.wide(kjt).values().sum(dim=1) if self.wide is not None else None
@@ -169,6 +222,10 @@ class MixedEmbedding(nn.Module):
         `feature_names` order: the collection's own output, with no per-field split to be
         concatenated again by the head (nor its backward)."""
         kjt = self.remap(kjt)
+        if self.tier_maps is not None:
+            x = torch.cat(self._deep(kjt), dim=1)
+            wide = self.wide(kjt).values().sum(dim=1) if self.wide is not None else None
+            return x, wide
         kt = self.deep(kjt)
         if kt.keys() == self.feature_names:
             x = kt.values()
@@ -179,8 +236,12 @@ class MixedEmbedding(nn.Module):
         return x, wide
 
     def embedding_params(self, num_embeddings: dict[str, int]) -> int:
-        """Parameters of the deep tables, sum_i rows_i x d_i (the budget of SSEDS eq. 4)."""
-        return sum(num_embeddings[f] * d for f, d in self.dims.items())
+        """Parameters of the deep tables, sum_i rows_i x d_i (the budget of SSEDS eq. 4); a
+        tiered field's, the sum over its tier tables."""
+        return sum(
+            self.tier_shapes[f].params() if f in self.tier_shapes else num_embeddings[f] * d
+            for f, d in self.dims.items()
+        )
 
 
 def _write_rows(t, rows: torch.Tensor, values: torch.Tensor) -> None:

@@ -20,6 +20,12 @@ whose widths changed); every table and its optimizer state are gathered whole ov
 (`gather_full`, one all-reduce per tensor) and the new plan's shards take their blocks, so a
 kept column carries its values and state across ranks (tests/test_distributed.py). The cost is
 one whole table in CPU memory at a time on every rank.
+
+Frequency tiers (models/tiers.py): a tiered field's tables hold the rows of their tier only, so
+columns are carried per id: every row of a new (field, tier) table is the id it stands for,
+its kept columns from the table that id lived in in the old arm (its old tier's, or the field's
+one table), the others from the control's field table. An id that moves tier keeps what the two
+tiers' columns share; row-wise optimizer state follows the id the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.ctr import ctr_model
 from dimstream.models.distributed import copy_blocks, gather_full, state_layout
+from dimstream.models.tiers import split_feature, tier_feature
 from dimstream.models.vocab import vocabs_of
 
 Column = tuple[str, int]
@@ -113,8 +120,11 @@ def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:
     for key, target in sd_new.items():
         if not isinstance(target, ShardedTensor):
             continue
-        table = key.rsplit(".", 2)[-2]  # emb_<field> or wide_<field>
+        table = key.rsplit(".", 2)[-2]  # emb_<field>, emb_<field>__tier<t> or wide_<field>
         kind, field = table.split("_", 1)
+        if kind == "emb" and (split_feature(field)[1] is not None or field in old.spec.tiers):
+            _carry_by_id(key, target, (new, old, control), (sd_old, sd_ctl), st)
+            continue
         in_old = key in sd_old
         if kind == "wide":  # first order: one scalar per row, not per column
             src, src_state = (sd_old, st_old) if in_old else (sd_ctl, st_ctl)
@@ -134,6 +144,70 @@ def _carry_tables(new: Arm, old: Arm, control: Arm, spec: ArmSpec) -> None:
                 st_new.assign(key, name, _gather(fcols, ocols, ccols, o, c, (1,)))
             else:  # row-wise state: the row's, from whichever arm holds the field
                 st_new.assign(key, name, o if o is not None else c)
+
+
+def _layout(arm: Arm, field: str) -> list[tuple[str, torch.Tensor | None, list[int]]]:
+    """(table, ids in its row order or None for all rows, control columns) of every deep table
+    of the field in `arm`: one for a plain field, one per tier with a table for a tiered one."""
+    spec = arm.spec
+    if spec.dims.get(field, 0) <= 0:
+        return []
+    if field not in spec.tiers:
+        return [(f"emb_{field}", None, list(spec.column_ids[field][: spec.dims[field]]))]
+    emb = ctr_model(arm).embedding
+    return [
+        (f"emb_{tier_feature(field, t)}", emb.tier_maps.ids_of(field, t), list(spec.tiers[field][t]))
+        for t in emb.tier_shapes[field].active()
+    ]
+
+
+def _by_id(ids: torch.Tensor, cols: list[int], ctl: torch.Tensor, sources: list) -> torch.Tensor:
+    """Rows `ids` (columns `cols`, for a 2-D tensor) of a new table: from the source table each
+    id lives in where that table has the column, else from the control's (every id and column).
+    sources: (ids of the table's rows or None, its control columns, its whole tensor)."""
+    n = ctl.size(0)
+    out = ctl.index_select(0, ids)
+    if ctl.dim() == 2:
+        out = out.index_select(1, torch.tensor(cols, dtype=torch.long))
+    for src_ids, src_cols, src in sources:
+        inv = torch.full((n,), -1, dtype=torch.long)
+        inv[src_ids if src_ids is not None else torch.arange(n)] = torch.arange(src.size(0))
+        loc = inv.index_select(0, ids)
+        hit = torch.nonzero(loc >= 0).flatten()
+        if not hit.numel():
+            continue
+        if ctl.dim() == 1:
+            out[hit] = src.index_select(0, loc[hit])
+            continue
+        pos = {c: i for i, c in enumerate(src_cols)}
+        common = [(i, pos[c]) for i, c in enumerate(cols) if c in pos]
+        if common:
+            pn, po = (torch.tensor(x, dtype=torch.long) for x in zip(*common))
+            out[hit.unsqueeze(1), pn.unsqueeze(0)] = src.index_select(0, loc[hit]).index_select(1, po)
+    return out
+
+
+def _carry_by_id(key: str, target, arms: tuple, sds: tuple, states: tuple) -> None:
+    """One deep table of a field tiered in the new or the old arm, carried id by id (module
+    docstring), with its fused optimizer state (named `<table>.<state>` per table)."""
+    (new, old, control), (sd_old, sd_ctl), (st_new, st_old, st_ctl) = arms, sds, states
+    prefix, table = key.rsplit(".", 2)[:2]
+    field, tier = split_feature(table.split("_", 1)[1])
+    if field in control.spec.tiers:
+        raise ValueError(f"the control's field {field!r} is tiered: columns are carried from a field-level control")
+    ids, cols = next((i, c) for t, i, c in _layout(new, field) if t == table)
+    ids = ids if ids is not None else torch.arange(new.rows[field])
+    ctl_key = f"{prefix}.emb_{field}.weight"
+    olds = [(t, i, c, f"{prefix}.{t}.weight") for t, i, c in _layout(old, field)]
+    _assign(target, _by_id(ids, cols, _full(sd_ctl[ctl_key]), [(i, c, _full(sd_old[k])) for _, i, c, k in olds]))
+    for name in st_new.names(key):
+        suffix = name.split(".", 1)[1]
+        c = st_ctl.full(ctl_key, f"emb_{field}.{suffix}")
+        src = [(i, cs, st_old.full(k, f"{t}.{suffix}")) for t, i, cs, k in olds if f"{t}.{suffix}" in st_old.names(k)]
+        if c.dim() == 0:  # a per-table scalar (a step count): the old table's, else the control's
+            st_new.assign(key, name, src[0][2] if src else c)
+            continue
+        st_new.assign(key, name, _by_id(ids, cols, c, src))
 
 
 class _OptState:

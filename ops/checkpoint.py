@@ -331,7 +331,7 @@ def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore
     meta = read_meta(ckpt)
     schema = Schema.from_dict(meta["schema"])
     model = ModelConfig.from_dict(meta["model"])
-    specs = {a["name"]: ArmSpec(a["name"], a["dims"], a["column_ids"]) for a in meta["arms"]}
+    specs = {a["name"]: ArmSpec.from_dict(a) for a in meta["arms"]}  # a tier map is in the arm's state
     names = list(specs) if names is None else list(names)
     missing = [n for n in names if n not in specs]
     if missing:

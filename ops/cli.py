@@ -77,6 +77,23 @@ def _run_parser(sub) -> None:
         help="before a search window trains, check each field on this many of its rows (held out then); 0 = off",
     )
     p.add_argument(
+        "--field-check-z",
+        type=float,
+        help="the field check keeps a field iff its held-out loss increase > Z standard errors (2; 0: any increase)",
+    )
+    p.add_argument(
+        "--tiers",
+        type=int,
+        metavar="L",
+        help="with --search autosrh: L frequency tiers per field, one slim table per (field, tier) (1: field level)",
+    )
+    p.add_argument(
+        "--noise-floor",
+        type=float,
+        metavar="K",
+        help="SSEDS: a field whose saliency is within K standard deviations of its noise null gets 0 (off)",
+    )
+    p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         help="dense part in bf16 autocast (fp32 master weights); auto: bf16 where the hardware has it",
@@ -111,6 +128,9 @@ def _run_config(args) -> RunConfig:
         "realloc_min_gain",
         "saliency_decay",
         "field_check_rows",
+        "field_check_z",
+        "noise_floor",
+        "tiers",
         "precision",
     ]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}

@@ -69,6 +69,16 @@ class RunConfig:
     # held-out field check (search/fieldcheck.py) on this many of a search window's rows, run
     # before the control trains on them; 0 = off (it costs one head forward per field per row)
     field_check_rows: int = 0
+    # the check keeps a field iff its held-out loss increase delta > z x its standard error (0: any
+    # increase); on 8,192 rows neither z 0 nor z 1 met issue 14's target on 2 seeds without costing
+    # slim AUC (benchmarks/results/noise_floor.json)
+    field_check_z: float = 2.0
+    # SSEDS (search/noisefloor.py): a field whose summed saliency does not exceed the null of eq. 10's
+    # per-row noise by this many standard deviations gets 0; None = off
+    noise_floor: float | None = None
+    # AutoSrh's frequency tiers (section 4.2.1): the slim arm holds one table per (field, tier), an
+    # id's tier from its count in the search window (models/tiers.py); 1 = field level
+    tiers: int = 1
     rows_per_window: int = 50_000  # synthetic source
     allowed_lateness: int = 0
     # a row this many seconds ahead of the data around it is bad_event_time, not a new watermark
@@ -158,6 +168,14 @@ class RunConfig:
             raise ConfigError("saliency_decay must be in [0, 1)")
         if self.field_check_rows < 0 or self.field_check_rows == 1:
             raise ConfigError("field_check_rows must be 0 (off) or at least 2")
+        if not self.field_check_z >= 0:
+            raise ConfigError("field_check_z must be >= 0")
+        if self.tiers < 1 or (self.tiers > 1 and self.search != "autosrh"):
+            raise ConfigError(f"tiers must be >= 1, and > 1 only with search autosrh (got {self.tiers}, {self.search})")
+        if self.noise_floor is not None and not self.noise_floor >= 0:
+            raise ConfigError("noise_floor must be >= 0 standard deviations (or unset: off)")
+        if self.noise_floor is not None and self.search != "sseds":
+            raise ConfigError(f"noise_floor is a knob of search sseds, not of {self.search!r}")
         if self.max_event_time_skew is not None and self.max_event_time_skew < 0:
             raise ConfigError("max_event_time_skew must be a number of seconds >= 0 (0: no bound)")
         if self.max_event_time_skew == 0:

@@ -392,7 +392,7 @@ class Runner:
             "model": self.cfg.model.to_dict(),
             "source": self.cfg.source,
             "window_seconds": self.window_seconds,
-            "arms": [{"name": a.name, "dims": a.spec.dims, "column_ids": a.spec.column_ids} for a in self.arms],
+            "arms": [a.spec.to_dict() for a in self.arms],
             "position": self.resume.position,
             "watermark": self.resume.watermark,
             "read_upto": self.resume.read_upto,

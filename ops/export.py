@@ -48,10 +48,13 @@ def export_arm(state_dir: Path, arm: str, out: Path) -> Path:
 
 def export_weights(arm) -> dict:
     """The arm's weights under serving names, its tables gathered whole (collective)."""
+    from dimstream.models.ctr import ctr_model
     from dimstream.models.serving import serving_weights
+    from dimstream.models.tiers import field_tables
     from dimstream.ops.checkpoint import arm_state
 
-    return serving_weights(arm_state(arm)["model"])
+    # a tiered arm (AutoSrh's frequency tiers) is served as field tables (models/tiers.py)
+    return field_tables(serving_weights(arm_state(arm)["model"]), ctr_model(arm).embedding)
 
 
 def export_model(arm, meta: dict, out: Path, weights: dict | None = None, extra: dict | None = None) -> Path:

@@ -73,7 +73,11 @@ class DaemonSearch:
         self.runner = runner
         cfg = runner.cfg
         self.policy = AllocationPolicy(cfg.budget, cfg.saliency_decay, cfg.realloc_min_gain, fill=cfg.budget_fill)
-        self.method = registry.build(cfg.search, rows=cfg.search_rows) if cfg.search != "none" else None
+        self.method = (
+            registry.build(cfg.search, rows=cfg.search_rows, noise_floor=cfg.noise_floor, **_tier_knob(cfg))
+            if cfg.search != "none"
+            else None
+        )
         self.check = None  # this window's averaged field check, for its search
         self.supernet = None  # --search adass: the supernet trained on every window (lazily built)
 
@@ -87,7 +91,9 @@ class DaemonSearch:
             return
         batch = window.batch
         shot = check_fields(
-            self.runner.arm("control"), batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch))
+            self.runner.arm("control"),
+            batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch)),
+            z=cfg.field_check_z,
         )
         self.runner.metrics.search_duration.labels("field_check").observe(shot.seconds)
         check = self.policy.average_check(shot)
@@ -148,7 +154,7 @@ class DaemonSearch:
         if not decision.reshape:
             log.info("slim arm kept after the %s search: %s", result.method, decision.reason)
             return
-        self._reshape(decision, "daemon", result.method, record)
+        self._reshape(decision, "daemon", result.method, record, result.details.get("tiers"))
 
     # --- the AdaS&S supernet (models/supernet.py): its own model, not an A/B arm ---
     def _supernet_mode(self) -> bool:
@@ -247,8 +253,12 @@ class DaemonSearch:
             min_score=min_score,
         )
 
-    def _reshape(self, decision: Decision, source: str, method: str, record) -> bool:
-        """Re-shape the slim arm to the decision; False if it already has that allocation."""
+    def _reshape(self, decision: Decision, source: str, method: str, record, tiers: dict | None = None) -> bool:
+        """Re-shape the slim arm to the decision; False if it already has that allocation.
+
+        `tiers` (AutoSrh with --tiers L > 1, search/autosrh.py `tiered_allocation`): the slim
+        arm takes the (field, tier) allocation and the ids' tiers instead of the decision's
+        field-level one (the policy's gate still decides whether to re-shape)."""
         runner, fields = self.runner, self.runner.schema.feature_names
         slim = runner.arm("slim")
         spec = ArmSpec(
@@ -256,7 +266,9 @@ class DaemonSearch:
             {f: int(decision.dims.get(f, 0)) for f in fields},
             {f: sorted(int(j) for j in decision.kept_columns.get(f, [])) for f in fields},
         )
-        if spec.dims == slim.spec.dims and all(
+        if tiers is not None:
+            spec = ArmSpec.from_tiers("slim", fields, tiers)
+        elif spec.dims == slim.spec.dims and all(
             spec.column_ids[f] == slim.spec.column_ids[f][: spec.dims[f]] for f in fields
         ):
             return False  # an allocation equal to the current one changes nothing
@@ -264,6 +276,9 @@ class DaemonSearch:
         runner.metrics.reallocations.labels("slim").inc()
         params = runner.arm("slim").embedding_params
         record.reallocation = {"source": source, "method": method, "dims": spec.dims, "embedding_params": params}
+        if spec.tiers:
+            record.reallocation["tier_dims"] = {f: [len(c) for c in cols] for f, cols in spec.tiers.items()}
+            record.reallocation["tier_rows"] = spec.tier_rows
         log.info("slim arm re-allocated by %s (%s): %s params", source, method, f"{params:,}")
         return True
 
@@ -323,6 +338,11 @@ class DaemonSearch:
         else:
             os.replace(claimed, dest / f"{index:06d}.json")
         self.runner.metrics.plans.labels(outcome).inc()
+
+
+def _tier_knob(cfg) -> dict:
+    """--tiers L > 1 for AutoSrh's frequency tiers; L = 1 offers nothing (the field level)."""
+    return {"tiers": cfg.tiers} if getattr(cfg, "tiers", 1) > 1 else {}
 
 
 def _train_supernet(net, batch) -> np.ndarray:

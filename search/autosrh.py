@@ -44,9 +44,12 @@ and divided into L equal blocks (`feature_blocks`); alpha becomes [L, K] per fie
 mini-batch taking the alpha row of its id's tier (`row_masks`), and eq. 14 normalises every
 (field, tier) row. The pruning then scores every (field, tier) column and allocates at (field,
 tier) granularity, each (field, tier) a table of its own rows, within sum of rows x width <=
-kappa x control (`tiered_allocation`, in the result's details["tiers"]). The slim arm is not yet
-built from tiered tables (models/embedding.py has one table per field): with tiers the result's
-dims are the field-level allocation of the same scores summed over the tiers.
+kappa x control (`tiered_allocation`, in the result's details["tiers"], with the ids' tiers
+`tier_of`). The daemon builds the slim arm from it under `--tiers L` (models/tiers.py: one table
+per (field, tier), ops/searching.py); the result's dims stay the field-level allocation of the
+same scores summed over the tiers, which the policy's gate compares and plans carry. The tiers
+come from the search window's exact counts, so there are no counts to checkpoint: the ids'
+tiers themselves are in the slim arm's checkpointed state.
 """
 
 from __future__ import annotations
@@ -240,6 +243,18 @@ def tiered_allocation(
     }
 
 
+def _drop_checked_fields(tiered: dict, field_check: FieldCheck | None) -> None:
+    """The fields a held-out field check drops get no column in any tier (in place)."""
+    if field_check is None:
+        return
+    for f, keep in field_check.keep.items():
+        if not keep and f in tiered["dims"]:
+            tiered["dims"][f] = [0] * len(tiered["dims"][f])
+            tiered["kept_columns"][f] = [[] for _ in tiered["kept_columns"][f]]
+    tiered["params"] = sum(n * d for f, ds in tiered["dims"].items() for n, d in zip(tiered["rows"][f], ds))
+    tiered["budget_reached"] = tiered["params"]
+
+
 def autosrh_search(
     control,
     train: SparseBatch,
@@ -263,9 +278,11 @@ def autosrh_search(
     lr:        alpha's learning rate (the paper's 0.01, section 5.1.4) on the normalised gradient.
     tiers:     L, the frequency blocks of every field (section 4.2.1): alpha is [L, K] per field
                and an id's tier comes from `counts` (row occurrences, default: counted on
-               train + val) by `feature_blocks`. With L > 1 the result is still the field-level
-               allocation (the tiers' scores summed per column), which the slim arm can take;
-               the (field, tier) allocation is in details["tiers"] (`tiered_allocation`).
+               train + val) by `feature_blocks`. With L > 1 the result's dims are the
+               field-level allocation (the tiers' scores summed per column); the (field,
+               tier) allocation a tiered slim arm is built from is in details["tiers"]
+               (`tiered_allocation`, and `tier_of`; a field the field check drops gets 0
+               in every tier).
     budget:    Budget("params", kappa) (default 0.25) or Budget("columns", columns=s).
     field_check: a held-out field check (search/fieldcheck.py): the fields it drops get 0.
     The result's saliency is the column score above; details hold alpha and the losses."""
@@ -304,6 +321,8 @@ def autosrh_search(
     details = {}
     if tier_of is not None:
         details["tiers"] = tiered_allocation(scores, tier_sizes(tier_of, tiers), m.dims, budget)
+        details["tiers"]["tier_of"] = tier_of  # the ids' tiers the slim arm is built with
+        _drop_checked_fields(details["tiers"], field_check)
         scores = {f: s.sum(axis=0) for f, s in scores.items()}
     return make_result(
         "autosrh",

@@ -252,6 +252,8 @@ class _Runner:
                     "budget_fill": False,
                     "search_warmup": 0,
                     "field_check_rows": 0,
+                    "field_check_z": 2.0,
+                    "noise_floor": None,
                     "arms": ("control", "slim"),
                 }
                 | cfg
