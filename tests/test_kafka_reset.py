@@ -85,7 +85,10 @@ def _committed(bootstrap: str, group: str, topic: str):
         c.close()
 
 
-def test_broker_back_empty_restarts_the_partition_from_earliest_and_commits_again(broker, tmp_path):
+# 20 ms polls return while the group is still rejoining after the restart (tansu holds a new
+# group's first join ~3 s), which is where a reset once raised (see the two tests below)
+@pytest.mark.parametrize("poll_ms", [500, 20])
+def test_broker_back_empty_restarts_the_partition_from_earliest_and_commits_again(broker, tmp_path, poll_ms):
     from tests.helpers import tiny_schema
 
     topic, group = "reset", "rs"
@@ -106,6 +109,7 @@ def test_broker_back_empty_restarts_the_partition_from_earliest_and_commits_agai
         linger_seconds=120,
     )
     runner = Runner.from_config(cfg)
+    runner.source.poll_timeout_ms = poll_ms
     trained = []
     runner.observers.append(lambda r, w, rec: trained.append(w.table.column("rid").to_numpy()))
     done = lambda lo, hi: sum(int(((r >= lo) & (r < hi)).sum()) for r in trained)  # noqa: E731
@@ -154,3 +158,108 @@ def test_broker_back_empty_restarts_the_partition_from_earliest_and_commits_agai
     lines = [m for m in errors.messages if "went back" in m]
     assert len(lines) == 1, lines
     assert f"{topic}" in lines[0] and "partition 0" in lines[0] and str(old_msgs) in lines[0]
+
+
+def test_a_reset_between_losing_the_group_and_rejoining_it_restarts_from_earliest_when_assigned(broker, caplog):
+    """The partitions of the last assignment are not assigned while the group is rejoined (the
+    broker came back empty and forgot the member): seeking them raised ValueError (kafka-python:
+    "Unassigned partition"), taken for an unreachable broker; every new consumer hit it again
+    before its join completed, and nothing was read any more. Now the reset is said and counted
+    at once, and the partition starts from its earliest offset when assigned, even under
+    auto_offset_reset="latest"."""
+    from dimstream.stream.sources.kafka import KafkaSource
+    from tests.helpers import tiny_schema
+
+    _produce(broker.bootstrap, "lost", 0, 3, 10, t0=0)
+    src = KafkaSource(broker.bootstrap, "lost", tiny_schema(), group="lg", auto_offset_reset="latest")
+    src.poll_timeout_ms = 50
+    try:
+        src._connect()  # subscribed, not assigned yet: as between losing the group and rejoining it
+        assert not src._consumer.assignment()
+        src._assigned, src._next, src._durable = {0}, {"0": 60}, {"0": 60}  # the last assignment's state
+        with caplog.at_level(logging.ERROR, logger="dimstream.stream.sources.kafka"):
+            src._reset([0], "the topic's id changed")
+        lines = [r.getMessage() for r in caplog.records if "went back" in r.getMessage()]
+        assert len(lines) == 1 and "it was at offset 60" in lines[0], lines
+        assert src.offset_resets == 1 and "0" not in src._durable and "0" not in src._next
+        rids, deadline = [], time.time() + 30
+        for sb in src.read({"offsets": {}, "resets": dict(src._resets)}):
+            if sb.batch is not None:
+                rids += sb.batch.column("rid").to_pylist()
+            if len(rids) >= 30 or time.time() > deadline:
+                break
+        assert rids == list(range(30))  # from offset 0: auto_offset_reset="latest" would have read nothing
+        assert src.offset_resets == 1
+    finally:
+        src.close()
+
+
+def test_heartbeats_while_the_group_rebalances_do_not_count_as_idle(broker):
+    """Between giving its partitions up and the next assignment a member reads nothing, whatever
+    is waiting: its heartbeats say source_down, so the window loop's idle timeout does not close a
+    window whose remaining rows come after the rebalance (they would be late). The reset test saw
+    it: the new broker's rejoin took ~3 s, an idle timeout of 3 s closed a window with 50 of its
+    150 rows, and the other 100 were dead-lettered as late."""
+    from kafka import KafkaConsumer
+
+    from dimstream.ops.replay import ensure_topic
+    from dimstream.stream.sources.kafka import KafkaSource
+    from tests.helpers import tiny_schema
+
+    ensure_topic(broker.bootstrap, "rb", 2)
+    _produce(broker.bootstrap, "rb", 0, 4, 10, t0=0)
+    src = KafkaSource(broker.bootstrap, "rb", tiny_schema(), group="rbg", positions=False, dlq=False)
+    src.poll_timeout_ms = 20
+    other, seen = None, []  # source_down of every heartbeat between the revocation and the next assignment
+    stop, revoked = threading.Event(), threading.Event()
+
+    class Revocations(logging.Handler):  # the source's line for partitions given up (the listener's)
+        def emit(self, record):
+            if record.getMessage().startswith("rebalance: giving up partitions ['"):
+                revoked.set()
+
+    source_log = logging.getLogger("dimstream.stream.sources.kafka")
+    handler = Revocations(logging.INFO)
+    source_log.addHandler(handler)
+    level = source_log.level
+    source_log.setLevel(logging.INFO)
+
+    def second_member():
+        nonlocal other
+        other = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id="rbg", enable_auto_commit=False)
+        other.subscribe(["rb"])
+        while not stop.is_set():
+            other.poll(timeout_ms=100)
+
+    joiner = threading.Thread(target=second_member)
+    try:
+        deadline, rewinds = time.time() + 60, 0
+        reading = src.read(None)
+        for sb in reading:
+            assert time.time() < deadline, (rewinds, revoked.is_set(), seen)
+            if sb.rewind:
+                rewinds += 1
+                if rewinds == 1:
+                    joiner.start()  # assigned alone first; the second member's join rebalances
+                elif rewinds == 2:
+                    break
+            elif sb.batch is None and sb.error is None and revoked.is_set():
+                seen.append(sb.source_down)
+        assert seen, "no heartbeat while the group rebalanced"
+        assert all(seen), f"{seen.count(False)} of {len(seen)} heartbeats during the rebalance not source_down"
+        assert len(src._consumer.assignment()) == 1
+        after = []  # assigned again: heartbeats count as idleness again (but while a probe fails)
+        while len(after) < 50 and all(after):
+            sb = next(reading)
+            if sb.batch is None and sb.error is None and not sb.rewind:
+                after.append(sb.source_down)
+        assert not all(after), f"{len(after)} heartbeats after the rebalance, all source_down"
+    finally:
+        source_log.removeHandler(handler)
+        source_log.setLevel(level)
+        stop.set()
+        if joiner.is_alive():
+            joiner.join(timeout=10)
+        if other is not None:
+            other.close()
+        src.close()

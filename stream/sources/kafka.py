@@ -336,6 +336,9 @@ class KafkaSource(LiveSource):
         self._side_ok: set[str] = set()  # partitions whose durable record is on the side topic
         self._assigned: set[int] | None = None  # partitions this member owns (None: not yet known)
         self._rebalanced = False  # set by the listener, handled after poll returns
+        # partitions given up and the new assignment not yet handled: no message can arrive, so
+        # the time without data is not idleness (heartbeats say source_down, as in an outage)
+        self._rejoining = False
         # per partition, [read_upto, watermark] rules of rows handled by earlier owners: `_skip` is
         # applied to messages as they are read, `_carry` goes into positions until passed
         self._skip: dict[str, list[list[int]]] = {}
@@ -351,6 +354,9 @@ class KafkaSource(LiveSource):
         # of one incarnation of a topic say nothing about another's
         self._resets: dict[str, int] = {}
         self._topic_id: str | None = None  # the topic's id (KIP-516) as last seen, if the broker has ids
+        # partitions reset while not assigned (between losing the group and rejoining it): they
+        # restart from their earliest offset when assigned again, whatever auto_offset_reset says
+        self._restart_earliest: set[str] = set()
         # (rank, world size): partition p is read by rank p mod N, assigned by hand (no group
         # membership, no rebalance); None: the consumer group assigns partitions
         self.assignment: tuple[int, int] | None = None
@@ -584,6 +590,7 @@ class KafkaSource(LiveSource):
             async def on_partitions_assigned(self, assigned):
                 source._assigned = {tp.partition for tp in assigned}
                 source._rebalanced = True  # seeks and the rewind happen after poll returns
+                source._rejoining = False  # after _rebalanced: a heartbeat reading both sees one set
 
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
@@ -657,8 +664,11 @@ class KafkaSource(LiveSource):
                 was_up = self.kafka_up
             self._update_lag()
             if not records:
-                # heartbeat: lets the loop close idle windows, unless the broker is not answering
-                yield SourceBatch(None, here, here, source_down=not self.kafka_up)
+                # heartbeat: lets the loop close idle windows, unless the broker is not answering or
+                # the group is rejoining (the rest of an open window may come after it: not late);
+                # _rebalanced: the assignment came since this poll returned, its rewind comes next
+                rejoining = self._rejoining or self._rebalanced
+                yield SourceBatch(None, here, here, source_down=not self.kafka_up or rejoining)
                 continue
             self._pending = {str(tp.partition) for tp in records}
             for tp, messages in records.items():
@@ -745,7 +755,13 @@ class KafkaSource(LiveSource):
         tps = [TopicPartition(self.topic, int(q)) for q in partitions]
         if not tps:
             return
-        self._consumer.seek_to_beginning(*tps)
+        # a partition of the last assignment may not be assigned now (the group was lost when the
+        # broker restarted, the rejoin is under way): it cannot be sought (kafka-python raises),
+        # so it restarts from its earliest offset when assigned again (_seek_assigned)
+        assigned = set(self._consumer.assignment())
+        if seek := [tp for tp in tps if tp in assigned]:
+            self._consumer.seek_to_beginning(*seek)
+        self._restart_earliest |= {str(tp.partition) for tp in tps if tp not in assigned}
         try:
             first = self._consumer.beginning_offsets(tps)
         except Exception:
@@ -755,12 +771,13 @@ class KafkaSource(LiveSource):
             old = (resume or {}).get(p, self._next.get(p, self._durable.get(p)))
             log.error(
                 "Kafka topic %s partition %s went back (%s; it was at offset %s): the broker came back "
-                "empty or the topic was re-created; restarting the partition from its earliest offset %s",
+                "empty or the topic was re-created; restarting the partition from its earliest offset %s%s",
                 self.topic,
                 p,
                 why,
                 old,
                 first.get(tp, 0),
+                "" if tp in assigned else " once the group, being rejoined, assigns it",
             )
             self.offset_resets += 1
             self._resets[p] = self._resets.get(p, 0) + 1
@@ -783,6 +800,8 @@ class KafkaSource(LiveSource):
         """Partitions are leaving this member: they go at the last durable checkpoint, whose
         position is committed (again) before they do; nothing read after it counts."""
         mine = {str(tp.partition) for tp in partitions}
+        if mine:
+            self._rejoining = True  # until the next assignment (on_partitions_assigned)
         if any(self._next.get(p, -1) > self._durable.get(p, -1) for p in mine):
             self.revoked_unfinished += 1
         log.info(
@@ -919,7 +938,7 @@ class KafkaSource(LiveSource):
                     )
                 )
             if not claims:
-                if self.auto_offset_reset == "latest":
+                if self.auto_offset_reset == "latest" and p not in self._restart_earliest:
                     self._consumer.seek_to_end(tp)
                 else:
                     self._consumer.seek_to_beginning(tp)
@@ -944,6 +963,7 @@ class KafkaSource(LiveSource):
                     self._side_ok.add(p)
                 else:
                     self._durable_rec.pop(p, None)
+        self._restart_earliest -= set(map(str, seeking))  # sought now, in this incarnation
         for p in list(self._carry):
             if int(p) not in (self._assigned or ()):
                 del self._carry[p]
@@ -1305,6 +1325,8 @@ class KafkaSource(LiveSource):
 
     def _drop_consumer(self) -> None:
         if self._consumer is not None:
+            if self.assignment is None and self._assigned:
+                self._rejoining = True  # a new consumer rejoins the group (see _give_up)
             try:
                 self._consumer.close(autocommit=False)
             except Exception:
