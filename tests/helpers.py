@@ -43,6 +43,27 @@ def tiny_batch(n: int = 64, seed: int = 0, t0: int = 0, ids: np.ndarray | None =
     )
 
 
+def managed_files(tmp_path: Path, rows: int, capacity: int) -> tuple[Path, dict]:
+    """Two hourly parquet files of `tiny_batch` rows and a [schema] whose `user` field is
+    managed (`capacity` rows) and whose `item` ids are strings: (data dir, schema)."""
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for w in range(2):
+        pq.write_table(pa.Table.from_batches([tiny_batch(rows, seed=w, t0=3600 * w)]), data / f"part-{w}.parquet")
+    rows_of = {"num_embeddings": capacity, "capacity": capacity}
+    schema = {
+        "fields": [
+            {"name": "user", "kind": "categorical", "vocab": "managed", **rows_of},
+            {"name": "item", "kind": "categorical", "num_embeddings": 40, "id_type": "str"},
+            {"name": "tags", "kind": "multi", "num_embeddings": 20},
+            {"name": "price", "kind": "numeric", "num_embeddings": 16},
+        ]
+    }
+    return data, schema
+
+
 def kafka_run_config(source, state, windows, **kw):
     """The Kafka tests' daemon: one-day windows (`window_seconds` overrides), control only
     unless `arms` says otherwise, FM, seed 0, a free metrics port, no progress bars."""

@@ -257,24 +257,12 @@ def test_reallocation_on_a_managed_field_keeps_each_ids_kept_columns():
 def test_the_daemon_trains_a_managed_field_from_a_files_source(tmp_path):
     """`vocab = "managed"` in a run's [schema]: the daemon's arms manage the field's ids (no
     guard error), train every row, and the checkpointed mapping holds the ids admitted."""
-    import pyarrow.parquet as pq
 
     from dimstream.ops.config import RunConfig
     from dimstream.ops.daemon import Runner
-    from tests.helpers import tiny_batch
+    from tests.helpers import managed_files
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for w in range(2):
-        pq.write_table(pa.Table.from_batches([tiny_batch(400, seed=w, t0=3600 * w)]), data / f"part-{w}.parquet")
-    schema = {
-        "fields": [
-            {"name": "user", "kind": "categorical", "num_embeddings": 64, "vocab": "managed", "capacity": 64},
-            {"name": "item", "kind": "categorical", "num_embeddings": 40, "id_type": "str"},
-            {"name": "tags", "kind": "multi", "num_embeddings": 20},
-            {"name": "price", "kind": "numeric", "num_embeddings": 16},
-        ]
-    }
+    data, schema = managed_files(tmp_path, 400, 64)
     cfg = RunConfig(
         source=f"files:{data}",
         schema=schema,

@@ -6,8 +6,6 @@ whose id changed, and keep the mapping through to_bytes / from_bytes; the daemon
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from dimstream.models.distributed import progressive_val_score
@@ -94,20 +92,9 @@ def test_the_daemon_searches_a_managed_field_with_adass(tmp_path):
     from dimstream.ops.config import RunConfig
     from dimstream.ops.daemon import Runner
     from dimstream.ops.searching import SUPERNET_FILE
-    from tests.helpers import tiny_batch
+    from tests.helpers import managed_files
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for w in range(2):
-        pq.write_table(pa.Table.from_batches([tiny_batch(600, seed=w, t0=3600 * w)]), data / f"part-{w}.parquet")
-    schema = {
-        "fields": [
-            {"name": "user", "kind": "categorical", "num_embeddings": 24, "vocab": "managed", "capacity": 24},
-            {"name": "item", "kind": "categorical", "num_embeddings": 40, "id_type": "str"},
-            {"name": "tags", "kind": "multi", "num_embeddings": 20},
-            {"name": "price", "kind": "numeric", "num_embeddings": 16},
-        ]
-    }
+    data, schema = managed_files(tmp_path, 600, 24)
     cfg = RunConfig(
         source=f"files:{data}",
         schema=schema,
