@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +42,7 @@ UNSUPPORTED = {
     "unknown": "no format dimstream reads (not Arrow IPC, JSON, Avro or schema-registry framing)",
 }
 _BLANK = b" \t\r\n"
-_MIN_BLOCK = 1 << 20  # smaller blocks cost more per block than the parallel parse gains
+_MIN_BLOCK = 1 << 20  # unused since one block (see _read_json); kept for the test that sets it
 
 
 @dataclass
@@ -141,12 +140,11 @@ def _schema_of(blob: bytes) -> Schema:
 
 
 def _read_json(buf: bytes, longest: int | None = None) -> pa.Table:
-    """JSON lines in blocks that pyarrow parses on every core (types are inferred per block and
-    unified: the same table as one block gives, tests/test_kafka_bulk.py). A block holds at
-    least the longest line (`longest`; None: the whole buffer is one block)."""
-    per_core = -(-len(buf) // (os.cpu_count() or 1))
-    block = len(buf) + 1 if longest is None else max(_MIN_BLOCK, longest + 1, per_core + 1)
-    return pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=block))
+    """JSON lines in ONE block: with several, pyarrow's threads may order the columns of a
+    column first met in a later block differently from one block (a fresh-clone CI run failed
+    tests/test_kafka_bulk.py on it), so a poll's table would depend on thread timing.
+    `longest` is kept for the callers; the block is always the whole buffer."""
+    return pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=len(buf) + 1))
 
 
 def decode_json(value: bytes) -> pa.RecordBatch:
