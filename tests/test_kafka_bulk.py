@@ -8,8 +8,6 @@ import random
 import struct
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.json as pajson
 import pytest
 from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
@@ -142,28 +140,6 @@ def test_a_kafka_source_reads_a_json_event_topic_in_bulk(broker):
 
 
 # --- the JSON of one poll, parsed in blocks on every core (stream/kafka/formats.py) ----------
-
-
-def _one_block(values) -> pa.Table:
-    return pajson.read_json(pa.BufferReader(b"\n".join(values)), read_options=pajson.ReadOptions(block_size=1 << 26))
-
-
-def test_json_parsed_in_blocks_is_the_table_one_block_gives(monkeypatch):
-    monkeypatch.setattr(formats, "_MIN_BLOCK", 256)  # many blocks of a small poll
-    runs = {
-        "int then float": [b'{"a": 1}'] * 300 + [b'{"a": 1.5}'] * 300,
-        "null then int": [b'{"a": null, "s": "x"}'] * 300 + [b'{"a": 7, "s": "y"}'] * 300,
-        "a column first met late": [b'{"b": 1}'] * 300 + [b'{"a": [1, 2], "b": 2}'] * 300,
-    }
-    for name, values in runs.items():
-        (piece,) = formats.decode_values(values)
-        assert piece.rb.num_rows == len(values), name
-        assert pa.Table.from_batches([piece.rb]).equals(_one_block(values).combine_chunks()), name
-    # a type conflict between blocks fails as in one block: the bad messages are found by halving
-    values = [b'{"a": 1}'] * 300 + [b'{"a": "x"}'] + [b'{"a": 2}'] * 300
-    pieces = formats.decode_values(values)
-    assert sum(p.rb.num_rows for p in pieces if p.rb is not None) == len(values)  # each part on its own
-    assert formats._one_event_each(values, [None] * len(values)) is not None
 
 
 def test_only_headerless_single_line_objects_take_the_one_call_path():

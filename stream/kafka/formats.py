@@ -42,7 +42,6 @@ UNSUPPORTED = {
     "unknown": "no format dimstream reads (not Arrow IPC, JSON, Avro or schema-registry framing)",
 }
 _BLANK = b" \t\r\n"
-_MIN_BLOCK = 1 << 20  # unused since one block (see _read_json); kept for the test that sets it
 
 
 @dataclass
@@ -139,11 +138,10 @@ def _schema_of(blob: bytes) -> Schema:
     return Schema.from_metadata({METADATA_KEY: blob})
 
 
-def _read_json(buf: bytes, longest: int | None = None) -> pa.Table:
+def _read_json(buf: bytes) -> pa.Table:
     """JSON lines in ONE block: with several, pyarrow's threads may order the columns of a
     column first met in a later block differently from one block (a fresh-clone CI run failed
-    tests/test_kafka_bulk.py on it), so a poll's table would depend on thread timing.
-    `longest` is kept for the callers; the block is always the whole buffer."""
+    tests/test_kafka_bulk.py on it), so a poll's table would depend on thread timing."""
     return pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=len(buf) + 1))
 
 
@@ -173,7 +171,7 @@ def _bulk_json(values: list[bytes], lo: int, buf: bytes | None = None) -> list[P
         except WireError as e:
             return [Piece(lo, lo + 1, error=e, fmt="json")]
     try:
-        table = _read_json(b"\n".join(values) if buf is None else buf, max(map(len, values)))
+        table = _read_json(b"\n".join(values) if buf is None else buf)
         if table.num_rows == len(values):  # one row per message: rows map onto messages
             return [Piece(lo, lo + len(values), table.combine_chunks().to_batches()[0], fmt="json")]
     except (pa.ArrowInvalid, OSError):
