@@ -97,41 +97,9 @@ def rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def kill_rank_1_after_two_windows(cmd: list[str], state: Path, log: Path, env: dict) -> str:
-    """Run torchrun `cmd` (with --max-restarts), SIGKILL rank 1 once window 1's checkpoint is
-    complete (so in a later window's training or checkpoint), and wait for the restarted world
-    to finish. Asserts it ended 0 and resumed from a checkpoint; returns torchrun's stderr."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    with open(log, "w+") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
-        try:
-            latest = state / "checkpoints" / "LATEST"
-            deadline = time.monotonic() + 150
-            while not (latest.exists() and latest.read_text() >= "ckpt-000001"):  # two windows done
-                assert p.poll() is None and time.monotonic() < deadline, "the run ended or stalled before window 2"
-                time.sleep(0.1)
-            victim = rank_pid(p.pid, 1)
-            assert victim is not None
-            os.kill(victim, signal.SIGKILL)
-            rc = p.wait(timeout=200)
-        finally:
-            if p.poll() is None:
-                p.kill()
-        err.seek(0)
-        text = err.read()
-    assert rc == 0, text[-4000:]
-    assert "resumed from ckpt-" in text, text[-3000:]
-    return text
-
-
-def sigterm_after_window(cmd: list[str], state: Path, index: int, log: Path, env: dict) -> str:
-    """Run `cmd` (a daemon), SIGTERM it once window `index`'s checkpoint is complete, and wait
-    for it to stop. Asserts it ended 0; returns its stderr."""
-    import signal
+def _act_after_checkpoint(cmd: list[str], state: Path, index: int, log: Path, env: dict, act, wait_s: int) -> str:
+    """Run `cmd` (a daemon or torchrun), call `act(process)` once window `index`'s checkpoint is
+    complete, and wait up to `wait_s` for it to stop. Asserts it ended 0; returns its stderr."""
     import subprocess
     import time
 
@@ -143,8 +111,8 @@ def sigterm_after_window(cmd: list[str], state: Path, index: int, log: Path, env
             while not (latest.exists() and latest.read_text() >= f"ckpt-{index:06d}"):
                 assert p.poll() is None and time.monotonic() < deadline, f"the run ended or stalled in window {index}"
                 time.sleep(0.05)
-            p.send_signal(signal.SIGTERM)
-            rc = p.wait(timeout=120)
+            act(p)
+            rc = p.wait(timeout=wait_s)
         finally:
             if p.poll() is None:
                 p.kill()
@@ -152,3 +120,28 @@ def sigterm_after_window(cmd: list[str], state: Path, index: int, log: Path, env
         text = err.read()
     assert rc == 0, text[-4000:]
     return text
+
+
+def kill_rank_1_after_two_windows(cmd: list[str], state: Path, log: Path, env: dict) -> str:
+    """Run torchrun `cmd` (with --max-restarts), SIGKILL rank 1 once window 1's checkpoint is
+    complete (so in a later window's training or checkpoint), and wait for the restarted world
+    to finish. Asserts it ended 0 and resumed from a checkpoint; returns torchrun's stderr."""
+    import os
+    import signal
+
+    def kill_rank_1(p):
+        victim = rank_pid(p.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+
+    text = _act_after_checkpoint(cmd, state, 1, log, env, kill_rank_1, wait_s=200)
+    assert "resumed from ckpt-" in text, text[-3000:]
+    return text
+
+
+def sigterm_after_window(cmd: list[str], state: Path, index: int, log: Path, env: dict) -> str:
+    """Run `cmd` (a daemon), SIGTERM it once window `index`'s checkpoint is complete, and wait
+    for it to stop. Asserts it ended 0; returns its stderr."""
+    import signal
+
+    return _act_after_checkpoint(cmd, state, index, log, env, lambda p: p.send_signal(signal.SIGTERM), wait_s=120)
