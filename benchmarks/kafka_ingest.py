@@ -21,7 +21,7 @@ from training import criteo_source  # a sibling script (sys.path[0] is benchmark
 
 from dimstream.ops.replay import replay
 from dimstream.stream.decode import Decoder
-from dimstream.stream.kafka.formats import decode_values
+from dimstream.stream.kafka.formats import declared_columns, decode_values
 from dimstream.stream.kafka.tansu import Broker
 from dimstream.stream.sources.kafka import KafkaSource
 
@@ -94,11 +94,12 @@ def json_decode_only(rows: int, poll: int = 10_000) -> tuple[float, dict]:
     and KeyedJaggedTensors; and the time of each stage (us a row)."""
     values, schema = json_events(rows)
     dec = Decoder(schema)
+    columns = declared_columns(schema)  # as the source passes them: the canonical column order
     split = dict.fromkeys(("decode_values", "decoder", "to_kjt"), 0.0)
     t0 = time.perf_counter()
     for start in range(0, rows, poll):
         t = time.perf_counter()
-        pieces = decode_values(values[start : start + poll])
+        pieces = decode_values(values[start : start + poll], columns=columns)
         split["decode_values"] += time.perf_counter() - t
         for piece in pieces:
             t = time.perf_counter()

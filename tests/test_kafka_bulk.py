@@ -113,6 +113,25 @@ def test_a_corrupt_batch_raises_what_kafka_python_raises(caplog):
     assert bulk.FALLBACKS["unexpected"] >= 1 and "read by kafka-python's own path" in caplog.text
 
 
+def test_an_error_after_good_batches_comes_on_the_next_take_as_kafka_pythons():
+    """take hands a batch read in bulk over by slices; an error met after some records is
+    raised by the next take, after those records, as kafka-python's record iterator does."""
+    good = _batch([b'{"a": %d}' % i for i in range(50)])
+    bad = bytearray(_batch([b'{"a": 1}', b'{"a": 2}'], base=50))
+    bad[-3] ^= 0xFF  # the CRC no longer matches
+    seen = []
+    for cls in (Fetcher.PartitionRecords, BulkPartitionRecords):
+        part = cls(0, TopicPartition("t", 3), MemoryRecords(good + bytes(bad)), check_crcs=True)
+        first = part.take(20)
+        positions = [part.next_fetch_offset]
+        rest = part.take()
+        positions.append(part.next_fetch_offset)
+        with pytest.raises(CorruptRecordError, match="crc"):
+            part.take()
+        seen.append(([r.offset for r in first + rest], positions))
+    assert seen[0] == seen[1] == (list(range(50)), [20, 50])
+
+
 def test_a_kafka_source_reads_a_json_event_topic_in_bulk(broker):
     from confluent_kafka import Producer
 
@@ -144,7 +163,7 @@ def test_a_kafka_source_reads_a_json_event_topic_in_bulk(broker):
 
 def test_only_headerless_single_line_objects_take_the_one_call_path():
     ok = [b'{"a": 1}', b'{"a": 2}']
-    assert formats._one_event_each(ok, [[], None]) == b'{"a": 1}\n{"a": 2}'
+    assert formats._one_event_each(ok, [[], None]) == (b'{"a": 1}\n{"a": 2}', 8)  # and the longest
     for values, headers in [
         (ok, [[("format", b"jsonl")], []]),  # a header: per message
         ([b'{"a": 1}', b'{"a": 2}\n{"a": 3}'], [None, None]),  # JSON lines in one message

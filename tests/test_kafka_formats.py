@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.json as pajson
 import pytest
 
 from dimstream.ops.config import ConfigError
@@ -20,7 +21,7 @@ from dimstream.ops.replay import ensure_topic
 from dimstream.stream.kafka import formats
 from dimstream.stream.kafka.formats import decode_values, sniff
 from dimstream.stream.kafka.wire import WireError, decode_message, encode_arrow
-from dimstream.stream.schema import METADATA_KEY, Schema
+from dimstream.stream.schema import METADATA_KEY, FieldSpec, Schema
 from dimstream.stream.sources.kafka import KafkaSource
 from tests.helpers import ML100K, kafka_run_config, tiny_batch, tiny_schema
 
@@ -80,6 +81,51 @@ def test_json_of_one_poll_is_decoded_in_one_call_and_bad_messages_are_found_by_h
     # the pieces cover every message once, in order
     assert [p.lo for p in pieces] == sorted(p.lo for p in pieces)
     assert sum(p.hi - p.lo for p in pieces) == 1000 and pieces[-1].hi == 1000
+
+
+def _one_block(values) -> pa.Table:
+    buf = b"\n".join(values)
+    return pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=len(buf) + 1))
+
+
+def test_json_parsed_in_blocks_has_one_column_order_whatever_the_threads(monkeypatch):
+    """A poll parsed in many blocks on every core, with columns first met in a late block (one
+    of them a struct whose fields come in two orders): every parse gives the canonical order
+    (the declared columns as declared, then the others by name, struct fields by name) and the
+    values of a one-block parse."""
+    monkeypatch.setattr(formats, "_MIN_BLOCK", 512)
+    monkeypatch.setattr(formats, "_BLOCKS_PER_CORE", 16)  # at least 16 blocks of this 27 kB poll
+    blocks = []
+    real = formats.pajson.read_json
+    monkeypatch.setattr(
+        formats.pajson,
+        "read_json",
+        lambda src, read_options: blocks.append(read_options.block_size) or real(src, read_options=read_options),
+    )
+    early = [b'{"zz": %d, "event_time": %d, "user": %d, "label": 0}' % (i, 100 + i, i) for i in range(200)]
+    late = [
+        b'{"m": {"b": %d, "a": "x"}, "event_time": 1, "label": 1, "user": %d, "extra": [1, 2], "zz": 0.5}' % (i, i)
+        for i in range(100)
+    ] + [b'{"user": 7, "m": {"a": "y", "c": true}, "label": 0, "event_time": 2}'] * 100
+    values = early + late
+    columns = formats.declared_columns(Schema([FieldSpec("user", "categorical", 50)]))
+    assert columns == ("user", "label", "event_time")
+    one = _one_block(values)
+    assert one.column_names[:3] == ["zz", "event_time", "user"]  # pyarrow's order: as first met
+    order = ["user", "label", "event_time", "extra", "m", "zz"]
+    for _ in range(30):
+        blocks.clear()
+        (piece,) = decode_values(values, columns=columns)
+        assert len(blocks) == 1 and blocks[0] <= len(b"\n".join(values)) // 16 + 1  # one call, many blocks
+        assert piece.rb.schema.names == order
+        assert [f.name for f in piece.rb.schema.field("m").type] == ["a", "b", "c"]
+        for name in order:
+            assert piece.rb.column(name).to_pylist() == one.column(name).to_pylist(), name
+    assert one.schema.field("zz").type == pa.float64() == piece.rb.schema.field("zz").type  # int, then float
+    # without a schema: every column by name; a JSON-lines message alone is put in the same order
+    (piece,) = decode_values(values[:5])
+    assert piece.rb.schema.names == ["event_time", "label", "user", "zz"]
+    assert formats.decode_json(b"\n".join(values[:5]), columns).schema.names == ["user", "label", "event_time", "zz"]
 
 
 def test_json_lines_pretty_printed_objects_and_type_changes_decode():

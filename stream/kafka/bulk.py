@@ -5,14 +5,16 @@ JSON event per message that cost more than training. `install(consumer)` replace
 consumer, the class its fetcher instantiates per fetched partition (`Fetcher.PartitionRecords`)
 with `BulkPartitionRecords`, which locates and decodes the records of a whole uncompressed batch
 with numpy and then hands the same ConsumerRecords over, in the same order, with the same
-`next_fetch_offset` after each (so positions, seeks, pauses and commits are kafka-python's own).
+`next_fetch_offset` after each `take` (so positions, seeks, pauses and commits are kafka-python's
+own), by list slices rather than record by record.
 
-This relies on kafka-python 3.0's internals (`Fetcher.PartitionRecords`, its `_unpack_records`
-generator, `DefaultRecordBatch._buffer`): the pin `kafka-python>=3.0,<3.1` in requirements.txt and
-pyproject.toml is what makes it safe. Any batch the fast path does not cover - compressed,
-control or transactional (read_committed), legacy magic, records with headers, or anything that
-does not parse exactly as kafka-python would parse it - hands that batch and the rest of the
-fetch to kafka-python's own path (counted in `FALLBACKS`; an unexpected one is logged once).
+This relies on kafka-python 3.0's internals (`Fetcher.PartitionRecords`, its `take`, its
+`_unpack_records` generator and `_maybe_skip_record`, `DefaultRecordBatch._buffer`): the pin
+`kafka-python>=3.0,<3.1` in requirements.txt and pyproject.toml is what makes it safe. Any batch
+the fast path does not cover - compressed, control or transactional (read_committed), legacy magic,
+records with headers, or anything that does not parse exactly as kafka-python would parse it -
+hands that batch and the rest of the fetch to kafka-python's own path (counted in `FALLBACKS`; an
+unexpected one is logged once).
 
 Record boundaries (each record is a varint length, then that many bytes) are found without a
 loop over records: a record's attributes byte, right after its length, is 0 (unused in v2), so
@@ -163,8 +165,28 @@ class _Rest:
         return self._records.next_batch()
 
 
+class _Chunk:
+    """The ConsumerRecords of one batch read here, handed over by slices (`BulkPartitionRecords.take`)."""
+
+    __slots__ = ("records", "offsets", "at")
+
+    def __init__(self, records: list, offsets: list):
+        self.records, self.offsets, self.at = records, offsets, 0
+
+
+_END = object()
+
+
 class BulkPartitionRecords(Fetcher.PartitionRecords):
-    """kafka-python 3.0's PartitionRecords with batches unpacked in bulk (see the module doc)."""
+    """kafka-python 3.0's PartitionRecords with batches unpacked in bulk (see the module doc).
+
+    A batch read here comes out of the record iterator as one _Chunk, and `take` hands its
+    records over by list slices, setting next_fetch_offset once per slice to what kafka-python's
+    record-by-record iterator leaves after the slice's last record: no Python work per record."""
+
+    def __init__(self, *args, **kwargs):
+        self._chunk: _Chunk | None = None  # the chunk `take` is handing over
+        super().__init__(*args, **kwargs)
 
     def _fast(self, batch) -> str | None:
         """Why this batch goes to kafka-python's path, or None: it is read here."""
@@ -179,6 +201,49 @@ class BulkPartitionRecords(Fetcher.PartitionRecords):
         if batch.records_count == 0:
             return "empty"
         return None
+
+    def _maybe_skip_record(self, item) -> bool:
+        """kafka-python skips the leading records below the fetch offset (a fetch that starts
+        inside a batch): within a chunk, by one vectorised search."""
+        if not isinstance(item, _Chunk):
+            return super()._maybe_skip_record(item)
+        below = np.asarray(item.offsets, np.int64) < self.fetch_offset
+        item.at = len(below) if below.all() else int(np.argmin(below))
+        return item.at == len(item.records)
+
+    def take(self, n=None):
+        """As kafka-python's take (up to n records, an exception after some records raised on the
+        next call), chunks by slices."""
+        self._maybe_raise_next_inline_exception()
+        records: list = []
+        chunk = self._chunk
+        try:
+            while n is None or len(records) < n:
+                if chunk is None:
+                    item = _END if self.record_iterator is None else next(self.record_iterator, _END)
+                    if item is _END:
+                        break
+                    if not isinstance(item, _Chunk):  # kafka-python's path: one record
+                        records.append(item)
+                        continue
+                    chunk = item
+                stop = len(chunk.records) if n is None else min(len(chunk.records), chunk.at + n - len(records))
+                records += chunk.records[chunk.at : stop]
+                self.next_fetch_offset = chunk.offsets[stop - 1] + 1  # as after kafka-python's last one
+                chunk.at = stop
+                if stop == len(chunk.records):
+                    chunk = None
+        except Exception as e:
+            if not records:
+                raise e
+            self._next_inline_exception = e  # to be raised by the next call, as kafka-python's
+        finally:
+            self._chunk = chunk
+        return records
+
+    def drain(self):
+        self._chunk = None
+        super().drain()
 
     def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
         if key_deserializer is not None or value_deserializer is not None:
@@ -204,13 +269,13 @@ class BulkPartitionRecords(Fetcher.PartitionRecords):
                 return
             last_batch = batch
             self.leader_epoch = batch.leader_epoch
-            yield from self._records(tp, batch, unpacked)
+            yield self._chunk_of(tp, batch, unpacked)
             batch = records.next_batch()
         if last_batch is not None:  # as kafka-python: the next fetch starts after the batch's last offset
             self.next_fetch_offset = last_batch.next_offset
         self.drain()
 
-    def _records(self, tp, batch, unpacked):
+    def _chunk_of(self, tp, batch, unpacked) -> _Chunk:
         offsets, values, keys, timestamps, value_sizes, key_sizes, sizes = unpacked
         n = len(offsets)
         # metrics only (the fetch metrics and the fetcher's fairness): counted per batch, not per record
@@ -235,9 +300,7 @@ class BulkPartitionRecords(Fetcher.PartitionRecords):
                 rep(-1),  # no headers
             ),
         )
-        for rec, offset in zip(recs, offsets):
-            self.next_fetch_offset = offset + 1  # as kafka-python, before handing each record over
-            yield rec
+        return _Chunk(list(recs), offsets)
 
 
 def _fell_back(why: str) -> None:

@@ -12,9 +12,16 @@ or recognised by content (`sniff`):
 
 JSON is decoded in bulk: the single-line values of consecutive JSON messages of a poll are
 joined with b"\\n" into one buffer for one `pyarrow.json.read_json` call (one event per message
-is the usual event topic: a call per message would cost more than training). Only when that
-call fails is the run split in halves, and so on, to find the bad messages: the good ones stay
-in bulk. A multi-line message (JSON lines, or one pretty-printed object) is decoded on its own.
+is the usual event topic: a call per message would cost more than training), parsed in blocks on
+every core. Only when that call fails is the run split in halves, and so on, to find the bad
+messages: the good ones stay in bulk. A multi-line message (JSON lines, or one pretty-printed
+object) is decoded on its own.
+
+Every parsed table is put in one canonical column order (`canonical`): the schema's declared
+columns in declaration order, then any others sorted by name, struct fields sorted by name at
+every depth. pyarrow orders columns by when its threads first met them, so a column first met
+in a later block could come at another place from one run to the next; in canonical order a
+poll's table is the same whatever the blocks and their timing (tests/test_kafka_formats.py).
 
 >>> values = [b'{"x": 1}', b'{"x": 2}', b"\\x00\\x00\\x00\\x00\\x07avro", b'{"x": 3}', b'{"x": ']
 >>> [(p.lo, p.hi, p.rb.num_rows if p.rb is not None else p.error.reason) for p in decode_values(values)]
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +50,8 @@ UNSUPPORTED = {
     "unknown": "no format dimstream reads (not Arrow IPC, JSON, Avro or schema-registry framing)",
 }
 _BLANK = b" \t\r\n"
+_MIN_BLOCK = 1 << 19  # smaller blocks cost more per block than the parallel parse gains
+_BLOCKS_PER_CORE = 2  # more blocks than cores: pyarrow's threads overlap finding lines and parsing
 
 
 @dataclass
@@ -138,17 +148,52 @@ def _schema_of(blob: bytes) -> Schema:
     return Schema.from_metadata({METADATA_KEY: blob})
 
 
-def _read_json(buf: bytes) -> pa.Table:
-    """JSON lines in ONE block: with several, pyarrow's threads may order the columns of a
-    column first met in a later block differently from one block (a fresh-clone CI run failed
-    tests/test_kafka_bulk.py on it), so a poll's table would depend on thread timing."""
-    return pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=len(buf) + 1))
+def declared_columns(schema: Schema | None) -> tuple[str, ...]:
+    """The columns a schema declares, in declaration order: its fields' then label and event time."""
+    if schema is None:
+        return ()
+    names = [f.source_column for f in schema.fields] + [schema.label, schema.event_time]
+    return tuple(dict.fromkeys(names))
 
 
-def decode_json(value: bytes) -> pa.RecordBatch:
+def _sorted_type(t: pa.DataType) -> pa.DataType:
+    """`t` with the fields of every struct in it sorted by name (pyarrow orders them as met)."""
+    if pa.types.is_struct(t):
+        fields = sorted((t.field(i) for i in range(t.num_fields)), key=lambda f: f.name)
+        return pa.struct([f.with_type(_sorted_type(f.type)) for f in fields])
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = t.value_field.with_type(_sorted_type(t.value_type))
+        return pa.list_(inner) if pa.types.is_list(t) else pa.large_list(inner)
+    return t
+
+
+def canonical(table: pa.Table, columns: tuple[str, ...] = ()) -> pa.Table:
+    """The table's columns in canonical order (see the module doc): `columns` first, in their
+    order, then the others by name; struct fields by name. Costs nothing per row when the order
+    is already canonical, a select otherwise (no copy of the columns)."""
+    names = table.column_names
+    rank = {c: i for i, c in enumerate(columns)}
+    order = sorted(range(len(names)), key=lambda i: (rank.get(names[i], len(rank)), names[i]))
+    if order != list(range(len(names))):
+        table = table.select(order)
+    target = pa.schema([f.with_type(_sorted_type(f.type)) for f in table.schema])
+    return table if target.equals(table.schema) else table.cast(target)  # struct casts go by field name
+
+
+def _read_json(buf: bytes, longest: int | None = None, columns: tuple[str, ...] = ()) -> pa.Table:
+    """JSON lines in blocks that pyarrow parses on every core (types are inferred per block and
+    unified), in canonical column order. A block holds at least the longest line (`longest`;
+    None: the whole buffer is one block)."""
+    even = -(-len(buf) // ((os.cpu_count() or 1) * _BLOCKS_PER_CORE))
+    block = len(buf) + 1 if longest is None else max(_MIN_BLOCK, longest + 1, even + 1)
+    table = pajson.read_json(pa.BufferReader(buf), read_options=pajson.ReadOptions(block_size=block))
+    return canonical(table, columns)
+
+
+def decode_json(value: bytes, columns: tuple[str, ...] = ()) -> pa.RecordBatch:
     """One message of JSON lines, or one JSON object over several lines."""
     try:
-        table = _read_json(value)
+        table = _read_json(value, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         try:  # one pretty-printed object: compact it onto one line
             obj = json.loads(value)
@@ -156,33 +201,37 @@ def decode_json(value: bytes) -> pa.RecordBatch:
             raise WireError("corrupt_input", f"not JSON lines: {e}") from None
         if not isinstance(obj, dict):
             raise WireError("corrupt_input", f"a JSON {type(obj).__name__}, not an object per event") from None
-        table = _read_json(json.dumps(obj).encode())
+        table = _read_json(json.dumps(obj).encode(), columns=columns)
     if table.num_rows == 0:
         raise WireError("empty_message", "JSON lines without any row")
     return table.combine_chunks().to_batches()[0]
 
 
-def _bulk_json(values: list[bytes], lo: int, buf: bytes | None = None) -> list[Piece]:
+def _bulk_json(
+    values: list[bytes], lo: int, buf: bytes | None = None, longest: int | None = None, columns: tuple = ()
+) -> list[Piece]:
     """Single-line JSON values (messages lo, lo+1, ...) in one read_json; halves on failure.
-    `buf`: the values already joined with b"\\n"."""
+    `buf`: the values already joined with b"\\n", `longest` the longest of them."""
     if len(values) == 1:
         try:
-            return [Piece(lo, lo + 1, decode_json(values[0]), fmt="json")]
+            return [Piece(lo, lo + 1, decode_json(values[0], columns), fmt="json")]
         except WireError as e:
             return [Piece(lo, lo + 1, error=e, fmt="json")]
     try:
-        table = _read_json(b"\n".join(values) if buf is None else buf)
+        longest = max(map(len, values)) if longest is None else longest
+        table = _read_json(b"\n".join(values) if buf is None else buf, longest, columns)
         if table.num_rows == len(values):  # one row per message: rows map onto messages
             return [Piece(lo, lo + len(values), table.combine_chunks().to_batches()[0], fmt="json")]
     except (pa.ArrowInvalid, OSError):
         pass
     half = len(values) // 2
-    return _bulk_json(values[:half], lo) + _bulk_json(values[half:], lo + half)
+    return _bulk_json(values[:half], lo, columns=columns) + _bulk_json(values[half:], lo + half, columns=columns)
 
 
-def _one_event_each(values: list, headers: list) -> bytes | None:
-    """The values joined with b"\\n" when every message is one JSON object on one line without
-    headers (the usual event topic, checked without a loop over messages), else None."""
+def _one_event_each(values: list, headers: list) -> tuple[bytes, int] | None:
+    """The values joined with b"\\n", and the longest, when every message is one JSON object on
+    one line without headers (the usual event topic, checked without a loop over messages),
+    else None."""
     if not values or any(headers) or set(map(type, values)) != {bytes}:
         return None
     buf = b"\n".join(values)
@@ -193,27 +242,32 @@ def _one_event_each(values: list, headers: list) -> bytes | None:
         return None
     starts = np.zeros(len(values), np.int64)
     np.cumsum(lengths[:-1] + 1, out=starts[1:])
-    return buf if (np.frombuffer(buf, np.uint8)[starts] == ord("{")).all() else None
+    return (buf, int(lengths.max())) if (np.frombuffer(buf, np.uint8)[starts] == ord("{")).all() else None
 
 
 def decode_values(
-    values: list, headers: list | None = None, expected_version: str | None = None, declared: str = "auto"
+    values: list,
+    headers: list | None = None,
+    expected_version: str | None = None,
+    declared: str = "auto",
+    columns: tuple[str, ...] = (),
 ) -> list[Piece]:
     """The messages of one poll (of one partition), in order, as Pieces covering every message.
 
     A `schema_version` header that differs from `expected_version` is `unknown_schema` (no header:
-    the content decides)."""
+    the content decides). `columns`: the schema's declared columns (`declared_columns`), which
+    come first in a JSON piece's canonical column order."""
     headers = headers or [None] * len(values)
     if declared in ("auto", "json"):
-        buf = _one_event_each(values, headers)
-        if buf is not None:
-            return _bulk_json(values, 0, buf)
+        joined = _one_event_each(values, headers)
+        if joined is not None:
+            return _bulk_json(values, 0, *joined, columns=columns)
     pieces: list[Piece] = []
     run: list[bytes] = []  # consecutive single-line JSON values, decoded in bulk
 
     def flush(upto: int) -> None:
         if run:
-            pieces.extend(_bulk_json(run, upto - len(run)))
+            pieces.extend(_bulk_json(run, upto - len(run), columns=columns))
             run.clear()
 
     bulk_ok = declared in ("auto", "json")
@@ -245,7 +299,7 @@ def decode_values(
                     raise unknown
                 pieces.append(Piece(i, i + 1, rb, schema=schema))
             elif fmt == "json":
-                pieces.append(Piece(i, i + 1, decode_json(value), fmt="json"))
+                pieces.append(Piece(i, i + 1, decode_json(value, columns), fmt="json"))
             else:
                 raise WireError("unsupported_format", f"{UNSUPPORTED[fmt]}; dimstream reads Arrow IPC and JSON")
         except WireError as e:
