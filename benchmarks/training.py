@@ -12,9 +12,12 @@ Criteo shape: 26 categorical + 13 numeric fields, embedding dim 16, batch 2048. 
     [min-max] rows/s of the bare step: bf16 autocast of the dense part; the concatenated
     embedding output fed to the head as it is (against the per-field split re-concatenated);
     width-grouped bmm projections on a slim-shaped arm (against one matmul per field);
-    and the bare rate of all four heads in fp32 and bf16.
+    the bare rate of all four heads in fp32 and bf16; and the sparse side of a bf16 step
+    (`sparse_step`): FBGEMM's bounds check, table_wise sharding, row-wise Adagrad, the wide
+    collection removed or merged into the deep one, batch 2048 / 4096 / 8192.
 Writes benchmarks/results/training.json.  Run: .venv/bin/python benchmarks/training.py
-(`--profile-only`: refresh only its `profile`, the top ops of a bare step per precision)
+(`--profile-only`: refresh only its `profile`, the top ops of a bare step per precision;
+`--headline-only`: only decode, bare and loop, for a run whose first minutes met a load spike)
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from dimstream.models import ctr, heads
+from dimstream.models import ctr, distributed, embedding, heads
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig, cpu_has_bf16, resolve_precision
 from dimstream.ops.config import RunConfig
@@ -100,20 +106,20 @@ def bench_decode(src: SyntheticSource) -> float:
     return table.num_rows / (time.perf_counter() - t0)
 
 
-def _kjts(src: SyntheticSource, feature_names: list[str], rows: int) -> list[tuple]:
+def _kjts(src: SyntheticSource, feature_names: list[str], rows: int, batch: int = BATCH) -> list[tuple]:
     """The stream's first `rows` rows as ready-made (KJT, labels) batches."""
     out, w = [], 0
-    while len(out) * BATCH < rows:
+    while len(out) * batch < rows:
         sb = Decoder(src.schema).decode(src.window_table(w)).batch
-        for s in range(0, len(sb) - BATCH + 1, BATCH):
-            part = sb.slice(s, s + BATCH)
+        for s in range(0, len(sb) - batch + 1, batch):
+            part = sb.slice(s, s + batch)
             out.append((part.to_kjt(feature_names), part.labels_tensor()))
         w += 1
-    return out[: rows // BATCH]
+    return out[: rows // batch]
 
 
-def _arm(src: SyntheticSource, model: str = "deepfm", precision: str | None = None, dims=None) -> Arm:
-    cfg = ModelConfig(model, batch_size=BATCH, interaction_dim=DIM)
+def _arm(src: SyntheticSource, model: str = "deepfm", precision: str | None = None, dims=None, **config) -> Arm:
+    cfg = ModelConfig(model, batch_size=BATCH, interaction_dim=DIM, **config)
     if precision is not None:
         cfg.precision = precision
     dims = dims or {f: DIM for f in src.schema.feature_names}
@@ -126,7 +132,7 @@ def _rate(arm: Arm, kjts: list[tuple]) -> float:
     t0 = time.perf_counter()
     for kjt, y in kjts:
         _step(arm, kjt, y)
-    return len(kjts) * BATCH / (time.perf_counter() - t0)
+    return sum(y.numel() for _, y in kjts) / (time.perf_counter() - t0)
 
 
 def bench_bare(src: SyntheticSource) -> float:
@@ -183,7 +189,87 @@ def _interleaved(src, kjts, variants: dict) -> dict:
         for name, (_, context) in variants.items():
             with context():
                 rates[name].append(_rate(arms[name], kjts))
-    return {n: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": r} for n, r in rates.items()}
+    return {n: _summary(r) for n, r in rates.items()}
+
+
+@contextmanager
+def _patched(module, name: str, value):
+    """module.name = value while an arm is built (sharding plan, collections)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _built_under(context, **arm_kw):
+    """An arm factory that builds the arm inside `context` (it shapes the arm, not the step)."""
+
+    def make():
+        with context:
+            return _arm(criteo_source(), **arm_kw)
+
+    return make
+
+
+@contextmanager
+def _wide_in_deep():
+    """The first-order tables as further tables of the deep collection (shared features: one
+    FBGEMM lookup for both), the wide sum read off the collection's last columns."""
+    init = embedding.MixedEmbedding.__init__
+
+    def merged_concat(self, kjt):
+        v = self.deep(kjt).values()
+        return v[:, : self._deep_width], v[:, self._deep_width :].sum(dim=1)
+
+    def merged_init(self, *a, **kw):
+        init(self, *a, **kw)
+        configs = self.deep.embedding_bag_configs() + self.wide.embedding_bag_configs()
+        self.deep, self.wide = EmbeddingBagCollection(configs, device=torch.device("meta")), None
+        self._deep_width = sum(self.dims.values())
+        self.forward_concat = types.MethodType(merged_concat, self)  # this arm only
+
+    embedding.MixedEmbedding.__init__ = merged_init
+    try:
+        yield
+    finally:
+        embedding.MixedEmbedding.__init__ = init
+
+
+def bench_step_levers(src: SyntheticSource) -> dict:
+    """The sparse side of a bf16 DeepFM step: FBGEMM's bounds check, the sharding type, the
+    sparse optimizer, the wide collection (removed: the upper bound of any merge; merged into
+    the deep one), and the batch size (rows/s only: see the README for its AUC)."""
+    kjts = _kjts(src, src.schema.feature_names, LEVER_ROWS)
+    bf16 = {"precision": "bf16"}
+    variants = {
+        "bf16, FBGEMM bounds check on (before)": _built_under(
+            _patched(distributed, "BOUNDS_CHECK", BoundsCheckMode.WARNING), **bf16
+        ),
+        "bf16, bounds check off (default)": _built_under(_nothing(), **bf16),
+        "bf16, table_wise only (planner: column_wise)": _built_under(
+            _patched(distributed, "SHARDING_TYPES", distributed.SHARDING_TYPES | {"cpu": ["table_wise"]}), **bf16
+        ),
+        "bf16, row-wise Adagrad": _built_under(_nothing(), sparse_optimizer="rowwise_adagrad", **bf16),
+        "bf16, no wide collection (upper bound of a merge)": _built_under(
+            _patched(ctr, "USES_WIDE", ctr.USES_WIDE | {"deepfm": False}), **bf16
+        ),
+        "bf16, wide tables in the deep collection": _built_under(_wide_in_deep(), **bf16),
+    }
+    out = _interleaved(src, kjts, {n: (make, _nothing) for n, make in variants.items()})
+    batches = {b: _kjts(src, src.schema.feature_names, LEVER_ROWS, b) for b in (BATCH, 2 * BATCH, 4 * BATCH)}
+    arms = {b: _arm(src, precision="bf16") for b in batches}
+    rates = {b: [] for b in batches}
+    for _ in range(REPS):
+        for b in batches:
+            rates[b].append(_rate(arms[b], batches[b]))
+    out |= {f"bf16, batch {b}": _summary(r) for b, r in rates.items()}
+    return out
+
+
+def _summary(r: list[float]) -> dict:
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
 
 
 def slim_dims(src: SyntheticSource) -> dict[str, int]:
@@ -213,6 +299,7 @@ def bench_levers(src: SyntheticSource) -> dict:
         variants = {p: (lambda m=model, p=p: _arm(src, m, precision=p), _nothing) for p in ("fp32", "bf16")}
         models[model] = _interleaved(src, kjts, variants)
     out["heads"] = models
+    out["sparse_step"] = bench_step_levers(src)
     return out
 
 
@@ -287,6 +374,9 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["profile"], indent=1))
         return
+    if "--headline-only" in sys.argv:  # refresh decode, bare and loop alone (a run disturbed by load)
+        _refresh_headline(ROOT / "benchmarks" / "results" / "training.json")
+        return
     torch.manual_seed(0)
     src = criteo_source()
     decode = bench_decode(src)
@@ -326,6 +416,31 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+def _refresh_headline(out: Path) -> None:
+    torch.manual_seed(0)
+    src = criteo_source()
+    result = json.loads(out.read_text())
+    load = _load()
+    decode, bare, loop = bench_decode(src), bench_bare(src), bench_loop()
+    overhead = bare / loop["rows_per_s"] - 1
+    result |= {
+        "decode_rows_per_s": decode,
+        "bare_train_rows_per_s": bare,
+        "loop_rows_per_s": loop["rows_per_s"],
+        "loop": loop,
+        "loop_overhead_vs_bare": overhead,
+        "decode_over_train": decode / bare,
+        "headline_load_average_at_start": load,
+    }
+    result["checks"] |= {
+        "loop_overhead_at_most_20pct": overhead <= 0.20,
+        "decode_at_least_5x_training": decode >= 5 * bare,
+        "bare_at_least_200k_rows_per_s": bare >= 200_000,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("decode_rows_per_s", "bare_train_rows_per_s", "loop_rows_per_s")}))
 
 
 def _load() -> float | None:

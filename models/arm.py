@@ -93,6 +93,10 @@ def _sparse_optimizer(config: ModelConfig):
         return torch.optim.Adagrad, {"lr": config.sparse_lr, "eps": 1e-8}
     if config.sparse_optimizer == "sgd":  # exact SGD: used by tests that check gradients
         return torch.optim.SGD, {"lr": config.sparse_lr}
+    if config.sparse_optimizer == "rowwise_adagrad":  # FBGEMM's EXACT_ROWWISE_ADAGRAD: one state per row
+        from torchrec.optim import RowWiseAdagrad
+
+        return RowWiseAdagrad, {"lr": config.sparse_lr, "eps": 1e-8}
     if config.sparse_optimizer == "rowwise_adam":  # FBGEMM's partial row-wise Adam
         from torchrec.optim import PartialRowWiseAdam
 

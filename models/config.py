@@ -38,7 +38,9 @@ class ModelConfig:
     # None = the control arm's uniform width, fixed across re-allocations so that a slim arm
     # starts as exactly the masked control model ("winning ticket").
     interaction_dim: int | None = None
-    sparse_optimizer: str = "adagrad"  # fused in backward: "adagrad" or "rowwise_adam"
+    # fused in backward: "adagrad", "rowwise_adagrad" or "rowwise_adam" ("sgd" for exact tests).
+    # Row-wise Adagrad is no faster on this CPU (issue 15, benchmarks/training.py `levers`).
+    sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.02  # chosen on the synthetic stream against 0.05 and 0.1
     dense_lr: float = 1e-3
     batch_size: int = 512

@@ -107,3 +107,41 @@ def test_every_head_learns_on_the_synthetic_stream(model):
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
     base = float(-(y.mean() * np.log(y.mean()) + (1 - y.mean()) * np.log(1 - y.mean())))
     assert np.mean(losses[-2:]) < base, (losses, base)  # better than predicting the mean CTR
+
+
+def _tbes(arm) -> list:
+    """The FBGEMM table-batched kernels under an arm's sharded collections."""
+    from dimstream.models.ctr import ctr_model
+
+    emb = ctr_model(arm).embedding
+    return [m._emb_module for c in (emb.deep, emb.wide) for lookup in c._lookups for m in lookup._emb_modules]
+
+
+def test_lookups_skip_fbgemm_s_bounds_check_and_the_arm_refuses_ids_outside_a_table():
+    """FBGEMM's per-index bounds check is off (models/distributed.py BOUNDS_CHECK): the arm's
+    own check is then what keeps an id outside its table from reaching the kernel."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    schema = tiny_schema()
+    arm = Arm(ArmSpec("control", {f: 8 for f in schema.feature_names}), schema.num_embeddings, {"tags"}, ModelConfig())
+    tbes = _tbes(arm)
+    assert len(tbes) >= 2 and {t.bounds_check_mode_int for t in tbes} == {BoundsCheckMode.NONE.value}
+    batch = _decoded(8)
+    assert np.isfinite(arm.train_step(batch)).all()
+    batch.values["user"] = batch.values["user"].copy()
+    batch.values["user"][3] = schema.num_embeddings["user"]  # one past the table's last row
+    with pytest.raises(ValueError, match="field 'user': ids outside its 50 rows"):
+        arm.train_step(batch)
+
+
+def test_rowwise_adagrad_keeps_one_state_value_per_row():
+    schema = tiny_schema()
+    cfg = ModelConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.1)
+    arm = Arm(ArmSpec("control", {f: 8 for f in schema.feature_names}), schema.num_embeddings, {"tags"}, cfg)
+    before = {k: v.local_shards()[0].tensor.clone() for k, v in arm.model.state_dict().items() if "emb_user" in k}
+    arm.train_step(_decoded())
+    (key,) = before
+    moved = arm.model.state_dict()[key].local_shards()[0].tensor - before[key]
+    assert moved.abs().sum() > 0
+    state = arm.model.fused_optimizer.state_dict()["state"]  # one Adagrad sum per row, not per element
+    assert state["embedding.deep.embedding_bags.emb_user.weight"]["emb_user.momentum1"].shape == (50,)

@@ -110,3 +110,20 @@ def test_the_concatenated_fast_path_gives_the_per_field_path_s_logits(model):
             v = torch.stack([e if i < 0 else e @ proj.weights[i].t() for e, i in zip(embs, proj.index)], dim=1)
             assert torch.allclose(proj(torch.cat(embs, dim=1)), v, atol=1e-6)
         assert torch.allclose(fast, head(embs, 0.0), atol=1e-6) and fast.shape == (32,)
+
+
+def test_lookups_without_fbgemm_s_bounds_check_train_exactly_as_with_it(monkeypatch):
+    """The bounds check off (models/distributed.py BOUNDS_CHECK, issue 15) only drops a pass
+    over ids that are rows already: the same predictions, bit for bit, step after step."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    from dimstream.models import distributed
+
+    schema, batch = _synthetic(0)
+    cfg = ModelConfig("deepfm", precision="bf16", batch_size=BATCH)
+    off = _arm(schema, cfg)
+    monkeypatch.setattr(distributed, "BOUNDS_CHECK", BoundsCheckMode.WARNING)
+    on = _arm(schema, cfg)
+    for lo in range(0, 8 * BATCH, BATCH):
+        part = batch.slice(lo, lo + BATCH)
+        np.testing.assert_array_equal(off.train_step(part), on.train_step(part))
