@@ -74,12 +74,17 @@ def _run_parser(sub) -> None:
     p.add_argument(
         "--field-check-rows",
         type=int,
-        help="before a search window trains, check each field on this many of its rows (held out then); 0 = off",
+        help="before a search window trains, check each field on this many of its rows (held out then; 8192); 0 = off",
     )
     p.add_argument(
         "--field-check-z",
         type=float,
-        help="the field check keeps a field iff its held-out loss increase > Z standard errors (2; 0: any increase)",
+        help="the field check keeps a field iff its held-out loss increase > Z standard errors (0.5; 0: any increase)",
+    )
+    p.add_argument(
+        "--field-check-min-rows",
+        type=int,
+        help="the averaged field check drops no field before its effective held-out rows reach N (50000; 0: at once)",
     )
     p.add_argument(
         "--tiers",
@@ -129,6 +134,7 @@ def _run_config(args) -> RunConfig:
         "saliency_decay",
         "field_check_rows",
         "field_check_z",
+        "field_check_min_rows",
         "noise_floor",
         "tiers",
         "precision",

@@ -67,17 +67,25 @@ class RunConfig:
     realloc_min_gain: float = 0.0
     saliency_decay: float = 0.8  # moving average of the searches' column scores (0 = latest only)
     # held-out field check (search/fieldcheck.py) on this many of a search window's rows, run
-    # before the control trains on them; 0 = off (it costs one head forward per field per row)
-    field_check_rows: int = 0
-    # the check keeps a field iff its held-out loss increase delta > z x its standard error (0: any
-    # increase); on 8,192 rows neither z 0 nor z 1 met issue 14's target on 2 seeds without costing
-    # slim AUC (benchmarks/results/noise_floor.json)
-    field_check_z: float = 2.0
+    # before the control trains on them; 0 = off (it costs one head forward per field per row).
+    # On by default (issue 14): with the pooling below it gives 0 columns to 6 of 6 noise fields
+    # on synthetic seeds 0 and 1, slim above uniform; seed 2: 5 of 6, but slim 0.0017 below uniform
+    # (benchmarks/results/noise_floor.json)
+    field_check_rows: int = 8192
+    # the check keeps a field iff its (averaged) held-out loss increase delta > z x its standard error
+    field_check_z: float = 0.5
+    # the averaged check drops no field before its effective held-out rows reach this many: a single
+    # 8,192-row check, or the first windows' checks on a barely trained control, dropped user_id,
+    # ad_campaign and hour_of_day for good (slim -0.0050 vs uniform, benchmarks/results/noise_floor.json);
+    # with 8,192 rows a window and decay 0.8 the average reaches 50,000 rows at its 8th window, and
+    # never on ml-100k's days (at most 9x a window's rows): there it drops nothing
+    field_check_min_rows: int = 50_000
     # SSEDS (search/noisefloor.py): a field whose summed saliency does not exceed the null of eq. 10's
     # per-row noise by this many standard deviations gets 0; None = off
     noise_floor: float | None = None
     # AutoSrh's frequency tiers (section 4.2.1): the slim arm holds one table per (field, tier), an
-    # id's tier from its count in the search window (models/tiers.py); 1 = field level
+    # id's tier from its count on the stream (search/counts.py, checkpointed; models/tiers.py);
+    # 1 = field level
     tiers: int = 1
     rows_per_window: int = 50_000  # synthetic source
     allowed_lateness: int = 0
@@ -170,6 +178,8 @@ class RunConfig:
             raise ConfigError("field_check_rows must be 0 (off) or at least 2")
         if not self.field_check_z >= 0:
             raise ConfigError("field_check_z must be >= 0")
+        if self.field_check_min_rows < 0:
+            raise ConfigError("field_check_min_rows must be >= 0")
         if self.tiers < 1 or (self.tiers > 1 and self.search != "autosrh"):
             raise ConfigError(f"tiers must be >= 1, and > 1 only with search autosrh (got {self.tiers}, {self.search})")
         if self.noise_floor is not None and not self.noise_floor >= 0:

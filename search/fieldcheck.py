@@ -24,7 +24,12 @@ benchmarks/results/search.json).
 
 The rows must be held out for the model checked: on rows it has trained on, memorised noise
 looks like information.
-The daemon checks the window's rows before the control trains on them (test-then-train).
+The daemon checks the window's rows before the control trains on them (test-then-train), and
+averages successive checks (search/policy.py). By default (issue 14: 8,192 rows, z = 0.5) the
+average may drop a field only once it pools `min_rows` = 50,000 effective held-out rows: the
+first windows' checks, on a control that has not learnt its id fields yet, dropped user_id and
+ad_campaign for good (benchmarks/results/noise_floor.json, diagnosis); pooled, a memorised noise
+field's delta is below 0 and a weak signal field's above.
 Cost: one head forward per field over the rows (the embeddings are looked up once).
 
     check = check_fields(control_arm, next_window_rows)      # rows the control has not trained on
@@ -49,7 +54,9 @@ from dimstream.stream.batch import SparseBatch
 @dataclass
 class FieldCheck:
     """delta[f]: held-out loss increase when field f is replaced by its mean (SSEDS eq. 9 at
-    field level); stderr[f]: its standard error; keep[f]: delta > z * stderr."""
+    field level); stderr[f]: its standard error; keep[f]: delta > z * stderr. `rows`: the
+    held-out rows behind delta (for a pooled check, search/policy.py, its effective number);
+    below `min_rows` of them the check keeps every field: it may not drop a field yet."""
 
     delta: dict[str, float]
     stderr: dict[str, float]
@@ -57,14 +64,22 @@ class FieldCheck:
     z: float
     rows: int
     seconds: float
+    min_rows: int = 0
 
     @classmethod
     def decide(
-        cls, delta: dict[str, float], stderr: dict[str, float], z: float, rows: int, seconds: float
+        cls,
+        delta: dict[str, float],
+        stderr: dict[str, float],
+        z: float,
+        rows: int,
+        seconds: float,
+        min_rows: int = 0,
     ) -> FieldCheck:
-        """The check that keeps field f iff delta[f] > z * stderr[f] (one-sided test)."""
-        keep = {f: delta[f] > z * stderr[f] for f in delta}
-        return cls(delta, stderr, keep, float(z), int(rows), float(seconds))
+        """The check that keeps field f iff delta[f] > z * stderr[f] (one-sided test), or
+        every field while `rows` < `min_rows` (too few held-out rows to drop one)."""
+        keep = {f: rows < min_rows or delta[f] > z * stderr[f] for f in delta}
+        return cls(delta, stderr, keep, float(z), int(rows), float(seconds), int(min_rows))
 
     @property
     def dropped(self) -> list[str]:
@@ -84,6 +99,7 @@ class FieldCheck:
                 float(d["z"]),
                 int(d["rows"]),
                 float(d["seconds"]),
+                int(d.get("min_rows", 0)),  # checks written before min_rows existed
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"not a field check: {e!r}") from None
@@ -98,31 +114,50 @@ def _row_losses(model, embs: list[torch.Tensor], wide, labels: torch.Tensor) -> 
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").double()
 
 
-def check_fields(control, rows: SparseBatch, z: float = 2.0, batch_size: int = 8192) -> FieldCheck:
+def ablation_diffs(control, rows: SparseBatch, how: str = "mean", batch_size: int = 8192, seed: int = 0) -> dict:
+    """{field: per-row loss increase l(x with e_i ablated) - l(x)} of `control` on `rows`.
+
+    how "mean": e_i replaced by its mean over all of `rows` (the module docstring's eq. 9);
+    how "shuffle": e_i permuted across the rows (permutation importance, as PaddleRec's slot
+    importance): the field keeps its marginal distribution, only its tie to the row is cut."""
+    if how not in ("mean", "shuffle"):
+        raise ValueError(f"how must be mean or shuffle, got {how!r}")
+    m = ctr_model(control)
+    names = m.feature_names
+    parts = minibatches(rows, batch_size)
+    pooled = [pooled_embeddings(m, p.to_kjt(names)) for p in parts]
+    full = [torch.cat([e[i] for e, _ in pooled]) for i in range(len(names))]
+    gen = torch.Generator().manual_seed(seed)
+    if how == "mean":
+        repl = [x.double().mean(0).to(x.dtype).expand_as(x) for x in full]
+    else:  # one permutation per field over all rows, so a row's stand-in comes from any part
+        repl = [x[torch.randperm(len(x), generator=gen)] for x in full]
+    diffs = {f: [] for f in names}
+    start = 0
+    for part, (embs, wide) in zip(parts, pooled):
+        labels, n = part.labels_tensor(), len(part)
+        base = _row_losses(m, embs, wide, labels)
+        for i, f in enumerate(names):
+            ablated = list(embs)
+            ablated[i] = repl[i][start : start + n]
+            diffs[f].append(_row_losses(m, ablated, wide, labels) - base)
+        start += n
+    return {f: torch.cat(d).numpy() for f, d in diffs.items()}
+
+
+def check_fields(
+    control, rows: SparseBatch, z: float = 2.0, batch_size: int = 8192, how: str = "mean", min_rows: int = 0
+) -> FieldCheck:
     """Run the check (module docstring) of every field of `control` (an Arm, its DMP or a
     CTRModel) on `rows`, which the model must not have trained on. Field means are taken over
-    all of `rows`; losses are computed in mini-batches of `batch_size` rows."""
+    all of `rows`; losses are computed in mini-batches of `batch_size` rows; `how` as
+    `ablation_diffs`; `min_rows` as FieldCheck's (the daemon pools successive checks)."""
     t0 = time.perf_counter()
     if len(rows) < 2:
         raise ValueError("the field check needs at least 2 held-out rows")
     if z < 0:
         raise ValueError(f"z must be >= 0, got {z}")
-    m = ctr_model(control)
-    names = m.feature_names
-    parts = minibatches(rows, batch_size)
-    pooled = [pooled_embeddings(m, p.to_kjt(names)) for p in parts]
-    means = [sum(e[i].double().sum(0) for e, _ in pooled) / len(rows) for i in range(len(names))]
-    diffs = {f: [] for f in names}
-    for part, (embs, wide) in zip(parts, pooled):
-        labels = part.labels_tensor()
-        base = _row_losses(m, embs, wide, labels)
-        for i, f in enumerate(names):
-            ablated = list(embs)
-            ablated[i] = means[i].to(embs[i].dtype).expand_as(embs[i])
-            diffs[f].append(_row_losses(m, ablated, wide, labels) - base)
-    delta, stderr = {}, {}
-    for f in names:
-        d = torch.cat(diffs[f]).numpy()
-        delta[f] = float(d.mean())
-        stderr[f] = float(d.std(ddof=1) / np.sqrt(len(d)))
-    return FieldCheck.decide(delta, stderr, z, len(rows), time.perf_counter() - t0)
+    diffs = ablation_diffs(control, rows, how, batch_size)
+    delta = {f: float(d.mean()) for f, d in diffs.items()}
+    stderr = {f: float(d.std(ddof=1) / np.sqrt(len(d))) for f, d in diffs.items()}
+    return FieldCheck.decide(delta, stderr, z, len(rows), time.perf_counter() - t0, min_rows)

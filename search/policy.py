@@ -76,16 +76,22 @@ class AllocationPolicy:
 
     # --- 3. the field check ---
     def average_check(self, shot: FieldCheck) -> FieldCheck:
-        """`shot` averaged with the earlier checks (module docstring, 3); the state moves on."""
+        """`shot` averaged with the earlier checks (module docstring, 3); the state moves on.
+        The average's effective rows, (sum of weights)^2 / sum(weight^2 / rows), are its `rows`:
+        below the shot's `min_rows` it drops no field."""
         d, prev = self.decay, self._check
         if d == 0 or not prev or set(prev["delta"]) != set(shot.delta):
             delta, var = dict(shot.delta), {f: s * s for f, s in shot.stderr.items()}
+            w1, w2 = 1.0, 1.0 / max(shot.rows, 1)
         else:
             delta = {f: d * prev["delta"][f] + (1 - d) * shot.delta[f] for f in shot.delta}
             var = {f: d * d * prev["var"][f] + (1 - d) ** 2 * shot.stderr[f] ** 2 for f in shot.delta}
-        self._check = {"delta": delta, "var": var}
+            # a state saved before the rows were pooled counts as this shot's rows
+            w1 = d * prev.get("w1", 1.0) + (1 - d)
+            w2 = d * d * prev.get("w2", 1.0 / max(shot.rows, 1)) + (1 - d) ** 2 / max(shot.rows, 1)
+        self._check = {"delta": delta, "var": var, "w1": w1, "w2": w2}
         stderr = {f: float(np.sqrt(v)) for f, v in var.items()}
-        return FieldCheck.decide(delta, stderr, shot.z, shot.rows, shot.seconds)
+        return FieldCheck.decide(delta, stderr, shot.z, round(w1 * w1 / w2), shot.seconds, shot.min_rows)
 
     # --- 1. the moving average ---
     def smooth(

@@ -190,6 +190,10 @@ def test_the_daemon_checks_fields_on_a_search_window_before_training_on_it(tmp_p
             "4",
             "--field-check-rows",
             "8000",
+            "--field-check-z",  # one window's own test (not the default pooled one: 4 windows
+            "2",  # of 8,000 rows never pool the default 50,000 rows)
+            "--field-check-min-rows",
+            "0",
             "--realloc-min-gain",
             "0",
             "--saliency-decay",
