@@ -7,7 +7,8 @@ and STATE/checkpoints/LATEST naming the newest complete one.
     the `.metadata` naming every shard. DCP loads it at any world size, re-sharding the tables
     for the plan of the loading ranks (2 ranks -> 1, 1 -> 2, a new plan after a re-allocation).
   - arms-rank0.pt (rank 0) holds what every rank holds alike: the dense optimizers' state
-    (Adam; DMP keeps the dense part data-parallel) and the RNG.
+    (Adam; DMP keeps the dense part data-parallel), the RNG, and the runner's `extra` state of
+    tensors (the stream-long row counts of AutoSrh's tiers, search/counts.py), if any.
 A checkpoint is written into a temporary directory (.ckpt-<window>.partial, the same path on
 every rank: the state dir is shared, one host or a shared volume); after a barrier, that is
 once every rank's part is durable, rank 0 writes the completion marker (complete-rank0.json:
@@ -31,7 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ KEEP = 3
 MARKER_FORMAT = 2  # 2: the marker names every rank's DCP shard files too
 _HASH_CHUNK = 1 << 20
 REPLICATED = "arms-rank0.pt"
+EXTRA = "__extra__"  # the key of `save`'s extra in REPLICATED (no arm has this name)
 SHARDS = "shards"
 
 
@@ -97,9 +99,12 @@ def _dirs(state_dir: Path) -> Path:
     return d
 
 
-def save(state_dir: Path, window: int, meta: dict, arms: list, rank: int | None = None) -> Path:
-    """Write checkpoint `window` (meta + every arm's state); returns its directory. Collective:
-    every rank calls it and writes its shards; rank 0 the rest, last the marker."""
+def save(
+    state_dir: Path, window: int, meta: dict, arms: list, rank: int | None = None, extra: dict | None = None
+) -> Path:
+    """Write checkpoint `window` (meta + every arm's state + `extra`, a dict of tensors and
+    numbers that every rank holds alike); returns its directory. Collective: every rank calls
+    it and writes its shards; rank 0 the rest, last the marker."""
     me = _rank() if rank is None else rank
     root = _dirs(state_dir)
     final = root / f"ckpt-{window:06d}"
@@ -112,7 +117,7 @@ def save(state_dir: Path, window: int, meta: dict, arms: list, rank: int | None 
         state = {a.name: _sharded_state(a) for a in arms}
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True))
         if me == 0:
-            _write_replicated(tmp, meta, arms)
+            _write_replicated(tmp, meta, arms, extra)
         barrier()  # every rank's shards are durable: only now may the marker say so
         if me == 0:
             _seal(tmp, final, root)
@@ -128,9 +133,11 @@ def _rank() -> int:
     return rank()
 
 
-def _write_replicated(tmp: Path, meta: dict, arms: list) -> None:
+def _write_replicated(tmp: Path, meta: dict, arms: list, extra: dict | None = None) -> None:
     blob = {a.name: _replicated_state(a) for a in arms}
     blob["rng"] = {"torch": torch.get_rng_state()}
+    if extra:
+        blob[EXTRA] = extra
     with open(tmp / REPLICATED, "wb") as f:
         torch.save(blob, f)
         f.flush()
@@ -308,7 +315,7 @@ def read_tensors(ckpt: Path, rank: int = 0) -> dict:
         blob = torch.load(path, weights_only=True)
     except Exception as e:  # corrupt or truncated file: say which, never half-load
         raise CheckpointError(f"cannot load {path}: {e}") from None
-    return {k: (v | {"name": k, "checkpoint": Path(ckpt)} if k != "rng" else v) for k, v in blob.items()}
+    return {k: (v | {"name": k, "checkpoint": Path(ckpt)} if k not in ("rng", EXTRA) else v) for k, v in blob.items()}
 
 
 @dataclass
@@ -320,6 +327,7 @@ class Restored:
     schema: Schema
     model: ModelConfig
     arms: dict[str, Arm]
+    extra: dict = field(default_factory=dict)  # `save`'s extra (empty if it had none)
 
 
 def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore_rng: bool = False) -> Restored:
@@ -345,4 +353,4 @@ def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore
         load_arm_state(arm, tensors[n])
         arms[n] = arm
     torch.set_rng_state(tensors["rng"]["torch"] if restore_rng else rng)
-    return Restored(Path(ckpt), meta, schema, model, arms)
+    return Restored(Path(ckpt), meta, schema, model, arms, tensors.get(EXTRA, {}))

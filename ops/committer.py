@@ -61,15 +61,16 @@ class Committer:
         arms: list,
         history: History,
         publish=None,
+        extra: dict | None = None,
     ) -> None:
         """Steps 1-5 for `window`; `meta(record)` is the checkpoint's meta (built after step 1),
-        `publish` the arm exported for serving."""
+        `publish` the arm exported for serving, `extra` tensors checkpointed beside the arms."""
         if self.rank0:
             self.deadletters.rotate(record.index)
             self._recent_rows(window)
         t0 = time.perf_counter()
         info = meta(record)
-        checkpoint.save(self.state_dir, record.index, info, arms)  # every rank: its part
+        checkpoint.save(self.state_dir, record.index, info, arms, extra=extra)  # every rank: its part
         record.checkpoint_seconds = time.perf_counter() - t0
         history.append(record.to_dict())  # counted on every rank, written by rank 0 (History.writer)
         weights = None

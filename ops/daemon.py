@@ -142,6 +142,7 @@ class Resume:
     history_length: int = 0
     last_record: dict | None = None
     search: dict | None = None
+    extra: dict | None = None  # the checkpoint's extra tensors (the search's stream counts)
 
     @classmethod
     def from_meta(cls, meta: dict) -> Resume:
@@ -193,7 +194,9 @@ def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
         )
     restored = checkpoint.load_arms(ckpt, restore_rng=True)
     log.info("resumed from %s: %d windows done", ckpt.name, meta["history_length"])
-    return list(restored.arms.values()), Resume.from_meta(meta)
+    resume = Resume.from_meta(meta)
+    resume.extra = restored.extra
+    return list(restored.arms.values()), resume
 
 
 def check_writable(state_dir: Path) -> None:
@@ -629,7 +632,8 @@ class Runner:
         self.resume.position, self.resume.watermark = window.resume, window.end
         self.resume.read_upto = window.read_upto
         publish = self.arm("slim" if "slim" in self.cfg.arms else "control")
-        self.committer.close(window, record, self.meta, self.arms, self.history, publish)
+        extra = self.search.checkpoint_extra() if self.search is not None else None
+        self.committer.close(window, record, self.meta, self.arms, self.history, publish, extra=extra)
         if self.rank0:
             t0 = time.perf_counter()
             write_bytes(self.state_dir / "summary.json", self.history.summary_json(self._header(), self.source.truth()))

@@ -7,7 +7,14 @@ atomic rename, so cron and daemon never see each other's partial files. Killing 
 mid-way leaves no partial plan (only a temporary file that the next run removes).
 If the daemon runs the held-out field check (--field-check-rows), its latest result
 (STATE/field_check.json) is applied to the allocation too: the job's recent rows are rows the
-checkpoint has trained on, on which the check cannot be made.
+checkpoint has trained on, on which the check cannot be made; `--field-check-z Z` re-decides
+that check at Z standard errors (its deltas and standard errors are in the file).
+`--tiers L`, `--noise-floor K` and `--field-check-z Z` mean what they mean to the daemon
+(`dimstream run`) and are validated by the same rules (ops/config.py `RunConfig`): tiers > 1
+only with autosrh, a noise floor only with sseds. With `--tiers L > 1` the ids' tiers come from
+the stream-long row counts the daemon checkpoints when it runs with --tiers (search/counts.py),
+else from the recent rows' counts; the plan then carries the (field, tier) allocation and the
+ids' tiers (search/tierplan.py), and the daemon builds the slim arm's (field, tier) tables from it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("dimstream-state"))
     p.add_argument(
         "--method",
+        "--search",
+        dest="method",
         choices=_Registered(),
         metavar="METHOD",
         help="a registered search method (search/registry.py); default: the registry's default method",
@@ -71,12 +80,39 @@ def register(sub) -> None:
         help="auto: allocate after the daemon's latest held-out field check "
         "(STATE/field_check.json, written with --field-check-rows) if there is one",
     )
+    p.add_argument(
+        "--field-check-z",
+        type=float,
+        metavar="Z",
+        help="re-decide the daemon's field check: keep a field iff its held-out loss increase > Z standard "
+        "errors (default: the Z the daemon checked at)",
+    )
+    p.add_argument(
+        "--tiers",
+        type=int,
+        default=1,
+        metavar="L",
+        help="with --method autosrh: L frequency tiers per field, one slim table per (field, tier) (1: field level)",
+    )
+    p.add_argument(
+        "--noise-floor",
+        type=float,
+        metavar="K",
+        help="SSEDS: a field whose saliency is within K standard deviations of its noise null gets 0 (off)",
+    )
     p.set_defaults(func=cmd_search)
 
 
+def search_options(args, name: str) -> RunConfig:
+    """The job's method knobs validated as the daemon's (the same ConfigError, exit 2)."""
+    z = args.field_check_z if args.field_check_z is not None else RunConfig.field_check_z
+    return RunConfig(search=name, budget=args.budget, tiers=args.tiers, noise_floor=args.noise_floor, field_check_z=z)
+
+
 def load_control(state_dir: Path):
-    """(control Arm, schema, checkpoint path) from the latest complete checkpoint (read only:
-    the job runs beside the daemon and never takes its state-dir lock)."""
+    """(control Arm, schema, checkpoint path, the checkpoint's extra state) from the latest
+    complete checkpoint (read only: the job runs beside the daemon and never takes its
+    state-dir lock)."""
     from dimstream.ops import checkpoint
 
     ckpt = checkpoint.latest(state_dir)
@@ -86,7 +122,7 @@ def load_control(state_dir: Path):
         restored = checkpoint.load_arms(ckpt, ["control"])
     except checkpoint.CheckpointError as e:
         raise ConfigError(str(e)) from None
-    return restored.arms["control"], restored.schema, ckpt
+    return restored.arms["control"], restored.schema, ckpt, restored.extra
 
 
 def recent_rows(state_dir: Path, schema):
@@ -101,8 +137,20 @@ def recent_rows(state_dir: Path, schema):
     return Decoder(schema).decode(table).batch
 
 
-def latest_field_check(state_dir: Path, fields: list[str]):
-    """The daemon's latest held-out field check, or None if it has written none."""
+def stream_counts(extra: dict, schema) -> dict | None:
+    """{field: [rows] counts} from the checkpoint's stream-long counts (the daemon ran with
+    --tiers), or None (the search then counts the recent rows)."""
+    from dimstream.search.counts import StreamCounts
+
+    if "counts" not in extra:
+        return None
+    counts = StreamCounts.from_state(extra["counts"])
+    return counts.counts() if counts.fits(schema.num_embeddings) else None
+
+
+def latest_field_check(state_dir: Path, fields: list[str], z: float | None = None):
+    """The daemon's latest held-out field check, or None if it has written none; with `z`,
+    re-decided at z standard errors."""
     from dimstream.ops.searching import FIELD_CHECK_FILE
     from dimstream.search.fieldcheck import FieldCheck
 
@@ -117,6 +165,8 @@ def latest_field_check(state_dir: Path, fields: list[str]):
         raise ConfigError(
             f"the field check {path} is for other fields than the checkpoint's; delete it or pass --field-check off"
         )
+    if z is not None:
+        check = FieldCheck.decide(check.delta, check.stderr, z, check.rows, check.seconds, check.min_rows)
     return check
 
 
@@ -131,6 +181,8 @@ def cmd_search(args) -> int:
         raise ConfigError(f"{state} is not a state dir")
     if not 0 < args.budget <= 1:
         raise ConfigError("--budget (kappa) must be in (0, 1]")
+    name = args.method or registry.default_name()
+    opts = search_options(args, name)
     d = plans_dir(state)
     with open(d / ".search.lock", "w") as lock:
         try:
@@ -141,21 +193,32 @@ def cmd_search(args) -> int:
         for stale in d.glob(".pending.json.*"):  # temporaries of a killed run
             stale.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        control, schema, ckpt = load_control(state)
+        control, schema, ckpt, extra = load_control(state)
         batch = recent_rows(state, schema)
-        check = latest_field_check(state, control.feature_names) if args.field_check == "auto" else None
+        z = args.field_check_z
+        check = latest_field_check(state, control.feature_names, z) if args.field_check == "auto" else None
         # supernet_file: the daemon's AdaS&S supernet, for the method that takes it
-        name = args.method or registry.default_name()
-        method = registry.build(name, rows=args.rows, supernet_file=state / SUPERNET_FILE)
+        knobs = {"noise_floor": opts.noise_floor} | ({"tiers": opts.tiers} if opts.tiers > 1 else {})
+        method = registry.build(name, rows=args.rows, supernet_file=state / SUPERNET_FILE, **knobs)
+        counted = "recent rows"
+        if opts.tiers > 1:
+            method.counts = stream_counts(extra, schema)
+            counted = "the stream" if method.counts is not None else counted
         budget = Budget("params", kappa=args.budget, fill=args.budget_fill)
         result = method.run(control, batch, budget, field_check=check)
         plan = Plan.from_result(result, schema.fingerprint(), ckpt.name)
         write_plan(d / "pending.json", plan)
     kept = sum(1 for v in plan.dims.values() if v)
     dropped = f", {len(check.dropped)} dropped by the field check" if check is not None else ""
+    tiered = result.details.get("tiers")
+    tiers = (
+        f"; {opts.tiers} tiers counted on {counted}: {tiered['params']:,} params in (field, tier) tables"
+        if tiered
+        else ""
+    )
     print(
         f"dimstream search: {result.method} on {ckpt.name}, {result.rows_used} rows: {kept} fields kept{dropped}, "
-        f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}) "
+        f"{result.params:,} of {result.control_params:,} embedding params (kappa {args.budget}){tiers} "
         f"in {time.perf_counter() - t0:.1f}s -> {d / 'pending.json'}"
     )
     return 0

@@ -31,6 +31,12 @@
      columns from the supernet's first d columns (the head's column-tied parameters still
      come from the control; the supernet's transforms, eq. 7, have no place in the slim arm's
      head, which maps widths with the projections of SSEDS eq. 13).
+  4. under `--tiers L > 1` every window's rows are counted first (`count_window`: np.bincount
+     per field of the rows the ids look up, a managed field's through the control's vocabulary,
+     its rows that changed owner forgotten) into stream-long counts (search/counts.py
+     `StreamCounts`), which AutoSrh's search takes as its ids' counts (`AutoSrh.counts`) in place
+     of the window's; they are checkpointed beside the arms (`checkpoint_extra`, the
+     checkpoint's replicated blob) and resumed from it, so `dimstream search` reads them too.
 The policy's state is `state_dict()`, checkpointed by the runner.
 """
 
@@ -43,15 +49,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dimstream.models.arm import ArmSpec
 from dimstream.models.evaluation import window_metrics
 from dimstream.models.realloc import reallocate
 from dimstream.search import registry
 from dimstream.search.budget import Budget
+from dimstream.search.counts import StreamCounts
 from dimstream.search.fieldcheck import check_fields
 from dimstream.search.plan import Plan, PlanError, read_plan, validate_plan
 from dimstream.search.policy import AllocationPolicy, Decision
+from dimstream.search.tierplan import decode_tiers
 from dimstream.stream.atomic import write_bytes
 
 log = logging.getLogger("dimstream.search")
@@ -80,6 +89,7 @@ class DaemonSearch:
         )
         self.check = None  # this window's averaged field check, for its search
         self.supernet = None  # --search adass: the supernet trained on every window (lazily built)
+        self.counts, self.owners = _resumed_counts(runner) if getattr(cfg, "tiers", 1) > 1 else (None, {})
 
     # --- the runner's calls ---
     def before_training(self, window, record) -> None:
@@ -94,6 +104,7 @@ class DaemonSearch:
             self.runner.arm("control"),
             batch.slice(max(0, len(batch) - cfg.field_check_rows), len(batch)),
             z=cfg.field_check_z,
+            min_rows=getattr(cfg, "field_check_min_rows", 0),
         )
         self.runner.metrics.search_duration.labels("field_check").observe(shot.seconds)
         check = self.policy.average_check(shot)
@@ -101,6 +112,7 @@ class DaemonSearch:
             self.runner.metrics.field_check_keep.labels(f).set(int(keep))
         record.field_check = {
             "rows": shot.rows,
+            "pooled_rows": check.rows,  # the average's effective rows: below min_rows it drops nothing
             "seconds": shot.seconds,
             "z": check.z,
             "dropped": check.dropped,
@@ -129,6 +141,7 @@ class DaemonSearch:
     def after_training(self, window, record) -> None:
         """A pending plan, then the due search; each through the policy. Under --search adass
         the supernet trains test-then-train on the window around it (`_supernet_window`)."""
+        self.count_window(window.batch)
         self._take_pending_plan(record)
         due = self._due(record.index) and len(window.batch) > 0
         if self._supernet_mode():
@@ -136,8 +149,23 @@ class DaemonSearch:
         elif due:
             self._search(window.batch, record)
 
+    def count_window(self, batch) -> None:
+        """--tiers L > 1: the window's rows into the stream-long counts (module docstring, 4)."""
+        if self.counts is None or not len(batch):
+            return
+        rows = looked_up_rows(self.runner.arm("control"), batch, self.owners, self.counts)
+        self.counts.add(rows)
+
+    def checkpoint_extra(self) -> dict | None:
+        """What the checkpoint keeps beside the arms: the counts and the managed rows' owners."""
+        if self.counts is None:
+            return None
+        return {"counts": self.counts.state_dict(), "owners": {f: torch.from_numpy(o) for f, o in self.owners.items()}}
+
     def _search(self, batch, record) -> None:
         control = self.runner.arm("control")
+        if self.counts is not None and hasattr(self.method, "counts"):
+            self.method.counts = self.counts.counts()
         budget = Budget("params", kappa=self.runner.cfg.budget, fill=self.runner.cfg.budget_fill)
         result = self.method.run(control, batch, budget, field_check=self.check)
         self._observe(result.method, result.duration_seconds)
@@ -148,6 +176,8 @@ class DaemonSearch:
             "budget_reached": result.budget_reached,
             "rows": result.rows_used,
         }
+        if result.details.get("tiers") is not None and self.counts is not None:
+            record.search["tier_counts_windows"] = self.counts.windows  # the tiers' counts span these windows
         keep = self.check.keep if self.check is not None else None
         decision = self._decide(result, keep, self.method.min_score)
         record.search["gain_over_current"] = decision.to_dict()["gain"]
@@ -306,7 +336,7 @@ class DaemonSearch:
             return
         decision = self._decide(plan, _plan_keep(plan), _min_score(plan.method))
         if decision.reshape:
-            self._reshape(decision, "plan", plan.method, record)
+            self._reshape(decision, "plan", plan.method, record, decode_tiers(plan.tiers))
         else:
             log.info("plan of %s kept out, the slim arm keeps its allocation: %s", plan.created_at, decision.reason)
         self._archive(claimed, "applied" if decision.reshape else "kept", record.index, plan, decision)
@@ -338,6 +368,41 @@ class DaemonSearch:
         else:
             os.replace(claimed, dest / f"{index:06d}.json")
         self.runner.metrics.plans.labels(outcome).inc()
+
+
+def _resumed_counts(runner) -> tuple[StreamCounts, dict]:
+    """The counts and managed owners of the checkpoint resumed from, else new ones (also when
+    the schema's tables changed size)."""
+    extra = getattr(runner.resume, "extra", None) or {}
+    if "counts" in extra:
+        counts = StreamCounts.from_state(extra["counts"])
+        if counts.fits(runner.schema.num_embeddings):
+            return counts, {f: t.numpy().copy() for f, t in extra.get("owners", {}).items()}
+        log.warning("the checkpoint's row counts are of other table sizes: counting afresh")
+    return StreamCounts(runner.schema.num_embeddings), {}
+
+
+def looked_up_rows(control, batch, owners: dict | None = None, counts: StreamCounts | None = None) -> dict:
+    """{field: the table rows `batch`'s ids look up}: a hashed field's ids are its rows; a
+    managed field's are mapped by the control's vocabulary (a lookup, nothing admitted). With
+    `owners` ({field: the raw id of every row at the last count}, updated in place) and
+    `counts`, a managed row that changed owner since then has its count forgotten first."""
+    from dimstream.models.vocab import vocabs_of
+
+    vocabs = vocabs_of(control)
+    out = {}
+    for f, values in batch.values.items():
+        if f not in vocabs:
+            out[f] = values
+            continue
+        rows, _ = vocabs[f](torch.from_numpy(np.ascontiguousarray(values, np.int64)), admit=False)
+        out[f] = rows.numpy()
+        if owners is not None:
+            now = vocabs[f].owners().numpy()
+            if counts is not None and f in owners:
+                counts.reset_rows(f, np.flatnonzero(owners[f] != now))
+            owners[f] = now
+    return out
 
 
 def _tier_knob(cfg) -> dict:

@@ -47,9 +47,13 @@ tier) granularity, each (field, tier) a table of its own rows, within sum of row
 kappa x control (`tiered_allocation`, in the result's details["tiers"], with the ids' tiers
 `tier_of`). The daemon builds the slim arm from it under `--tiers L` (models/tiers.py: one table
 per (field, tier), ops/searching.py); the result's dims stay the field-level allocation of the
-same scores summed over the tiers, which the policy's gate compares and plans carry. The tiers
-come from the search window's exact counts, so there are no counts to checkpoint: the ids'
-tiers themselves are in the slim arm's checkpointed state.
+same scores summed over the tiers, which the policy's gate compares and plans carry (with the
+(field, tier) allocation beside them, search/tierplan.py). The counts an id's tier comes from
+are its counts on the stream (`AutoSrh.counts`, set by the daemon and by `dimstream search`
+from the daemon's checkpointed search/counts.py `StreamCounts`: exact per row up to 2^22 rows,
+a count-min sketch above); without them (a state dir the daemon ran without --tiers) they are
+the searched window's exact counts (`row_counts`). The ids' tiers are re-assigned only when the
+slim arm is re-allocated, and are then in its checkpointed state.
 """
 
 from __future__ import annotations
@@ -352,8 +356,9 @@ def autosrh_search(
 class AutoSrh(SearchMethod):
     """`--search autosrh`: AutoSrh on the most recent `rows` rows, the last `val_fraction` of
     them held out for alpha (`split_holdout`); the other knobs are `autosrh_search`'s. With
-    tiers > 1 the ids' tiers come from their counts over all the rows given (the window), not
-    only the searched sample."""
+    tiers > 1 the ids' tiers come from `counts` ({field: [rows] counts}, the stream-long counts
+    the caller sets before `run`) if set, else from their counts over all the rows given (the
+    window), not only the searched sample."""
 
     name = "autosrh"
 
@@ -368,11 +373,14 @@ class AutoSrh(SearchMethod):
         tiers: int = 1,
     ):
         self.rows, self.val_fraction, self.tiers = rows, val_fraction, tiers
+        self.counts: dict[str, np.ndarray] | None = None  # stream-long row counts (search/counts.py)
         self.search_knobs = {"steps": steps, "lr": lr, "batch_size": batch_size, "weight_passes": weight_passes}
 
     def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:
         train, val = split_holdout(sample_recent(rows, self.rows), self.val_fraction)
-        counts = row_counts(rows, ctr_model(control).num_embeddings) if self.tiers > 1 else None
+        counts = None
+        if self.tiers > 1:
+            counts = self.counts if self.counts is not None else row_counts(rows, ctr_model(control).num_embeddings)
         return autosrh_search(
             control, train, val, budget, tiers=self.tiers, counts=counts, field_check=field_check, **self.search_knobs
         )

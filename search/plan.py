@@ -9,7 +9,9 @@ A plan is one JSON object (format 1):
      "checkpoint": "ckpt-000011", "created_at": "2026-01-01T12:00:03Z", "duration_seconds": 0.41}
 
 An optional "field_check": {"rows", "z", "dropped": [...]} says which held-out field check the
-allocation followed (search/fieldcheck.py); plans without it read as null.
+allocation followed (search/fieldcheck.py); plans without it read as null. An optional "tiers"
+(AutoSrh with --tiers L > 1) is the (field, tier) allocation the slim arm is built from, with the
+ids' tiers (search/tierplan.py); `validate_plan` checks it too.
 dims lists every field of the control arm (0 = the field leaves the slim arm); kept_columns[f]
 are the control arm's column indices the slim field starts from (sorted, len == dims[f]).
 `write_plan` replaces the file atomically (temporary file, fsync, rename, fsync of the
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dimstream.search.budget import KINDS, QUANTUM, SearchResult, params_of
+from dimstream.search.tierplan import encode_tiers, validate_tiers
 from dimstream.stream.atomic import write_bytes
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ class PlanError(ValueError):
     """A plan that cannot be applied. `reason` is a short fixed phrase
     ("malformed", "missing key", "bad type", "another schema", "unknown field", "missing field",
     "width not a multiple of 4", "wider than the control", "bad kept columns", "over budget",
-    "keeps no field"), `detail` says what exactly."""
+    "keeps no field", "bad tiers"), `detail` says what exactly."""
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason, self.detail = reason, detail
@@ -66,6 +69,8 @@ class Plan:
     duration_seconds: float
     # informative, optional: the held-out field check the allocation followed (rows, z, dropped)
     field_check: dict | None = None
+    # optional: AutoSrh's (field, tier) allocation, search/tierplan.py `encode_tiers`
+    tiers: dict | None = None
 
     @classmethod
     def from_result(
@@ -84,6 +89,7 @@ class Plan:
             created_at=created_at or utc_now(),
             duration_seconds=float(result.duration_seconds),
             field_check=_check_summary(result),
+            tiers=encode_tiers(result.details.get("tiers")),
         )
 
     def to_dict(self) -> dict:
@@ -157,7 +163,7 @@ def read_plan(path: str | Path) -> Plan:
     unknown = sorted(str(k) for k in set(d) - set(names) - {"format"})
     if unknown:
         log.warning("plan %s: ignoring unknown key(s) %s", path, ", ".join(unknown))
-    optional = {"field_check"}
+    optional = {"field_check", "tiers"}
     missing = [k for k in names if k not in d and k not in optional]
     if missing:
         raise PlanError("missing key", f"{path} lacks {', '.join(missing)}")
@@ -183,6 +189,7 @@ def read_plan(path: str | Path) -> Plan:
     _check(isinstance(d["created_at"], str), "created_at must be an ISO 8601 string")
     _check(_is_num(d["duration_seconds"]) and d["duration_seconds"] >= 0, "duration_seconds must be a number >= 0")
     _check(d.get("field_check") is None or isinstance(d["field_check"], dict), "field_check must be an object or null")
+    _check(d.get("tiers") is None or isinstance(d["tiers"], dict), "tiers must be an object or null")
     return Plan(**{k: d[k] for k in names if k in d})
 
 
@@ -231,3 +238,8 @@ def validate_plan(
         raise PlanError("over budget", f"{used:,} embedding parameters > kappa {kappa} x control = {limit:,}")
     if plan.budget_kind == "columns" and sum(plan.dims.values()) > plan.budget_asked:
         raise PlanError("over budget", f"{sum(plan.dims.values())} columns > target {plan.budget_asked}")
+    if plan.tiers is not None:
+        try:
+            validate_tiers(plan.tiers, num_embeddings, control_dims, kappa)
+        except (ValueError, TypeError, KeyError) as e:
+            raise PlanError("bad tiers", str(e)) from None

@@ -1,6 +1,11 @@
 """AutoSrh's frequency tiers in the slim arm (models/tiers.py): one table per (field, tier) in one
 EmbeddingBagCollection, the id -> (tier, row) remap buffers, re-allocation id by id, the
-checkpoint, and `--search autosrh --tiers 2` in the daemon."""
+checkpoint, `--search autosrh --tiers 2` in the daemon on stream-long counts, and in the cron job
+`dimstream search`."""
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,9 +18,10 @@ from dimstream.models.realloc import reallocate
 from dimstream.models.tiers import split_kjt, tier_feature
 from dimstream.search import Budget, split_holdout
 from dimstream.search.autosrh import autosrh_search, feature_blocks, row_counts
+from dimstream.search.counts import StreamCounts
 from dimstream.search.masks import ctr_model, pooled_embeddings
 from dimstream.stream.decode import Decoder
-from tests.helpers import tiny_batch, tiny_schema
+from tests.helpers import REPO, tiny_batch, tiny_schema
 
 DIMS = {"user": 8, "item": 8, "tags": 8, "price": 8}
 SCHEMA = tiny_schema()
@@ -275,3 +281,153 @@ def test_the_daemon_runs_autosrh_with_two_tiers_and_resumes_the_tiered_slim_arm(
     np.testing.assert_array_equal(back.predict(test), slim.predict(test))
     runner, summary = run(3)  # the daemon resumes the tiered arm and goes on re-allocating it
     assert len(summary["windows"]) == 3 and summary["windows"][-1]["reallocation"]["tier_dims"]
+
+
+def test_the_daemon_tiers_come_from_the_stream_counts(tmp_path):
+    """--tiers 2 counts every window's rows (search/counts.py): after the last window's search
+    the slim arm's tier map is `feature_blocks` of the stream-long counts, which are the whole
+    stream's, not that window's."""
+    from dimstream.ops.config import RunConfig
+    from dimstream.ops.daemon import Runner
+    from dimstream.stream.synthetic import SyntheticSource
+
+    cfg = RunConfig(
+        source="synthetic",
+        rows_per_window=2500,
+        windows=2,
+        arms=("control", "slim"),
+        search="autosrh",
+        tiers=2,
+        search_rows=2000,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        state_dir=tmp_path,
+        model=ModelConfig("fm"),
+    )
+    runner = Runner.from_config(cfg)
+    summary = runner.run()
+    counts = runner.search.counts
+    src = SyntheticSource(seed=0, rows_per_window=2500)
+    last_window = Decoder(src.schema).decode(src.window_table(1)).batch
+    assert counts.windows == 2 and int(counts.counts()["user_id"].sum()) == 2 * 2500
+    slim = runner.arm("slim")
+    assert summary["windows"][-1]["reallocation"]["method"] == "autosrh"
+    assert [w["search"]["tier_counts_windows"] for w in summary["windows"]] == [1, 2]
+    for f in ("user_id", "item_id"):
+        want = feature_blocks(counts.counts()[f], 2)
+        np.testing.assert_array_equal(ctr_model(slim).embedding.tier_maps.tier_of(f).numpy(), want)
+        last = row_counts(last_window, runner.schema.num_embeddings)[f]  # what the window alone would give
+        assert not np.array_equal(feature_blocks(last, 2), want)
+        dims = summary["windows"][-1]["reallocation"]["tier_dims"][f]
+        assert dims[0] > dims[1], (f, dims)
+
+
+CLI = [sys.executable, "-m", "dimstream.ops.cli"]
+
+
+def _cli(args, check=True):
+    r = subprocess.run(CLI + args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_the_cron_job_searches_tiers_on_the_stream_counts_and_the_daemon_builds_tier_tables(tmp_path):
+    """`dimstream search --search autosrh --tiers 2` on a daemon's state dir: the plan carries the
+    (field, tier) allocation and the ids' tiers from the checkpointed stream counts; the daemon
+    applying it gives the slim arm one table per (field, tier), the frequent tier of user_id and
+    item_id wider than the tail, within kappa x control."""
+    from dimstream.ops import checkpoint
+    from dimstream.search.plan import read_plan, validate_plan
+    from dimstream.search.tierplan import decode_tiers
+
+    run = ["run", "--arms", "control,slim", "--search", "autosrh", "--tiers", "2", "--search-every", "0"]
+    run += ["--rows-per-window", "3000", "--metrics-addr", "127.0.0.1:0", "--no-progress", "--model", "fm"]
+    run += ["--state-dir", str(tmp_path)]
+    _cli(run + ["--windows", "1"])
+    out = _cli(["search", "--state-dir", str(tmp_path), "--search", "autosrh", "--tiers", "2", "--rows", "2000"]).stdout
+    assert "autosrh on ckpt-000000" in out and "2 tiers counted on the stream" in out, out
+    restored = checkpoint.load_arms(checkpoint.latest(tmp_path), ["control"])
+    control, schema = restored.arms["control"], restored.schema
+    counts = StreamCounts.from_state(restored.extra["counts"]).counts()
+    assert int(counts["user_id"].sum()) == 3000
+    plan = read_plan(tmp_path / "plans" / "pending.json")
+    validate_plan(plan, schema.fingerprint(), schema.num_embeddings, control.dims, 0.25)
+    tiers = decode_tiers(plan.tiers)
+    for f in ("user_id", "item_id"):
+        np.testing.assert_array_equal(tiers["tier_of"][f], feature_blocks(counts[f], 2))
+        assert tiers["dims"][f][0] > tiers["dims"][f][1], (f, tiers["dims"][f])
+    assert tiers["params"] <= 0.25 * control.embedding_params
+    assert all(d % 4 == 0 for ds in tiers["dims"].values() for d in ds)
+    _cli(run + ["--windows", "2"])
+    w = json.loads((tmp_path / "summary.json").read_text())["windows"]
+    realloc = w[1]["reallocation"]
+    assert realloc["source"] == "plan" and realloc["method"] == "autosrh"
+    assert realloc["embedding_params"] == tiers["params"]
+    kept = {f: ds for f, ds in tiers["dims"].items() if any(ds)}
+    assert realloc["tier_dims"] == kept
+    slim = checkpoint.load_arms(checkpoint.latest(tmp_path), ["slim"]).arms["slim"]
+    tables = _tables(slim)
+    for f, ds in kept.items():
+        np.testing.assert_array_equal(ctr_model(slim).embedding.tier_maps.tier_of(f).numpy(), tiers["tier_of"][f])
+        for t, d in enumerate(ds):
+            name = f"emb_{tier_feature(f, t)}"
+            assert (name in tables) == (d > 0)
+            if d:
+                assert tuple(tables[name].size()) == (tiers["rows"][f][t], d)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--search", "sseds", "--tiers", "2"], "tiers must be >= 1, and > 1 only with search autosrh"),
+        (["--search", "autosrh", "--tiers", "0"], "tiers must be >= 1"),
+        (["--search", "autosrh", "--noise-floor", "1"], "noise_floor is a knob of search sseds"),
+        (["--search", "sseds", "--noise-floor", "-1"], "noise_floor must be >= 0"),
+        (["--search", "sseds", "--field-check-z", "-1"], "field_check_z must be >= 0"),
+    ],
+)
+def test_the_cron_job_refuses_what_the_daemon_refuses_in_one_line_with_exit_2(tmp_path, capsys, extra, message):
+    from dimstream.ops.cli import main
+
+    assert main(["search", "--state-dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "plans").exists()  # refused before anything was read or written
+
+
+def test_the_cron_job_re_decides_the_daemons_field_check_at_its_z(tmp_path):
+    from dimstream.ops.search_cli import latest_field_check
+    from dimstream.search.fieldcheck import FieldCheck
+
+    check = FieldCheck.decide({"a": 0.3, "b": 0.1, "c": -0.1}, {"a": 0.1, "b": 0.1, "c": 0.1}, 2.0, 100, 0.1)
+    (tmp_path / "field_check.json").write_text(json.dumps(check.to_dict() | {"window": 0}))
+    assert latest_field_check(tmp_path, ["a", "b", "c"]).keep == {"a": True, "b": False, "c": False}
+    assert latest_field_check(tmp_path, ["a", "b", "c"], 0.0).keep == {"a": True, "b": True, "c": False}
+    assert latest_field_check(tmp_path, ["a", "b", "c"], 5.0).keep == {"a": False, "b": False, "c": False}
+
+
+def test_a_plan_carries_the_tiers_and_a_tampered_tier_map_or_budget_is_rejected(trained, tmp_path):
+    from dimstream.search.plan import Plan, PlanError, read_plan, validate_plan, write_plan
+
+    control, batch = trained
+    train, val = split_holdout(batch, 0.25)
+    r = autosrh_search(control, train, val, Budget("params", 0.25), steps=10, batch_size=64, tiers=2)
+    write_plan(tmp_path / "p.json", Plan.from_result(r, SCHEMA.fingerprint(), None))
+    plan = read_plan(tmp_path / "p.json")
+    validate_plan(plan, SCHEMA.fingerprint(), ROWS, control.dims, 0.25)
+    from dimstream.search.tierplan import decode_tiers
+
+    back = decode_tiers(plan.tiers)
+    for f in DIMS:
+        np.testing.assert_array_equal(back["tier_of"][f], r.details["tiers"]["tier_of"][f])
+    assert back["dims"] == r.details["tiers"]["dims"]
+    f = next(f for f, ds in back["dims"].items() if ds[1] == 0)
+    wide = dict(plan.tiers, dims=dict(plan.tiers["dims"], **{f: [back["dims"][f][0], 8]}))
+    wide["kept_columns"] = dict(plan.tiers["kept_columns"], **{f: [back["kept_columns"][f][0], list(range(8))]})
+    moved = dict(plan.tiers, rows=dict(plan.tiers["rows"], **{f: back["rows"][f][::-1]}))
+    for tiers, why in ((wide, "embedding parameters >"), (moved, "the tier map puts")):
+        plan.tiers = tiers
+        with pytest.raises(PlanError, match=why) as e:
+            validate_plan(plan, SCHEMA.fingerprint(), ROWS, control.dims, 0.25)
+        assert e.value.reason == "bad tiers"
