@@ -679,8 +679,8 @@ def test_search_recovers_the_synthetic_truth(trained_control, held_out_check, on
     Both searches rank columns as the papers do and allocate after the held-out field check
     (search/fieldcheck.py) on the next window, which the control has not trained on: neither
     saliency alone prunes the noise fields the online control has memorised (the runs without
-    the check in benchmarks/results/search.json, truth_runs). SSEDS runs as the daemon's default
-    does (issue 14): on the last 8,192 trained rows (search_rows), after the check at the
+    the check in benchmarks/results/search.json, truth_runs). SSEDS runs as the daemon does with
+    the field check on (issue 14): on the last 8,192 trained rows (search_rows), after the check at the
     default z (field_check_z) on 50,000 held-out rows, as many as the daemon's averaged check
     must pool before it may drop a field (field_check_min_rows). On the whole last window it
     reaches Spearman 0.52 on this fixture: the daemon's rows rank the signal fields better here.
