@@ -29,6 +29,19 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "bf16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
+def check_sparse_optimizer(name: str) -> None:
+    """One this machine's FBGEMM kernel has: the CPU kernel takes exact (row-wise) Adagrad and
+    SGD only, so partial row-wise Adam would otherwise fail deep in the arm's construction with a
+    bare AssertionError (benchmarks/results/recipe.json, "adam_on_cpu"). Unknown names fail where
+    the arm picks the optimizer (models/arm.py `_sparse_optimizer`)."""
+    if name != "rowwise_adam":
+        return
+    import torch  # here, not at the top: the config stays importable without loading torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("sparse_optimizer 'rowwise_adam' needs CUDA: FBGEMM's CPU kernel has no row-wise Adam")
+
+
 @dataclass
 class ModelConfig:
     model: str = "deepfm"
@@ -38,7 +51,7 @@ class ModelConfig:
     # None = the control arm's uniform width, fixed across re-allocations so that a slim arm
     # starts as exactly the masked control model ("winning ticket").
     interaction_dim: int | None = None
-    # fused in backward: "adagrad", "rowwise_adagrad" or "rowwise_adam" ("sgd" for exact tests).
+    # fused in backward: "adagrad", "rowwise_adagrad", or "rowwise_adam" (CUDA only); "sgd" for exact tests.
     # Row-wise Adagrad is no faster on this CPU (issue 15, benchmarks/training.py `levers`).
     sparse_optimizer: str = "adagrad"
     sparse_lr: float = 0.02  # chosen on the synthetic stream against 0.05 and 0.1
@@ -55,6 +68,7 @@ class ModelConfig:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_sparse_optimizer(self.sparse_optimizer)
         self.mlp = tuple(int(x) for x in self.mlp)
 
     def to_dict(self) -> dict:
