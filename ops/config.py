@@ -65,7 +65,9 @@ class RunConfig:
     # (0: the gate is off; with the fill, a 5% gate kept early allocations: ml-100k slim -0.0041
     # vs uniform instead of -0.0019, benchmarks/results/arms-variants.json)
     realloc_min_gain: float = 0.0
-    saliency_decay: float = 0.8  # moving average of the searches' column scores (0 = latest only)
+    # moving average of the searches' column scores, per search_rows rows a search scored (a
+    # search on fewer rows decays it less: search/policy.py); 0 = the latest search only
+    saliency_decay: float = 0.8
     # held-out field check (search/fieldcheck.py) on this many of a search window's rows, run
     # before the control trains on them; 0 = off, the default. With 8,192 and the pooling below it
     # gives 0 columns to 6 of 6 noise fields on synthetic seeds 0 and 1, slim above uniform; seed 2:

@@ -81,7 +81,9 @@ class DaemonSearch:
     def __init__(self, runner):
         self.runner = runner
         cfg = runner.cfg
-        self.policy = AllocationPolicy(cfg.budget, cfg.saliency_decay, cfg.realloc_min_gain, fill=cfg.budget_fill)
+        self.policy = AllocationPolicy(
+            cfg.budget, cfg.saliency_decay, cfg.realloc_min_gain, fill=cfg.budget_fill, decay_rows=cfg.search_rows
+        )
         self.method = (
             registry.build(cfg.search, rows=cfg.search_rows, noise_floor=cfg.noise_floor, **_tier_knob(cfg))
             if cfg.search != "none"
@@ -179,7 +181,7 @@ class DaemonSearch:
         if result.details.get("tiers") is not None and self.counts is not None:
             record.search["tier_counts_windows"] = self.counts.windows  # the tiers' counts span these windows
         keep = self.check.keep if self.check is not None else None
-        decision = self._decide(result, keep, self.method.min_score)
+        decision = self._decide(result, keep, self.method.min_score, rows=result.rows_used)
         record.search["gain_over_current"] = decision.to_dict()["gain"]
         if not decision.reshape:
             log.info("slim arm kept after the %s search: %s", result.method, decision.reason)
@@ -273,7 +275,9 @@ class DaemonSearch:
         spec = self.runner.arm("slim").spec
         return {f: spec.column_ids[f][: spec.dims[f]] for f in spec.dims}
 
-    def _decide(self, proposal, keep: dict[str, bool] | None, min_score: float | None) -> Decision:
+    def _decide(
+        self, proposal, keep: dict[str, bool] | None, min_score: float | None, rows: int | None = None
+    ) -> Decision:
         return self.policy.decide(
             proposal,
             self.runner.arm("control").dims,
@@ -281,6 +285,7 @@ class DaemonSearch:
             self._incumbent(),
             keep=keep,
             min_score=min_score,
+            rows=rows,
         )
 
     def _reshape(self, decision: Decision, source: str, method: str, record, tiers: dict | None = None) -> bool:

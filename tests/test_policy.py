@@ -123,3 +123,26 @@ def test_the_state_survives_a_json_round_trip_and_the_next_decision_is_the_same(
     assert b.state_dict() == old | {"field_check_avg": None}
     b.load_state_dict(None)
     assert b.state_dict() == {"search_scores": None, "field_check_avg": None}
+
+
+def test_a_search_on_fewer_rows_moves_the_average_by_its_share_of_decay_rows():
+    """d = decay ** (rows / decay_rows): 4 searches of 2,048 rows move the average as far as one
+    of 8,192 does (ml-100k's ~470-row days otherwise re-shaped the slim arm on noise)."""
+    one = AllocationPolicy(kappa=0.5, decay=0.5, min_gain=0.0, decay_rows=8192)
+    four = AllocationPolicy(kappa=0.5, decay=0.5, min_gain=0.0, decay_rows=8192)
+    for p in (one, four):
+        p.decide(proposal([1.0] * 8, [0.0] * 8), CONTROL, ROWS, FULL)
+    one.decide(proposal([0.0] * 8, [1.0] * 8), CONTROL, ROWS, FULL, rows=8192)
+    for _ in range(4):
+        four.decide(proposal([0.0] * 8, [1.0] * 8), CONTROL, ROWS, FULL, rows=2048)
+    a_one = one.state_dict()["search_scores"]["scores"]["a"][0]
+    a_four = four.state_dict()["search_scores"]["scores"]["a"][0]
+    assert a_one == pytest.approx(0.5) and a_four == pytest.approx(0.5)
+    # one small search alone moves it by 1 - 0.5 ** 0.25 (16%), not by half
+    small = AllocationPolicy(kappa=0.5, decay=0.5, min_gain=0.0, decay_rows=8192)
+    small.decide(proposal([1.0] * 8, [0.0] * 8), CONTROL, ROWS, FULL)
+    small.decide(proposal([0.0] * 8, [1.0] * 8), CONTROL, ROWS, FULL, rows=2048)
+    assert small.state_dict()["search_scores"]["scores"]["b"][0] == pytest.approx(1 - 0.5**0.25)
+    # more rows than decay_rows count as decay_rows; no decay_rows: the decay as given
+    big = AllocationPolicy(kappa=0.5, decay=0.5, min_gain=0.0, decay_rows=8192)
+    assert big.row_decay(100_000) == 0.5 and AllocationPolicy(0.5, 0.5, 0.0).row_decay(10) == 0.5
