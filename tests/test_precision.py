@@ -17,11 +17,13 @@ from dimstream.stream.decode import Decoder
 from dimstream.stream.synthetic import SyntheticSource
 from tests.helpers import ML100K
 
-ROWS, BATCH, DIM = 20_000, 512, 16
+# 100k synthetic rows: with near-zero tables (ModelConfig.init_range) the first 20k rows are the
+# noisy start of learning, where two runs part by up to 0.0025 whatever the precision
+SYNTHETIC_ROWS, ML100K_ROWS, BATCH, DIM = 100_000, 40_000, 512, 16
 
 
 def _synthetic(seed: int):
-    src = SyntheticSource(seed=seed, rows_per_window=ROWS)
+    src = SyntheticSource(seed=seed, rows_per_window=SYNTHETIC_ROWS)
     return src.schema, Decoder(src.schema).decode(src.window_table(0)).batch
 
 
@@ -29,7 +31,7 @@ def _movielens():
     from dimstream.stream.sources.movielens import load_movielens, movielens_schema
 
     schema = movielens_schema()
-    return schema, Decoder(schema).decode(load_movielens(ML100K).slice(0, 2 * ROWS)).batch
+    return schema, Decoder(schema).decode(load_movielens(ML100K).slice(0, ML100K_ROWS)).batch
 
 
 def progressive_auc(schema, batch, model: str, precision: str, seed: int = 0) -> float:

@@ -33,7 +33,12 @@ def _kind(version_dir):
 
 
 def test_base_plus_deltas_give_the_trainers_predictions_for_five_windows(tmp_path, monkeypatch):
-    cfg = _config(tmp_path, windows=5, arms=("control", "slim"), search="sseds", realloc_min_gain=0.0)
+    # each search's own allocation behind a 10% gain gate: windows 1 and 2 re-shape the slim arm
+    # and 3 and 4 keep it (gates of 5-20% do the same); the moving average would keep the first
+    # allocation through 5 windows of 1,500 rows, and no gate re-shapes at every window
+    cfg = _config(
+        tmp_path, windows=5, arms=("control", "slim"), search="sseds", saliency_decay=0.0, realloc_min_gain=0.1
+    )
     runner = Runner.from_config(cfg)
     rows = runner.source.window_table(9).slice(0, 300)  # a fixed batch no window trains on
     batch = runner.decoder.decode(rows).batch
