@@ -83,6 +83,27 @@ def kafka_run_config(source, state, windows, **kw):
     )
 
 
+def autosrh_run_config(state, rows_per_window, windows, search_rows, **kw):
+    """The AutoSrh daemon tests' run: synthetic, control and slim, `--search autosrh`, FM, a
+    free metrics port, no progress bars (`tiers` and the rest through `kw`)."""
+    from dimstream.models.config import ModelConfig
+    from dimstream.ops.config import RunConfig
+
+    return RunConfig(
+        source="synthetic",
+        rows_per_window=rows_per_window,
+        windows=windows,
+        arms=("control", "slim"),
+        search="autosrh",
+        search_rows=search_rows,
+        metrics_addr="127.0.0.1:0",
+        progress=False,
+        state_dir=state,
+        model=ModelConfig("fm"),
+        **kw,
+    )
+
+
 def rank_pid(parent: int, rank: int) -> int | None:
     """The pid of torchrun's worker process of rank `rank` (its child with RANK=<rank>)."""
     for child in Path("/proc").glob("[0-9]*"):

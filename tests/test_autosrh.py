@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from dimstream.models.arm import Arm, ArmSpec
 from dimstream.models.config import ModelConfig
-from dimstream.ops.config import RunConfig
 from dimstream.search import Budget, registry, split_holdout
 from dimstream.search.autosrh import (
     AutoSrh,
@@ -28,7 +27,7 @@ from dimstream.search.autosrh import (
 from dimstream.search.ham import copy_arm
 from dimstream.search.masks import ctr_model, masked_logits, pooled_embeddings
 from dimstream.stream.decode import Decoder
-from tests.helpers import REPO, tiny_batch, tiny_schema
+from tests.helpers import REPO, autosrh_run_config, tiny_batch, tiny_schema
 
 DIMS = {"user": 8, "item": 8, "tags": 12, "price": 4}
 
@@ -161,18 +160,7 @@ def test_the_daemon_reallocates_the_slim_arm_by_autosrh_from_the_control_columns
     from dimstream.ops.daemon import Runner
     from dimstream.stream.synthetic import SyntheticSource
 
-    cfg = RunConfig(
-        source="synthetic",
-        rows_per_window=3000,
-        windows=1,
-        arms=("control", "slim"),
-        search="autosrh",
-        search_rows=2000,
-        metrics_addr="127.0.0.1:0",
-        progress=False,
-        state_dir=tmp_path,
-        model=ModelConfig("fm"),
-    )
+    cfg = autosrh_run_config(tmp_path, rows_per_window=3000, windows=1, search_rows=2000)
     runner = Runner.from_config(cfg)
     summary = runner.run()
     (w0,) = summary["windows"]

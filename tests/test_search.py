@@ -93,10 +93,11 @@ def test_all_ones_mask_equals_the_unmasked_model(model):
         plain = arm.model(kjt)
         masked = masked_logits(arm, kjt, ones_masks(arm.dims))
     torch.testing.assert_close(masked, plain)
-    # a zero column changes the output: the mask really reaches the head
+    # a zero column changes the output: the mask really reaches the head (by little: an untrained
+    # table's values are within +-init_range, 1e-4, so FM's products move by ~1e-8, inside allclose)
     zero = ones_masks(arm.dims)
     zero["user"][0] = 0.0
-    assert not torch.allclose(masked_logits(arm, kjt, zero).detach(), plain)
+    assert (masked_logits(arm, kjt, zero).detach() - plain).abs().max() > 0
 
 
 def test_searching_never_modifies_the_control_arm():

@@ -21,7 +21,7 @@ from dimstream.search.autosrh import autosrh_search, feature_blocks, row_counts
 from dimstream.search.counts import StreamCounts
 from dimstream.search.masks import ctr_model, pooled_embeddings
 from dimstream.stream.decode import Decoder
-from tests.helpers import REPO, tiny_batch, tiny_schema
+from tests.helpers import REPO, autosrh_run_config, tiny_batch, tiny_schema
 
 DIMS = {"user": 8, "item": 8, "tags": 8, "price": 8}
 SCHEMA = tiny_schema()
@@ -242,25 +242,13 @@ def test_the_daemon_runs_autosrh_with_two_tiers_and_resumes_the_tiered_slim_arm(
     user_id and item_id wider than their tail; the tiered arm resumes from its checkpoint with
     its tier map and predicts exactly as before."""
     from dimstream.ops import checkpoint
-    from dimstream.ops.config import RunConfig
     from dimstream.ops.daemon import Runner
     from dimstream.stream.synthetic import SyntheticSource
 
     def run(windows):
-        cfg = RunConfig(
-            source="synthetic",
-            rows_per_window=4000,
-            windows=windows,
-            arms=("control", "slim"),
-            search="autosrh",
-            tiers=2,
-            search_rows=3000,
-            metrics_addr="127.0.0.1:0",
-            progress=False,
-            state_dir=tmp_path,
-            model=ModelConfig("fm"),
+        runner = Runner.from_config(
+            autosrh_run_config(tmp_path, rows_per_window=4000, windows=windows, search_rows=3000, tiers=2)
         )
-        runner = Runner.from_config(cfg)
         return runner, runner.run()
 
     runner, summary = run(2)
@@ -287,24 +275,12 @@ def test_the_daemon_tiers_come_from_the_stream_counts(tmp_path):
     """--tiers 2 counts every window's rows (search/counts.py): after the last window's search
     the slim arm's tier map is `feature_blocks` of the stream-long counts, which are the whole
     stream's, not that window's."""
-    from dimstream.ops.config import RunConfig
     from dimstream.ops.daemon import Runner
     from dimstream.stream.synthetic import SyntheticSource
 
-    cfg = RunConfig(
-        source="synthetic",
-        rows_per_window=2500,
-        windows=2,
-        arms=("control", "slim"),
-        search="autosrh",
-        tiers=2,
-        search_rows=2000,
-        metrics_addr="127.0.0.1:0",
-        progress=False,
-        state_dir=tmp_path,
-        model=ModelConfig("fm"),
+    runner = Runner.from_config(
+        autosrh_run_config(tmp_path, rows_per_window=2500, windows=2, search_rows=2000, tiers=2)
     )
-    runner = Runner.from_config(cfg)
     summary = runner.run()
     counts = runner.search.counts
     src = SyntheticSource(seed=0, rows_per_window=2500)
