@@ -210,6 +210,10 @@ class Windower:
         rows_read = replayed = 0
         max_t = None
         closed_end = self.watermark  # everything before it was handled
+        # end of the windows the restart point's checkpoint covers: a re-read row is "already
+        # handled" only if older than this. closed_end moves on as this run closes windows, and a
+        # re-read row between the two sat in a window the crashed run never closed (not trained)
+        replay_end = self.watermark
         last: SourceBatch | None = None
         last_data = time.monotonic()
         read_s = 0.0
@@ -264,9 +268,12 @@ class Windower:
             if closed_end is not None:
                 old = t < closed_end
                 if old.any():
-                    if self.source.is_before(sb.position, self.read_upto):
-                        replayed += int(old.sum())  # read and handled before the restart
-                    else:
+                    done = old & (t < replay_end) if self.source.is_before(sb.position, self.read_upto) else None
+                    if done is not None and done.any():
+                        replayed += int(done.sum())  # read and handled before the restart
+                        old &= ~done
+                        keep &= ~done
+                    if old.any():
                         reject(
                             Rejected("late", f"event time before {closed_end}", table.filter(pa.array(old))),
                             int(old.sum()),
@@ -347,6 +354,7 @@ class Windower:
                     yield close(start)
                     t0 = time.perf_counter()
             if sb.rewind:  # back to the last window boundary: drop what open windows buffered
+                replay_end = closed_end  # the restart point is the last close
                 parts.clear()
                 held.clear()
                 pending_rejects, counts, rows_read, replayed, max_t, last = [], {}, 0, 0, None, None
