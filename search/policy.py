@@ -12,7 +12,7 @@ benchmarks/arms.py shows the daemon without this policy). So the policy
      so the average's memory is counted in rows, not searches: a proposal scored on `rows`
      rows (the window's, at most `decay_rows`) moves it as much as its rows say. With a fixed d,
      ml-100k's one-day windows (about 470 rows) averaged ~2,400 rows and re-shaped the slim arm
-     on noise: slim 0.0057 below uniform over seeds 0-2, 0.0001 with the rows' decay;
+     on noise, below uniform by more than the equal-budget test allows (README, Figures);
      and allocates the average by the rule of search/budget.py (SSEDS eq. 12 over blocks of 4,
      the method's `min_score`, the field check's keep rule); averaging the shots is the "more
      rows" the paper's single mini-batch D_b lacks, at no extra search cost; decay 0 = the
