@@ -268,11 +268,11 @@ class Windower:
             if closed_end is not None:
                 old = t < closed_end
                 if old.any():
-                    done = old & (t < replay_end) if self.source.is_before(sb.position, self.read_upto) else None
-                    if done is not None and done.any():
-                        replayed += int(done.sum())  # read and handled before the restart
-                        old &= ~done
+                    if self.source.is_before(sb.position, self.read_upto):
+                        done = old & (t < replay_end)  # read and handled before the restart
+                        replayed += int(done.sum())
                         keep &= ~done
+                        old &= ~done
                     if old.any():
                         reject(
                             Rejected("late", f"event time before {closed_end}", table.filter(pa.array(old))),
