@@ -58,7 +58,7 @@ class ModelConfig:
     dense_lr: float = 1e-3
     batch_size: int = 512
     # deep tables start uniform in [-init_range, init_range]. Near zero, as FuxiCTR's N(0, 1e-4):
-    # +-0.05 lost 0.025 holdout AUC on the Criteo sample (benchmarks/recipe.py, issue 15)
+    # +-0.05 learnt a worse model on the Criteo sample (benchmarks/results/recipe.json, issue 15)
     init_range: float = 1e-4
     # the dense part (heads) under bf16 autocast, with fp32 master weights and optimizer state;
     # "auto": bf16 only where the hardware has it (CUDA, or a CPU with AVX512-BF16 or AMX)

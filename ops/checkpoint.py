@@ -116,8 +116,8 @@ def save(
     try:
         state = {a.name: _sharded_state(a) for a in arms}
         # one rank: no collectives. DCP's planning collectives over gloo left every later training
-        # step of the process 2.3x slower here (the main thread's voluntary context switches
-        # 300 -> 49,000 a pass; benchmarks/training.py loop: 26.9k vs 68.5k rows/s bare)
+        # step of the process slower, the main thread context-switching all the time (README,
+        # Figures: the training loop row; benchmarks/training.py)
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True), no_dist=world_size() == 1)
         if me == 0:
             _write_replicated(tmp, meta, arms, extra)
