@@ -67,6 +67,12 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     return h
 
 
+def _bijection(v: np.ndarray, salt: np.uint64, n: np.uint64) -> np.ndarray:
+    """(v * A + salt) mod n for ids v in [0, n < 2^31): v * A + salt stays below 2^63, so int64
+    arithmetic gives the same rows as uint64 at half the cost of numpy's unsigned modulo."""
+    return (np.asarray(v, np.int64) * int(_KNUTH) + int(salt % n)) % int(n)
+
+
 def hash_ids(arr: pa.Array, field_name: str, num_embeddings: int) -> np.ndarray:
     """Row index in [0, num_embeddings) for every value of `arr` (ints or strings)."""
     if isinstance(arr, pa.ChunkedArray):
@@ -79,12 +85,15 @@ def hash_ids(arr: pa.Array, field_name: str, num_embeddings: int) -> np.ndarray:
         # uint64 ids beyond int64 wrap around (still one row each) rather than fail the batch
         v = pc.fill_null(pc.cast(arr, pa.int64(), safe=False), NULL_ID).to_numpy(zero_copy_only=False)
         n = np.uint64(num_embeddings)
-        rows = (splitmix64(v.view(np.uint64) ^ field_salt(field_name)) % n).astype(np.int64)
+        salt = field_salt(field_name)
+        if num_embeddings < 2**31 and len(v) and v.min() >= 0 and v.max() < num_embeddings:
+            # the usual case (ids already a dense id space): the bijection alone, on the whole
+            # array; the masked path below costs 2.5x as much per value for the same rows
+            return _bijection(v, salt, n)
+        rows = (splitmix64(v.view(np.uint64) ^ salt) % n).astype(np.int64)
         small = (v >= 0) & (v < num_embeddings)
         if small.any() and num_embeddings < 2**31:
-            with np.errstate(over="ignore"):
-                bij = (v[small].astype(np.uint64) * _KNUTH + field_salt(field_name) % n) % n
-            rows[small] = bij.astype(np.int64)
+            rows[small] = _bijection(v[small], salt, n)
         return rows
     elif pa.types.is_dictionary(t):
         return hash_ids(arr.cast(t.value_type), field_name, num_embeddings)

@@ -56,3 +56,14 @@ def test_long_strings_differ_beyond_the_first_bytes_by_length_only():
     x = "x" * 100
     rows = hash_ids(pa.array([x, x + "y", x]), "s", 10**6)
     assert rows[0] == rows[2] and rows[0] != rows[1]
+
+
+def test_rows_are_pinned_whichever_path_hashes_them():
+    # the rows are checkpointed state: a faster path (all ids in range) must give the rows the
+    # general one gives; these values are those of the original implementation
+    assert hash_ids(pa.array([0, 1, 2, 976, 5]), "g", 977).tolist() == [854, 890, 926, 818, 57]
+    assert hash_ids(pa.array([0, 1, 2, 976, 5, -1]), "g", 977).tolist() == [854, 890, 926, 818, 57, 734]
+    ids = np.random.default_rng(1).integers(0, 100_000, 5000)
+    in_range = hash_ids(pa.array(ids), "C1", 100_000)
+    mixed = hash_ids(pa.array(np.append(ids, -7)), "C1", 100_000)
+    assert (in_range == mixed[:-1]).all()
