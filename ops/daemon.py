@@ -74,7 +74,9 @@ from dimstream.stream.synthetic import TRUTH_COLUMN
 from dimstream.stream.window import Window, Windower, concat_tables
 
 log = logging.getLogger("dimstream")
-PLOT_EVERY_SECONDS = 10.0  # the PNG is redrawn at most this often, and at the end of a run
+# the PNG is redrawn at most this often (the first one this long after the start), and at the
+# end of a run: a draw costs about 0.5 s, which short windows would pay every few seconds
+PLOT_EVERY_SECONDS = 30.0
 CHECKPOINT_FORMAT = 3  # 3: sharded (DCP) checkpoints; 2: history in STATE/history.jsonl
 # names a column of unique row ids: every rank writes the ids it trained per window (an audit of
 # exactly-once, read by the tests; Runner._write_trained_ids)
@@ -318,7 +320,7 @@ class Runner:
         self.stop_requested = False
         self._stop_agreed = False
         self.stop_deadline = float("inf")
-        self._last_plot = -float("inf")
+        self._last_plot = time.monotonic()
         # observers(runner, window, record), called after training and before the commit
         self.observers: list = []
         self.history = History(self.state_dir, writer=self.rank0)
