@@ -81,6 +81,8 @@ class DecodeResult:
     rejected_counts: dict[str, int] = field(default_factory=dict)
     ignored_columns: list[str] = field(default_factory=list)
     table: pa.Table | None = None  # the accepted rows as Arrow (canonical types), aligned with `batch`
+    # which input rows were accepted (None: all), to map them back to the messages they came in
+    kept: np.ndarray | None = None
 
     @property
     def rejected_rows(self) -> int:
@@ -331,7 +333,7 @@ class Decoder:
             labels, seconds = labels[keep], seconds[keep]
             own = {k: v.filter(pa.array(keep)) for k, v in own.items()}
         ignored = [c for c in table.column_names if c not in self._known]
-        return DecodeResult(self._to_sparse(good, labels, seconds, own), rejected, counts, ignored, good)
+        return DecodeResult(self._to_sparse(good, labels, seconds, own), rejected, counts, ignored, good, keep)
 
     def _check_columns(self, table: pa.Table) -> tuple[str, str] | None:
         s = self.schema
@@ -429,12 +431,11 @@ class Decoder:
             if f.kind == "multi":
                 lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False)
                 values[f.name] = ids(pc.list_flatten(col), f.name)
+                offsets[f.name] = np.zeros(n + 1, np.int64)
+                np.cumsum(lengths, out=offsets[f.name][1:])
             else:
                 if f.kind == "numeric":
                     col = numeric_to_ids(col, f.numeric_transform)
                 values[f.name] = ids(col, f.name)
-                lengths = np.ones(n, np.int64)
-            off = np.zeros(n + 1, np.int64)
-            np.cumsum(lengths, out=off[1:])
-            offsets[f.name] = off
+                offsets[f.name] = np.arange(n + 1, dtype=np.int64)  # one id a row
         return SparseBatch(s.feature_names, values, offsets, labels.astype(np.float32, copy=False), seconds)

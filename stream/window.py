@@ -2,10 +2,19 @@
 
 A window [start, start + length) closes when the watermark (largest event time seen minus the
 allowed lateness) passes its end, when the source ends, or after `idle_timeout` seconds of a
-live source with no data (time while the source reports itself down does not count). Rows
-older than the open window are late: rejected with reason "late". After a restart, rows older
-than the checkpointed watermark that come from batches read before the crash are skipped as
-already handled (trained or dead-lettered): see stream.sources.base for the position contract.
+live source with no data (time while the source reports itself down does not count).
+
+Lateness is judged per message, in arrival order (a batch is one message unless its source
+says how many rows each message gave, SourceBatch.message_rows: a Kafka poll): a row is late,
+rejected with reason "late", when it is older than the last closed window's end, or when its
+window's end is at or before the watermark of everything read before its message (the largest
+event time of earlier batches and of earlier messages of its batch, minus the allowed
+lateness): its window was passed, whether or not it has closed yet or ever held a row. So a
+restart, whose polls split the stream differently, judges the same rows late. (Readers in
+lockstep judge only the first rule: their closes are agreed across ranks.) After a restart,
+rows older than the checkpointed watermark that come from batches read before the crash are
+skipped as already handled (trained or dead-lettered): see stream.sources.base for the
+position contract.
 
 A row whose event time lies far ahead of the data (a clock in 2100, milliseconds read as
 seconds) must not move the watermark, or every later row would be late. Rows are rejected as
@@ -148,6 +157,55 @@ def front(t: np.ndarray, tail: int = 64) -> int:
     return int(np.median(t[-tail:]))
 
 
+def message_index(message_rows: np.ndarray | None, kept: np.ndarray | None, accepted: int) -> np.ndarray | None:
+    """Per accepted row of a batch, the index of the message it came in (SourceBatch.message_rows;
+    `kept`: the rows the decoder accepted, None: all); None when the batch is one message.
+
+    >>> message_index(np.array([2, 0, 1]), np.array([True, False, True]), 2).tolist()
+    [0, 2]
+    """
+    if message_rows is None or len(message_rows) <= 1:
+        return None
+    msg = np.repeat(np.arange(len(message_rows)), message_rows)
+    if kept is not None and len(kept) == len(msg):
+        msg = msg[kept]
+    if len(msg) != accepted:  # not the rows the source said: judge the batch as one unit
+        log.warning("message_rows (%d rows) does not match the batch (%d accepted)", len(msg), accepted)
+        return None
+    return msg
+
+
+def earlier_max(t: np.ndarray, msg: np.ndarray | None, max_t: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the largest event time read before its message: `max_t` (earlier batches; None:
+    none) or a row of an earlier message of this batch (`msg`: each row's message index, in
+    arrival order; None: the batch is one message). Also which rows have such an earlier row.
+
+    >>> prior, has = earlier_max(np.array([50, 70, 10, 60]), np.array([0, 0, 1, 2]), None)
+    >>> prior[has].tolist(), has.tolist()
+    ([70, 70], [False, False, True, True])
+    >>> earlier_max(np.array([5, 6]), None, 40)[0].tolist()
+    [40, 40]
+    """
+    n = len(t)
+    if msg is None or n == 0 or msg[0] == msg[-1]:
+        return np.full(n, 0 if max_t is None else max_t, np.int64), np.full(n, max_t is not None)
+    first = np.flatnonzero(np.r_[True, msg[1:] != msg[:-1]])  # messages with rows (msg never decreases)
+    seg_max = np.maximum.reduceat(t, first)
+    before = np.empty_like(seg_max)
+    before[0] = seg_max[0] if max_t is None else max_t  # a placeholder when nothing came before
+    before[1:] = np.maximum.accumulate(seg_max)[:-1]
+    if max_t is not None:
+        before = np.maximum(before, max_t)
+    has = np.ones(n, bool)
+    if max_t is None:
+        has[: first[1]] = False
+    return np.repeat(before, np.diff(np.r_[first, n])), has
+
+
+def _rows(msg: np.ndarray | None, m: np.ndarray) -> np.ndarray | None:
+    return None if msg is None else msg[m]
+
+
 class WindowObserver:
     """Told as things happen, before any window closes: rows read, rows (or inputs) rejected,
     and a rewind (a rebalance: what open windows buffered, rejections included, is read again).
@@ -218,7 +276,8 @@ class Windower:
         last_data = time.monotonic()
         read_s = 0.0
         restart = (self.start_position, self.read_upto)  # the last window boundary (a checkpoint)
-        held: list = []  # (SparseBatch, Table, SourceBatch) of rows far ahead, decided at the next batch
+        # (SparseBatch, Table, SourceBatch, message index per row) of rows far ahead, decided at the next batch
+        held: list = []
         last_front = None  # front() of the last batch judged (to decide held rows when the source ends)
 
         def reject(rej: Rejected, n: int):
@@ -238,12 +297,12 @@ class Windower:
             nonlocal held, last_front
             last_front = front(items[-1][0].event_time)
             items = held + items
-            confirmed = np.concatenate([np.full(len(b), i < len(held)) for i, (b, _, _) in enumerate(items)])
+            confirmed = np.concatenate([np.full(len(it[0]), i < len(held)) for i, it in enumerate(items)])
             anchor = max_t if max_t is not None else closed_end
-            times = np.concatenate([b.event_time for b, _, _ in items])
+            times = np.concatenate([it[0].event_time for it in items])
             ahead = detached(times, anchor, self.max_skew, confirmed)
             out, new_held, at = [], [], 0
-            for i, (batch, table, src_batch) in enumerate(items):
+            for i, (batch, table, src_batch, msg) in enumerate(items):
                 m = ahead[at : at + len(batch)]
                 at += len(batch)
                 if i < len(held):  # held once already: rejected if still ahead of the stream's front
@@ -252,19 +311,21 @@ class Windower:
                     if i < len(held):
                         reject_ahead(table.filter(pa.array(m)), anchor)
                     else:
-                        new_held.append((batch.take(m), table.filter(pa.array(m)), src_batch))
+                        new_held.append((batch.take(m), table.filter(pa.array(m)), src_batch, _rows(msg, m)))
                     if m.all():
                         continue
-                    batch, table = batch.take(~m), table.filter(pa.array(~m))
-                out.append((batch, table, src_batch))
+                    batch, table, msg = batch.take(~m), table.filter(pa.array(~m)), _rows(msg, ~m)
+                out.append((batch, table, src_batch, msg))
             held = new_held
             return out
 
-        def place(batch: SparseBatch, table: pa.Table, sb: SourceBatch):
-            """Buffer rows into their windows (late and replayed ones are not) and move max_t."""
+        def place(batch: SparseBatch, table: pa.Table, sb: SourceBatch, msg: np.ndarray | None):
+            """Buffer rows into their windows (late and replayed ones are not) and move max_t.
+            `msg`: each row's message index (None: the batch is one message)."""
             nonlocal replayed, max_t
             t = batch.event_time
             keep = np.ones(len(t), bool)
+            starts = self._window_of(t)
             if closed_end is not None:
                 old = t < closed_end
                 if old.any():
@@ -279,7 +340,8 @@ class Windower:
                             int(old.sum()),
                         )
                     keep &= ~old
-            starts = self._window_of(t)
+            if self.lockstep is None:  # in lockstep, closes (so lateness) are agreed across ranks
+                keep &= ~passed_by_earlier(t, starts, msg, keep, table)
             if keep.all() and starts[0] == starts[-1] and (starts == starts[0]).all():
                 # the common case: the whole batch lies in one window, nothing to split
                 parts.setdefault(int(starts[0]), []).append((batch, table, sb))
@@ -289,6 +351,19 @@ class Windower:
                     parts.setdefault(int(s), []).append((batch.take(m), table.filter(pa.array(m)), sb))
             max_t = int(t.max()) if max_t is None else max(max_t, int(t.max()))
 
+        def passed_by_earlier(t, starts, msg, keep, table) -> np.ndarray:
+            """Rows (among `keep`) whose window the rows read before their message had passed
+            (see the module doc), rejected as late."""
+            prior, has = earlier_max(t, msg, max_t)
+            wm = prior - self.lateness
+            passed = keep & has & (starts + self.length <= wm)
+            if passed.any():
+                s, e, w = int(starts[passed].min()), int(starts[passed].max()) + self.length, int(wm[passed].max())
+                what = f"window [{s}, {e})" if e - s == self.length else f"windows in [{s}, {e})"
+                detail = f"{what} already passed by the watermark {w} of earlier messages"
+                reject(Rejected("late", detail, table.filter(pa.array(passed))), int(passed.sum()))
+            return passed
+
         def close(start: int | None) -> Window:
             """Close window `start`; None: a window without a single accepted row (only
             rejections), which takes no event time, so the watermark stays where it was."""
@@ -296,7 +371,7 @@ class Windower:
             empty_at = (closed_end or 0) if start is None else None
             mine = parts.pop(start, []) if start is not None else []
             # batches still buffered (open windows, held rows) are read again after a restart
-            unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]] + [sb for _, _, sb in held]
+            unfinished = [sb for s in sorted(parts) for _, _, sb in parts[s]] + [it[2] for it in held]
             batch = (
                 SparseBatch.concat([p for p, _, _ in mine])
                 if mine
@@ -327,14 +402,14 @@ class Windower:
             those the last batch's front reaches are where the stream ended (a final jump, the
             last days of gappy data): placed; rows still ahead of it are rejected."""
             nonlocal held
-            for batch, table, src_batch in held:
+            for batch, table, src_batch, msg in held:
                 m = batch.event_time <= last_front + self.max_skew
                 if m.all():
-                    place(batch, table, src_batch)
+                    place(batch, table, src_batch, msg)
                     continue
                 reject_ahead(table.filter(pa.array(~m)), max_t)
                 if m.any():
-                    place(batch.take(m), table.filter(pa.array(m)), src_batch)
+                    place(batch.take(m), table.filter(pa.array(m)), src_batch, _rows(msg, m))
             held = []
 
         def agreed_closes() -> list:
@@ -388,11 +463,11 @@ class Windower:
                 reject(rej, res.rejected_counts.get(rej.reason, 0) if rej.rows is not None else 1)
             if len(res.batch) == 0:
                 continue
-            items = [(res.batch, res.table, sb)]
+            items = [(res.batch, res.table, sb, message_index(sb.message_rows, res.kept, len(res.batch)))]
             if self.max_skew is not None:
                 items = judge(items)
-            for batch, table, src_batch in items:
-                place(batch, table, src_batch)
+            for batch, table, src_batch, msg in items:
+                place(batch, table, src_batch, msg)
             # close every window whose end the watermark has passed (in lockstep: as agreed)
             while self.lockstep is None and parts and max_t - self.lateness >= min(parts) + self.length:
                 read_s += time.perf_counter() - t0

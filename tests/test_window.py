@@ -105,3 +105,77 @@ def test_a_row_re_read_after_a_restart_is_skipped_only_if_the_checkpoint_covered
         replayed += w.replayed_rows
     assert replayed == 10 and late == [45]
     assert sorted(trained) == [r for r in range(10, 50) if r != 45]
+
+
+class MessageSource(Source):
+    """Messages (Arrow tables) delivered in batches as `groups` says (lists of message indices,
+    in order), each batch saying how many rows each of its messages gave, as a Kafka poll does."""
+
+    name = "messages"
+
+    def __init__(self, messages, schema, groups, message_rows=True):
+        self.messages, self.schema, self.groups, self.message_rows = messages, schema, groups, message_rows
+
+    def read(self, position):
+        for i, group in enumerate(self.groups[position["row"] if position else 0 :]):
+            rb = pa.concat_tables([self.messages[m] for m in group]).combine_chunks().to_batches()[0]
+            rows = np.array([self.messages[m].num_rows for m in group]) if self.message_rows else None
+            yield SourceBatch(rb, row_position(i), row_position(i + 1), message_rows=rows)
+
+
+def _messages():
+    """Six messages of 60 s windows: m2 brings a row of window 0 after m1 reached window 1 (and a
+    NaN label the decoder drops), m4 a row of window 2 (which no row was in) after m3 reached
+    window 3."""
+    spec = [  # (rid, event time, label) per row of each message
+        [(r, r, 0.0) for r in range(5)],
+        [(r, 55 + r, 1.0) for r in range(5, 10)],
+        [(10, 10, 0.0), (11, 65, float("nan"))],
+        [(r, 168 + r, 0.0) for r in range(12, 17)],
+        [(17, 130, 1.0), (18, 185, 0.0)],
+        [(r, 221 + r, 0.0) for r in range(19, 24)],
+    ]
+    return [
+        pa.table(
+            {
+                "user": np.zeros(len(rows), np.int64),
+                "label": [lab for _, _, lab in rows],
+                "event_time": np.array([t for _, t, _ in rows], np.int64),
+                "rid": [r for r, _, _ in rows],
+            }
+        )
+        for rows in spec
+    ]
+
+
+def _outcome(groups, message_rows=True):
+    schema = Schema([FieldSpec("user", "categorical", 10)])
+    src = MessageSource(_messages(), schema, groups, message_rows)
+    trained, late, counts = {}, [], {}
+    for w in Windower(src, Decoder(schema), 60).windows():
+        if w.table is not None:
+            trained[w.start] = sorted(w.table.column("rid").to_pylist())
+        late += [r for rej in w.rejected if rej.reason == "late" for r in rej.rows.column("rid").to_pylist()]
+        for k, v in w.rejected_counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return trained, sorted(late), counts
+
+
+def test_lateness_is_judged_per_message_however_messages_are_batched():
+    """The same messages one per batch, all in one batch (a Kafka poll after a restart reads far
+    ahead) and grouped otherwise: the same rows are late (a row whose window earlier messages had
+    passed, whether or not that window held rows), the same rows trained in the same windows."""
+    one_each = _outcome([[m] for m in range(6)])
+    assert one_each[1] == [10, 17]
+    assert one_each[2] == {"late": 2, "nan_label": 1}
+    assert one_each[0] == {0: [0, 1, 2, 3, 4], 60: [5, 6, 7, 8, 9], 180: [*range(12, 17), 18], 240: [*range(19, 24)]}
+    assert _outcome([list(range(6))]) == one_each
+    assert _outcome([[0, 1], [2, 3, 4], [5]]) == one_each
+    assert _outcome([[0], [1, 2], [3], [4, 5]]) == one_each
+
+
+def test_a_batch_without_message_rows_is_one_message():
+    """A file is one unit: rows out of order within it are not late among themselves."""
+    trained, late, counts = _outcome([list(range(6))], message_rows=False)
+    assert late == [] and counts == {"nan_label": 1}
+    assert sum(len(r) for r in trained.values()) == 23

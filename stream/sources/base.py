@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from dimstream.stream.schema import Schema
@@ -38,6 +39,10 @@ class SourceBatch:
         loop dead-letters `detail`, e.g. a corrupt Parquet file or an undecodable message).
     position: JSON-able; re-opening the source at it yields this batch again.
     next_position: JSON-able; re-opening the source at it yields the batch after this one.
+    message_rows: the row count of each message `batch` was concatenated from, in arrival order
+        (a Kafka poll's run of small messages); None: the batch is one unit (a file, a dataset
+        slice). The window loop judges lateness per message in arrival order, so how a source
+        happens to group messages into batches (polls differ after a restart) changes nothing.
     """
 
     batch: pa.RecordBatch | None
@@ -52,6 +57,7 @@ class SourceBatch:
     # heartbeats only: the source went back to its last durable position (a Kafka rebalance);
     # what was read since must be dropped by the window loop and will be read again
     rewind: bool = False
+    message_rows: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

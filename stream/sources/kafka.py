@@ -1070,7 +1070,14 @@ class KafkaSource(LiveSource):
         pieces = decode_values(
             list(map(_VALUE, messages)), list(map(_HEADERS, messages)), version, self.format, columns
         )
-        run = []  # (rows, offset of the first message, offset after the last)
+        run = []  # (rows, offset of the first message, offset after the last, rows per message)
+
+        def message_rows(n_messages: int, n_rows: int) -> np.ndarray:
+            """A bulk JSON piece holds one row per message; if rows were dropped (handed over),
+            which message each came from is unknown: the piece counts as one (conservative)."""
+            if n_messages > 1 and n_rows == n_messages:
+                return np.ones(n_messages, np.int64)
+            return np.array([n_rows], np.int64)
 
         def flush():
             if not run:
@@ -1080,9 +1087,15 @@ class KafkaSource(LiveSource):
                 rows = [r[0] for r in run]
                 rb = pa.Table.from_batches(rows).combine_chunks().to_batches()[0] if len(rows) > 1 else rows[0]
             except pa.ArrowInvalid:  # messages of different Arrow schemas: keep them apart
-                out = [SourceBatch(b, {"offsets": {p: lo}}, {"offsets": {p: hi}}) for b, lo, hi in run]
+                out = [
+                    SourceBatch(b, {"offsets": {p: lo}}, {"offsets": {p: hi}}, message_rows=m) for b, lo, hi, m in run
+                ]
             else:
-                out = [SourceBatch(rb, {"offsets": {p: run[0][1]}}, {"offsets": {p: run[-1][2]}})]
+                # the window loop judges lateness per message: a poll's grouping must not matter
+                per_message = np.concatenate([r[3] for r in run]) if len(run) > 1 else run[0][3]
+                out = [
+                    SourceBatch(rb, {"offsets": {p: run[0][1]}}, {"offsets": {p: run[-1][2]}}, message_rows=per_message)
+                ]
             run.clear()
             return out
 
@@ -1093,7 +1106,7 @@ class KafkaSource(LiveSource):
                 rb = piece.rb
                 if p in self._skip:
                     rb = self._handed_over(p, lo if piece.hi - piece.lo == 1 else offsets[piece.lo : piece.hi], rb)
-                run.append((rb, lo, hi))
+                run.append((rb, lo, hi, message_rows(piece.hi - piece.lo, rb.num_rows)))
                 continue
             yield from flush()
             self._next[p] = hi
