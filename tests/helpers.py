@@ -166,3 +166,14 @@ def sigterm_after_window(cmd: list[str], state: Path, index: int, log: Path, env
     import signal
 
     return _act_after_checkpoint(cmd, state, index, log, env, lambda p: p.send_signal(signal.SIGTERM), wait_s=120)
+
+
+def run_collecting(cfg, column: str) -> list[np.ndarray]:
+    """Run the daemon on `cfg` to its end; per trained window, in order, its rows' `column`."""
+    from dimstream.ops.daemon import Runner  # here: most helpers need no model stack
+
+    runner = Runner.from_config(cfg)
+    trained: list[np.ndarray] = []
+    runner.observers.append(lambda r, w, rec: trained.append(w.table.column(column).to_numpy()))
+    runner.run()
+    return trained

@@ -23,7 +23,7 @@ from dimstream.stream.kafka.formats import decode_values, sniff
 from dimstream.stream.kafka.wire import WireError, decode_message, encode_arrow
 from dimstream.stream.schema import METADATA_KEY, FieldSpec, Schema
 from dimstream.stream.sources.kafka import KafkaSource
-from tests.helpers import ML100K, kafka_run_config, tiny_batch, tiny_schema
+from tests.helpers import ML100K, kafka_run_config, run_collecting, tiny_batch, tiny_schema
 
 needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
 
@@ -333,11 +333,8 @@ def test_confluent_kafka_json_events_one_per_message_train_every_row_once_and_cl
         schema=tiny_schema().to_dict(),
         idle_timeout=3,
     )
-    runner = Runner.from_config(cfg)
-    trained = []
-    runner.observers.append(lambda r, w, rec: trained.append(w.table.column("rid").to_numpy()))
     t0 = time.monotonic()
-    runner.run()
+    trained = run_collecting(cfg, "rid")
     assert time.monotonic() - t0 < 90
     rids = np.sort(np.concatenate(trained))
     assert len(trained) == windows and np.array_equal(rids, np.arange(n))  # every row, exactly once

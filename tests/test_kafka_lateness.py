@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from dimstream.ops.daemon import Runner
 from dimstream.ops.replay import ensure_topic
 from dimstream.stream.deadletter import read as read_deadletters
 from dimstream.stream.decode import Decoder
 from dimstream.stream.kafka.wire import encode_arrow
 from dimstream.stream.sources.kafka import KafkaSource
 from dimstream.stream.window import Windower
-from tests.helpers import kafka_run_config, tiny_batch, tiny_schema
+from tests.helpers import kafka_run_config, run_collecting, tiny_batch, tiny_schema
 
 # (first rid, event times) per message, 60 s windows: the third message's first row belongs to
 # window 0, which the second message has passed; the last message passes window 1
@@ -108,10 +107,7 @@ def test_the_daemon_dead_letters_the_late_row_and_trains_the_rest_once(broker, t
         schema=tiny_schema().to_dict(),
         idle_timeout=3,
     )
-    runner = Runner.from_config(cfg)
-    trained = []
-    runner.observers.append(lambda r, w, rec: trained.extend(w.table.column("row_id").to_pylist()))
-    runner.run()
+    trained = np.concatenate(run_collecting(cfg, "row_id")).tolist()
     assert sorted(trained) == [r for r in range(ROWS) if r != LATE]
     letters = [read_deadletters(p) for p in sorted((tmp_path / "state" / "deadletter").glob("window-*.arrow"))]
     rows = [
