@@ -122,9 +122,33 @@ def dnn_input(dnn: nn.Sequential) -> list[ColumnTied]:
 
 
 def fm_interaction(v: torch.Tensor) -> torch.Tensor:
-    """Second-order FM term 1/2 sum_k [(sum_i v_ik)^2 - sum_i v_ik^2] for v [B, F, k]."""
-    s = v.sum(dim=1)
-    return 0.5 * (s * s - (v * v).sum(dim=1)).sum(dim=1)
+    """Second-order FM term 1/2 sum_k [(sum_i v_ik)^2 - sum_i v_ik^2] for v [B, F, k]
+    (Rendle 2010, eq. 6's linear-time form).
+
+    >>> v = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # one row, two fields: <v_1, v_2> = 11
+    >>> round(fm_interaction(v).item(), 4)
+    11.0
+    """
+    return _FMInteraction.apply(v)
+
+
+class _FMInteraction(torch.autograd.Function):
+    """The FM term with its gradient written out, d/dv_ik = sum_j v_jk - v_ik: autograd's own
+    graph (v * v, its two-sided backward, the sums' expansions) makes four more passes over the
+    [B, F, k] tensor, memory-bound and about 5% of a one-thread DeepFM step (issue 15)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        s = v.sum(dim=1)  # [B, k]
+        ctx.save_for_backward(v, s)
+        # sum_i,k v_ik^2 as a squared norm: one pass, no [B, F, k] temporary
+        return 0.5 * ((s * s).sum(dim=1) - torch.linalg.vector_norm(v.flatten(1), dim=1).square())
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, s = ctx.saved_tensors
+        # grad * s - grad * v in one fused pass (addcmul), not a broadcast subtract then a multiply
+        return torch.addcmul((grad[:, None] * s).unsqueeze(1), v, grad[:, None, None], value=-1)
 
 
 class FMHead(nn.Module):

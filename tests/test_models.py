@@ -145,3 +145,17 @@ def test_rowwise_adagrad_keeps_one_state_value_per_row():
     assert moved.abs().sum() > 0
     state = arm.model.fused_optimizer.state_dict()["state"]  # one Adagrad sum per row, not per element
     assert state["embedding.deep.embedding_bags.emb_user.weight"]["emb_user.momentum1"].shape == (50,)
+
+
+def test_the_fm_term_and_its_written_out_gradient_match_autograd_of_the_formula():
+    from dimstream.models.heads import fm_interaction
+
+    v = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fm_interaction, (v,))
+    s = v.sum(dim=1)
+    naive = 0.5 * (s * s - (v * v).sum(dim=1)).sum(dim=1)
+    assert torch.allclose(fm_interaction(v), naive)
+    g = torch.randn(5, dtype=torch.float64)
+    (want,) = torch.autograd.grad((naive * g).sum(), v)
+    (got,) = torch.autograd.grad((fm_interaction(v) * g).sum(), v)
+    assert torch.allclose(got, want)
