@@ -30,7 +30,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -138,9 +138,18 @@ def shard(module: torch.nn.Module) -> DistributedModelParallel:
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints(module, dev.type))
     plan = planner.collective_plan(module, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)
     initial = initial_tables(module)
-    model = DistributedModelParallel(module, device=dev, plan=plan)
+    wrapper = _OneRank() if world_size() == 1 else None  # None: DMP's default, DDP
+    model = DistributedModelParallel(module, device=dev, plan=plan, data_parallel_wrapper=wrapper)
     copy_into_shards(model.state_dict(), initial)
     return model
+
+
+class _OneRank(DataParallelWrapper):
+    """The dense part as it is: a world of one has no gradients to all-reduce, and DDP's hooks,
+    buckets and forward wrapper cost a bare step about 4% (issue 15, benchmarks/training.py)."""
+
+    def wrap(self, dmp, env, device) -> None:
+        dmp._dmp_wrapped_module.to(device)
 
 
 def initial_tables(module: torch.nn.Module) -> dict[str, tuple]:
