@@ -349,9 +349,21 @@ def test_serve_hot_reloads_three_versions_without_a_failed_request(tmp_path):
     assert "Traceback" not in out, out[-3000:]
 
 
-def test_serve_maps_managed_ids_as_the_trainer_across_reloads(tmp_path):
+def test_serve_maps_managed_ids_as_the_trainer_across_reloads(tmp_path, monkeypatch):
     """`dimstream serve` on a managed field (int user ids, string site ids): the served version
     advances by deltas that re-map ids, and every answer is the trainer's, unknown ids included."""
+    publish = export.Publisher.publish
+
+    def publish_then_wait_for_the_server(self, index, *args, **kwargs):
+        # A server that polled after window 2 and not between would load it as a base (its chain
+        # does not extend the served one): hold the trainer until window 1 is served, so that
+        # window 2 must arrive as a delta however the two processes are scheduled.
+        out = publish(self, index, *args, **kwargs)
+        if index == 1:
+            _wait(lambda: _post(url + "/predict", body)[1].get("model_version") == "window-000001", 60, "v1")
+        return out
+
+    monkeypatch.setattr(export.Publisher, "publish", publish_then_wait_for_the_server)
     source, schema, rows = _managed_stream(tmp_path, windows=3)
     kw = dict(source=source, schema=schema, arms=("control",), seed=0)
     Runner.from_config(_config(tmp_path, windows=1, **kw)).run()  # window 0: the base the server starts on
