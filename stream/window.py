@@ -329,8 +329,11 @@ class Windower:
             if closed_end is not None:
                 old = t < closed_end
                 if old.any():
-                    if self.source.is_before(sb.position, self.read_upto):
-                        done = old & (t < replay_end)  # read and handled before the restart
+                    before = self.source.messages_before(sb, self.read_upto)
+                    if np.ndim(before):  # per message: a poll may straddle read_upto
+                        before = before[msg] if msg is not None else bool(np.all(before))
+                    if np.any(before):
+                        done = old & before & (t < replay_end)  # read and handled before the restart
                         replayed += int(done.sum())
                         keep &= ~done
                         old &= ~done

@@ -58,6 +58,8 @@ class SourceBatch:
     # what was read since must be dropped by the window loop and will be read again
     rewind: bool = False
     message_rows: np.ndarray | None = None
+    # with message_rows, the offset of each entry's last message (Kafka; Source.messages_before)
+    message_offsets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,13 @@ class Source(ABC):
                 "another source's)"
             )
         return position["row"] < limit["row"]
+
+    def messages_before(self, sb: SourceBatch, limit: dict | None) -> bool | np.ndarray:
+        """`is_before` per message of `sb`: one bool per `sb.message_rows` entry, or one bool for
+        the whole batch. A poll that straddles `limit` holds messages of both sides, and rows of a
+        message read only after the restart must be judged late, not skipped as handled. This
+        default judges the batch by its position (a source whose batches are units)."""
+        return self.is_before(sb.position, limit)
 
     def resume_position(
         self, unfinished: list[SourceBatch], last: SourceBatch | None, start: dict | None

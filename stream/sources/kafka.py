@@ -298,6 +298,16 @@ class PositionsTopic:
         self._reader = self._producer = None
 
 
+def _limit_in(position: dict, limit: dict | None, p: str) -> int:
+    """The offset `limit` (a read_upto) names in partition `p`, -1 when it names none there or
+    names another incarnation of it (the topic was re-created: see KafkaSource._reset)."""
+    upto = (limit or {}).get("offsets") or {}
+    mine, theirs = position.get("resets") or {}, (limit or {}).get("resets") or {}
+    if int(mine.get(p, 0)) != int(theirs.get(p, 0)):
+        return -1
+    return int(upto.get(p, -1))
+
+
 class KafkaSource(LiveSource):
     """A topic of Arrow (or JSON-lines) messages, read by a consumer group (module docstring)."""
 
@@ -677,6 +687,9 @@ class KafkaSource(LiveSource):
             for tp, messages in records.items():
                 p = str(tp.partition)
                 for sb in self._batches(p, messages):
+                    # read up to here once the loop has this batch: not at the end of its run, which
+                    # may be split into several batches (a checkpoint's read_upto between them)
+                    self._next[p] = sb.next_position["offsets"][p]
                     if self._resets.get(p):  # offsets of this incarnation of the partition
                         sb.position["resets"] = sb.next_position["resets"] = {p: self._resets[p]}
                     yield sb
@@ -982,22 +995,22 @@ class KafkaSource(LiveSource):
             self._skip or "none",
         )
 
-    def _handed_over(self, p: str, offset, rb: pa.RecordBatch) -> pa.RecordBatch:
+    def _handed_over(self, p: str, offset, rb: pa.RecordBatch) -> tuple[pa.RecordBatch, np.ndarray]:
         """Drop the rows earlier owners of the partition trained: older than a rule's watermark, in
-        a message before its read_upto (vectorised). `offset`: the message's, or one per row (rows
-        of one-row messages decoded together). Event times are read as the decoder reads them;
-        rows whose time is unreadable stay, for the decoder to dead-letter."""
-        import numpy as np
-
+        a message before its read_upto (vectorised); the rows left, and which rows those are.
+        `offset`: the message's, or one per row (rows of one-row messages decoded together).
+        Event times are read as the decoder reads them; rows whose time is unreadable stay, for
+        the decoder to dead-letter."""
         from dimstream.stream.decode import event_seconds
 
+        everything = np.ones(rb.num_rows, bool)
         rules = [r for r in self._skip[p] if int(np.min(offset)) < r[0]]
         if not rules:
             del self._skip[p]  # messages come in offset order: no rule applies any more
-            return rb
+            return rb, everything
         t = self.schema.event_time
         if t not in rb.schema.names or rb.num_rows == 0:
-            return rb
+            return rb, everything
         per_row = np.broadcast_to(np.asarray(offset, np.int64), (rb.num_rows,))
         # per row, the widest watermark of the rules covering its message
         watermark = np.full(rb.num_rows, np.iinfo(np.int64).min, np.int64)
@@ -1006,9 +1019,10 @@ class KafkaSource(LiveSource):
         col = rb.column(t)
         seconds, bad, unparsable = event_seconds(col, self.schema.event_time_unit)
         null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        out = rb.filter(pa.array((seconds >= watermark) | bad | unparsable | null))
+        kept = (seconds >= watermark) | bad | unparsable | null
+        out = rb.filter(pa.array(kept))
         self.handed_over_rows += rb.num_rows - out.num_rows
-        return out
+        return out, kept
 
     def _check_schema(self, piece) -> WireError | None:
         """The schema an Arrow message carries against the source's (declared or adopted): any
@@ -1070,31 +1084,30 @@ class KafkaSource(LiveSource):
         pieces = decode_values(
             list(map(_VALUE, messages)), list(map(_HEADERS, messages)), version, self.format, columns
         )
-        run = []  # (rows, offset of the first message, offset after the last, rows per message)
-
-        def message_rows(n_messages: int, n_rows: int) -> np.ndarray:
-            """A bulk JSON piece holds one row per message; if rows were dropped (handed over),
-            which message each came from is unknown: the piece counts as one (conservative)."""
-            if n_messages > 1 and n_rows == n_messages:
-                return np.ones(n_messages, np.int64)
-            return np.array([n_rows], np.int64)
+        run = []  # (rows, offset of the first message, offset after the last, rows per message, offsets)
 
         def flush():
             if not run:
                 return []
-            self._next[p] = run[-1][2]
             try:
                 rows = [r[0] for r in run]
                 rb = pa.Table.from_batches(rows).combine_chunks().to_batches()[0] if len(rows) > 1 else rows[0]
             except pa.ArrowInvalid:  # messages of different Arrow schemas: keep them apart
                 out = [
-                    SourceBatch(b, {"offsets": {p: lo}}, {"offsets": {p: hi}}, message_rows=m) for b, lo, hi, m in run
+                    SourceBatch(b, {"offsets": {p: lo}}, {"offsets": {p: hi}}, message_rows=m, message_offsets=o)
+                    for b, lo, hi, m, o in run
                 ]
             else:
-                # the window loop judges lateness per message: a poll's grouping must not matter
-                per_message = np.concatenate([r[3] for r in run]) if len(run) > 1 else run[0][3]
+                # the window loop judges lateness and replay per message: a poll's grouping must not matter
+                per_message, at = (np.concatenate([r[k] for r in run]) for k in (3, 4))
                 out = [
-                    SourceBatch(rb, {"offsets": {p: run[0][1]}}, {"offsets": {p: run[-1][2]}}, message_rows=per_message)
+                    SourceBatch(
+                        rb,
+                        {"offsets": {p: run[0][1]}},
+                        {"offsets": {p: run[-1][2]}},
+                        message_rows=per_message,
+                        message_offsets=at,
+                    )
                 ]
             run.clear()
             return out
@@ -1103,13 +1116,15 @@ class KafkaSource(LiveSource):
             lo, hi = offsets[piece.lo], offsets[piece.hi - 1] + 1
             error = piece.error or self._check_schema(piece)
             if error is None:
-                rb = piece.rb
+                # a piece of several messages holds one row per message (formats.decode_values)
+                at = np.asarray(offsets[piece.lo : piece.hi], np.int64)
+                rb, counts = piece.rb, np.full(len(at), piece.rb.num_rows if len(at) == 1 else 1, np.int64)
                 if p in self._skip:
-                    rb = self._handed_over(p, lo if piece.hi - piece.lo == 1 else offsets[piece.lo : piece.hi], rb)
-                run.append((rb, lo, hi, message_rows(piece.hi - piece.lo, rb.num_rows)))
+                    rb, kept = self._handed_over(p, lo if len(at) == 1 else at, rb)
+                    counts = np.array([rb.num_rows]) if len(at) == 1 else kept.astype(np.int64)
+                run.append((rb, lo, hi, counts, at))
                 continue
             yield from flush()
-            self._next[p] = hi
             where = f"partition {p} offset {lo}"
             self._say_unsupported(piece, where)
             self._dead_letter(messages[piece.lo], error.reason)
@@ -1246,15 +1261,21 @@ class KafkaSource(LiveSource):
         >>> src.is_before({"offsets": {"0": 4}, "resets": {"0": 1}}, {"offsets": {"0": 5}})  # a new topic
         False
         """
-        upto = (limit or {}).get("offsets")
-        if not upto:
-            return False
-        mine, theirs = position.get("resets") or {}, (limit or {}).get("resets") or {}
-        return any(
-            int(o) < int(upto.get(p, -1))
-            for p, o in position.get("offsets", {}).items()
-            if int(mine.get(p, 0)) == int(theirs.get(p, 0))  # offsets of one incarnation of the partition
-        )
+        return any(int(o) < _limit_in(position, limit, p) for p, o in position.get("offsets", {}).items())
+
+    def messages_before(self, sb: SourceBatch, limit: dict | None) -> bool | np.ndarray:
+        """Per message of a poll's batch (one partition), whether it lies before `limit`.
+
+        >>> from dimstream.stream.synthetic import default_schema
+        >>> src = KafkaSource("localhost:9092", "t", default_schema())
+        >>> sb = SourceBatch(None, {"offsets": {"0": 3}}, {"offsets": {"0": 7}}, message_offsets=np.array([3, 4, 6]))
+        >>> src.messages_before(sb, {"offsets": {"0": 5}}).tolist()
+        [True, True, False]
+        """
+        if sb.message_offsets is None or len(sb.position.get("offsets", {})) != 1:
+            return self.is_before(sb.position, limit)
+        (p,) = sb.position["offsets"]
+        return sb.message_offsets < _limit_in(sb.position, limit, p)
 
     def commit(
         self, position: dict, watermark: int | None = None, read_upto: dict | None = None, window: int | None = None
