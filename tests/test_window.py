@@ -192,17 +192,8 @@ class OffsetSource(MessageSource):
             if group:
                 rb = pa.concat_tables([self.messages[m] for m in group]).combine_chunks().to_batches()[0]
                 rows = np.array([self.messages[m].num_rows for m in group])
-                at = np.array(group)
-                yield SourceBatch(
-                    rb,
-                    row_position(group[0]),
-                    row_position(group[-1] + 1),
-                    None,
-                    "",
-                    None,
-                    message_rows=rows,
-                    message_offsets=at,
-                )
+                here, after = row_position(group[0]), row_position(group[-1] + 1)
+                yield SourceBatch(rb, here, after, message_rows=rows, message_offsets=np.array(group))
 
     def messages_before(self, sb, limit):
         return sb.message_offsets < limit["row"] if limit else False

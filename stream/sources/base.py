@@ -58,7 +58,7 @@ class SourceBatch:
     # what was read since must be dropped by the window loop and will be read again
     rewind: bool = False
     message_rows: np.ndarray | None = None
-    # with message_rows, the offset of each entry's last message (Kafka; Source.messages_before)
+    # with message_rows, each message's offset in its partition (Kafka; Source.messages_before)
     message_offsets: np.ndarray | None = None
 
 
