@@ -12,9 +12,10 @@ event time of earlier batches and of earlier messages of its batch, minus the al
 lateness): its window was passed, whether or not it has closed yet or ever held a row. So a
 restart, whose polls split the stream differently, judges the same rows late. (Readers in
 lockstep judge only the first rule: their closes are agreed across ranks.) After a restart,
-rows older than the checkpointed watermark that come from batches read before the crash are
-skipped as already handled (trained or dead-lettered): see stream.sources.base for the
-position contract.
+rows older than the checkpointed watermark that come from messages read before the crash are
+skipped as already handled (trained or dead-lettered; `Source.messages_before`, per message of
+a poll that straddles the checkpoint's read_upto): see stream.sources.base for the position
+contract.
 
 A row whose event time lies far ahead of the data (a clock in 2100, milliseconds read as
 seconds) must not move the watermark, or every later row would be late. Rows are rejected as
