@@ -3,18 +3,9 @@ benchmarks/arms.py): the slim arm (SSEDS, kappa 0.25) against the control and ag
 uniform arm of equal parameter budget, progressive AUC."""
 
 import pytest
-import torch
 
-from benchmarks.arms import aggregate, run_once
+from benchmarks.arms import aggregate, run_seeds
 from tests.helpers import ML100K
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _report(agg) -> str:
@@ -25,9 +16,9 @@ def _report(agg) -> str:
 
 
 @pytest.mark.timeout(2400)
-def test_slim_matches_control_and_beats_uniform_on_the_synthetic_stream(one_thread):
+def test_slim_matches_control_and_beats_uniform_on_the_synthetic_stream():
     """Windows 13-24, mean over seeds 0-2: slim >= control - 0.003 and slim > uniform."""
-    runs = [run_once("synthetic", seed, "sseds", 0.25, print) for seed in range(3)]
+    runs = run_seeds("synthetic", range(3), "sseds", 0.25)  # one thread a run, two runs at a time
     agg = aggregate(runs)
     print("synthetic windows 13-24:", _report(agg))
     assert all(r["arms"]["slim"]["embedding_params"] <= 0.25 * r["arms"]["control"]["embedding_params"] for r in runs)
@@ -36,9 +27,9 @@ def test_slim_matches_control_and_beats_uniform_on_the_synthetic_stream(one_thre
 
 
 @pytest.mark.skipif(not (ML100K / "u.data").exists(), reason=f"MovieLens-100k not at {ML100K}")
-def test_slim_is_within_0002_of_uniform_on_ml100k(one_thread):
+def test_slim_is_within_0002_of_uniform_on_ml100k():
     """One-day windows, second half, mean over seeds 0-2: slim >= uniform - 0.002."""
-    runs = [run_once("ml-100k", seed, "sseds", 0.25, print) for seed in range(3)]
+    runs = run_seeds("ml-100k", range(3), "sseds", 0.25)
     agg = aggregate(runs)
     print("ml-100k second half:", _report(agg))
     assert all(r["windows"] > 200 for r in runs)
