@@ -141,6 +141,34 @@ def bench_bare(src: SyntheticSource) -> float:
     return _rate(arm, _kjts(src, arm.feature_names, ROWS * WINDOWS))
 
 
+def bench_mlp_alone(src: SyntheticSource, rows: int = 40 * BATCH) -> float:
+    """The bound the issue measures against: DeepFM's MLP alone (its input as wide as the
+    concatenated embeddings, the same sizes and init), forward, backward and Adam on dense
+    random input in batches of BATCH, fp32: no embeddings, no FM term, no first order."""
+    arm = _arm(src, precision="fp32")
+    width = sum(arm.dims.values())
+    dnn = heads.mlp([width, *arm.config.mlp, 1])
+    opt = torch.optim.Adam(dnn.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(BATCH, width, generator=gen), torch.randint(0, 2, (BATCH,), generator=gen).float())
+        for _ in range(rows // BATCH)
+    ]
+
+    def step(x, y):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(dnn(x).squeeze(-1), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for x, y in batches[:3]:
+        step(x, y)
+    t0 = time.perf_counter()
+    for x, y in batches:
+        step(x, y)
+    return rows / (time.perf_counter() - t0)
+
+
 @contextmanager
 def _list_path():
     """The hot path as it was: the collection's output split per field, then re-concatenated
@@ -424,10 +452,13 @@ def _refresh_headline(out: Path) -> None:
     result = json.loads(out.read_text())
     load = _load()
     decode, bare, loop = bench_decode(src), bench_bare(src), bench_loop()
+    alone = bench_mlp_alone(src)
     overhead = bare / loop["rows_per_s"] - 1
     result |= {
         "decode_rows_per_s": decode,
         "bare_train_rows_per_s": bare,
+        "mlp_alone_fp32_rows_per_s": alone,
+        "bare_over_mlp_alone": bare / alone,
         "loop_rows_per_s": loop["rows_per_s"],
         "loop": loop,
         "loop_overhead_vs_bare": overhead,
