@@ -17,7 +17,8 @@ Criteo shape: 26 categorical + 13 numeric fields, embedding dim 16, batch 2048. 
     collection removed or merged into the deep one, batch 2048 / 4096 / 8192.
 Writes benchmarks/results/training.json.  Run: .venv/bin/python benchmarks/training.py
 (`--profile-only`: refresh only its `profile`, the top ops of a bare step per precision;
-`--headline-only`: only decode, bare and loop, for a run whose first minutes met a load spike)
+`--headline-only`: only decode, bare and loop, for a run whose first minutes met a load spike;
+`--deepfm-levers-only`: only the dense DeepFM levers)
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ def _rate(arm: Arm, kjts: list[tuple]) -> float:
     return sum(y.numel() for _, y in kjts) / (time.perf_counter() - t0)
 
 
-def bench_bare(src: SyntheticSource) -> float:
-    """One pass over the loop's rows (ROWS x WINDOWS) at the default precision."""
-    arm = _arm(src)
+def bench_bare(src: SyntheticSource, precision: str | None = None) -> float:
+    """One pass over the loop's rows (ROWS x WINDOWS), at the default precision unless given."""
+    arm = _arm(src, precision=precision)
     return _rate(arm, _kjts(src, arm.feature_names, ROWS * WINDOWS))
 
 
@@ -207,6 +208,23 @@ def _per_field_projections():
 @contextmanager
 def _nothing():
     yield
+
+
+@contextmanager
+def _plain_deepfm_inputs():
+    """DeepFM's two uses of the concatenation as autograd builds them (before): the DNN input
+    and fm_interaction over its view, e's gradient summed by autograd."""
+    fwd = heads.DeepFMHead.forward
+
+    def forward(self, embs, wide):
+        deep = self.dnn(heads.as_concat(embs)).squeeze(-1)
+        return self.bias + wide + heads.fm_interaction(self.proj(embs)) + deep
+
+    heads.DeepFMHead.forward = forward
+    try:
+        yield
+    finally:
+        heads.DeepFMHead.forward = fwd
 
 
 def _interleaved(src, kjts, variants: dict) -> dict:
@@ -307,12 +325,37 @@ def slim_dims(src: SyntheticSource) -> dict[str, int]:
 
 def bench_levers(src: SyntheticSource) -> dict:
     kjts = _kjts(src, src.schema.feature_names, LEVER_ROWS)
+    out = {"deepfm": bench_deepfm_levers(src, kjts), "projections": bench_projection_levers(src, kjts)}
+    models = {}
+    for model in ("deepfm", "wdl", "fm", "dcnv2"):
+        variants = {p: (lambda m=model, p=p: _arm(src, m, precision=p), _nothing) for p in ("fp32", "bf16")}
+        models[model] = _interleaved(src, kjts, variants)
+    out["heads"] = models
+    out["sparse_step"] = bench_step_levers(src)
+    return out
+
+
+def bench_deepfm_levers(src: SyntheticSource, kjts: list[tuple]) -> dict:
+    """The dense side of a uniform DeepFM step, interleaved: precision, the concatenated
+    output, and the one autograd node for the DNN input and the FM term."""
     deepfm = {
         "fp32, per-field split re-concatenated (before)": (lambda: _arm(src, precision="fp32"), _list_path),
         "fp32, concatenated output as it is": (lambda: _arm(src, precision="fp32"), _nothing),
         "bf16 autocast, per-field split re-concatenated": (lambda: _arm(src, precision="bf16"), _list_path),
         "bf16 autocast, concatenated output as it is": (lambda: _arm(src, precision="bf16"), _nothing),
+        "fp32, DeepFM inputs as two autograd uses (before)": (
+            lambda: _arm(src, precision="fp32"),
+            _plain_deepfm_inputs,
+        ),
+        "bf16, DeepFM inputs as two autograd uses (before)": (
+            lambda: _arm(src, precision="bf16"),
+            _plain_deepfm_inputs,
+        ),
     }
+    return _interleaved(src, kjts, deepfm)
+
+
+def bench_projection_levers(src: SyntheticSource, kjts: list[tuple]) -> dict:
     slim = {
         "slim-shaped, fp32, one matmul per field (before)": (
             lambda: _arm(src, precision="fp32", dims=slim_dims(src)),
@@ -321,14 +364,7 @@ def bench_levers(src: SyntheticSource) -> dict:
         "slim-shaped, fp32, one bmm per width": (lambda: _arm(src, precision="fp32", dims=slim_dims(src)), _nothing),
         "slim-shaped, bf16, one bmm per width": (lambda: _arm(src, precision="bf16", dims=slim_dims(src)), _nothing),
     }
-    out = {"deepfm": _interleaved(src, kjts, deepfm), "projections": _interleaved(src, kjts, slim)}
-    models = {}
-    for model in ("deepfm", "wdl", "fm", "dcnv2"):
-        variants = {p: (lambda m=model, p=p: _arm(src, m, precision=p), _nothing) for p in ("fp32", "bf16")}
-        models[model] = _interleaved(src, kjts, variants)
-    out["heads"] = models
-    out["sparse_step"] = bench_step_levers(src)
-    return out
+    return _interleaved(src, kjts, slim)
 
 
 def _step(arm, kjt, y):
@@ -395,24 +431,20 @@ def bench_profile(src: SyntheticSource, steps: int = 10, top: int = 12) -> dict:
 
 
 def main() -> None:
-    if "--profile-only" in sys.argv:  # refresh the profile alone, keep the other figures
-        out = ROOT / "benchmarks" / "results" / "training.json"
-        result = json.loads(out.read_text())
-        result["profile"] = bench_profile(criteo_source()) | {"load_average_at_start": _load()}
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result["profile"], indent=1))
-        return
-    if "--headline-only" in sys.argv:  # refresh decode, bare and loop alone (a run disturbed by load)
-        _refresh_headline(ROOT / "benchmarks" / "results" / "training.json")
-        return
+    out = ROOT / "benchmarks" / "results" / "training.json"
     torch.manual_seed(0)
     src = criteo_source()
-    decode = bench_decode(src)
-    bare = bench_bare(src)
-    loop = bench_loop()
-    levers = bench_levers(src)
-    prof = bench_profile(src) | {"load_average_at_start": _load()}
-    overhead = bare / loop["rows_per_s"] - 1
+    if "--profile-only" in sys.argv:  # refresh the profile alone, keep the other figures
+        _update(out, {"profile": bench_profile(src) | {"load_average_at_start": _load()}})
+        return
+    if "--headline-only" in sys.argv:  # refresh decode, bare and loop alone (a run disturbed by load)
+        _update(out, _headline(src))
+        return
+    if "--deepfm-levers-only" in sys.argv:  # refresh the dense DeepFM levers alone
+        levers = json.loads(out.read_text())["levers"]
+        levers["deepfm"] = bench_deepfm_levers(src, _kjts(src, src.schema.feature_names, LEVER_ROWS))
+        _update(out, {"levers": levers, "deepfm_levers_load_average_at_start": _load()})
+        return
     precision = ModelConfig().precision
     result = {
         "what": "DeepFM, Criteo-shaped synthetic stream (26 categorical + 13 numeric fields), dim 16, batch 2048",
@@ -425,38 +457,28 @@ def main() -> None:
             "load_average_at_start": _load(),
         },
         "precision": {"default": precision, "resolved": resolve_precision(precision, "cpu")},
-        "decode_rows_per_s": decode,
-        "bare_train_rows_per_s": bare,
-        "loop_rows_per_s": loop["rows_per_s"],
-        "loop": loop,
-        "loop_overhead_vs_bare": overhead,
-        "decode_over_train": decode / bare,
-        "levers": levers,
-        "profile": prof,
         "target_bare_rows_per_s": 200_000,
-        "checks": {
-            "loop_overhead_at_most_20pct": overhead <= 0.20,
-            "decode_at_least_5x_training": decode >= 5 * bare,
-            "bare_at_least_200k_rows_per_s": bare >= 200_000,
-        },
+        **_headline(src),
+        "levers": bench_levers(src),
+        "profile": bench_profile(src) | {"load_average_at_start": _load()},
     }
-    out = ROOT / "benchmarks" / "results" / "training.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 
-def _refresh_headline(out: Path) -> None:
-    torch.manual_seed(0)
-    src = criteo_source()
-    result = json.loads(out.read_text())
+def _headline(src: SyntheticSource) -> dict:
+    """Decode, bare (default precision; bf16 too where the CPU has it natively), the MLP alone,
+    the loop, and the issue's checks on them."""
     load = _load()
-    decode, bare, loop = bench_decode(src), bench_bare(src), bench_loop()
-    alone = bench_mlp_alone(src)
+    decode, bare = bench_decode(src), bench_bare(src)
+    bare_bf16 = bench_bare(src, "bf16") if cpu_has_bf16() else None
+    alone, loop = bench_mlp_alone(src), bench_loop()
     overhead = bare / loop["rows_per_s"] - 1
-    result |= {
+    return {
         "decode_rows_per_s": decode,
         "bare_train_rows_per_s": bare,
+        "bare_bf16_train_rows_per_s": bare_bf16,
         "mlp_alone_fp32_rows_per_s": alone,
         "bare_over_mlp_alone": bare / alone,
         "loop_rows_per_s": loop["rows_per_s"],
@@ -464,14 +486,29 @@ def _refresh_headline(out: Path) -> None:
         "loop_overhead_vs_bare": overhead,
         "decode_over_train": decode / bare,
         "headline_load_average_at_start": load,
+        "headline_machine": {"cpu": _cpu_model(), "cpu_bf16": cpu_has_bf16(), "torch_threads": torch.get_num_threads()},
+        "checks": {
+            "loop_overhead_at_most_20pct": overhead <= 0.20,
+            "decode_at_least_5x_training": decode >= 5 * bare,
+            "bare_at_least_200k_rows_per_s": bare >= 200_000,
+            "bare_bf16_at_least_200k_rows_per_s": bare_bf16 is not None and bare_bf16 >= 200_000,
+        },
     }
-    result["checks"] |= {
-        "loop_overhead_at_most_20pct": overhead <= 0.20,
-        "decode_at_least_5x_training": decode >= 5 * bare,
-        "bare_at_least_200k_rows_per_s": bare >= 200_000,
-    }
+
+
+def _update(out: Path, fields: dict) -> None:
+    """Replace `fields` in the saved result, keep the rest (a partial rerun)."""
+    result = json.loads(out.read_text()) | fields
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("decode_rows_per_s", "bare_train_rows_per_s", "loop_rows_per_s")}))
+    print(json.dumps({k: v for k, v in fields.items() if not isinstance(v, dict)} or fields, indent=1))
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name: the machines this runs on differ from one session to the next."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 def _load() -> float | None:

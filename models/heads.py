@@ -151,6 +151,46 @@ class _FMInteraction(torch.autograd.Function):
         return torch.addcmul((grad[:, None] * s).unsqueeze(1), v, grad[:, None, None], value=-1)
 
 
+def deepfm_inputs(e: torch.Tensor, num_fields: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepFM's two uses of the concatenation e [B, F * k] at uniform width k: the DNN's input
+    (bf16 under autocast, else e itself) and the FM term [B] over e viewed as [B, F, k].
+
+    >>> e = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # one row, two fields of width 2: <v_1, v_2> = 11
+    >>> x, fm = deepfm_inputs(e, 2, 2)
+    >>> x.dtype, round(fm.item(), 4)
+    (torch.float32, 11.0)
+    """
+    cast = torch.is_autocast_enabled(e.device.type)
+    with torch.autocast(e.device.type, enabled=False):
+        return _DeepFMInputs.apply(e, num_fields, k, cast)
+
+
+class _DeepFMInputs(torch.autograd.Function):
+    """One node for both uses of e, so that e's gradient takes two passes over [B, F * k]: the FM
+    gradient, then the DNN's added into it in place (read as bf16 under autocast). Autograd's
+    own graph makes three under autocast (the cast's fp32 copy of the DNN's gradient, the FM
+    gradient, their sum into a new tensor) and allocates a third tensor in fp32; these passes
+    are memory-bound (issue 15, benchmarks/training.py `levers`)."""
+
+    @staticmethod
+    def forward(ctx, e, num_fields, k, cast):
+        v = e.view(len(e), num_fields, k)
+        s = v.sum(dim=1)  # [B, k]
+        ctx.save_for_backward(v, s)
+        fm = 0.5 * ((s * s).sum(dim=1) - torch.linalg.vector_norm(e, dim=1).square())  # Rendle eq. 6
+        return (e.to(torch.bfloat16) if cast else e.view_as(e)), fm
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_fm):
+        v, s = ctx.saved_tensors
+        # d fm / d v_ik = sum_j v_jk - v_ik, as in _FMInteraction.backward
+        out = torch.addcmul((grad_fm[:, None] * s).unsqueeze(1), v, grad_fm[:, None, None], value=-1)
+        out = out.view(len(v), -1)
+        if grad_x is not None:
+            out.add_(grad_x)
+        return out, None, None, None
+
+
 class FMHead(nn.Module):
     def __init__(self, dims: list[int], k: int, mlp_sizes=()):
         super().__init__()
@@ -174,6 +214,9 @@ class DeepFMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, embs, wide):
+        if isinstance(embs, torch.Tensor) and not self.proj.groups:  # the hot path: no projection
+            x, fm = deepfm_inputs(embs, len(self.proj.dims), self.proj.k)
+            return self.bias + wide + fm + self.dnn(x).squeeze(-1)
         deep = self.dnn(as_concat(embs)).squeeze(-1)
         return self.bias + wide + fm_interaction(self.proj(embs)) + deep
 

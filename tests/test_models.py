@@ -159,3 +159,27 @@ def test_the_fm_term_and_its_written_out_gradient_match_autograd_of_the_formula(
     (want,) = torch.autograd.grad((naive * g).sum(), v)
     (got,) = torch.autograd.grad((fm_interaction(v) * g).sum(), v)
     assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepfm_fused_inputs_give_the_gradients_of_the_plain_graph(precision):
+    """DeepFM's hot path (one autograd node for the DNN input and the FM term) against the
+    plain graph: the concatenation to the DNN, fm_interaction over its [B, F, k] view."""
+    from dimstream.models.heads import DeepFMHead, as_concat, fm_interaction
+
+    torch.manual_seed(0)
+    head = DeepFMHead([4, 4, 4], 4, (8,))
+    e = torch.randn(6, 12, requires_grad=True)
+    wide = torch.randn(6)
+    grads = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if fused:
+                out = head(e, wide)
+            else:
+                deep = head.dnn(as_concat(e)).squeeze(-1)
+                out = head.bias + wide + fm_interaction(e.view(6, 3, 4)) + deep
+        g = torch.linspace(-1, 1, 6)
+        grads.append((out.float(), *torch.autograd.grad((out.float() * g).sum(), [e, head.dnn[0].weight])))
+    for fused, plain in zip(*grads):
+        assert torch.allclose(fused, plain, atol=1e-6), (fused - plain).abs().max()
