@@ -4,6 +4,7 @@ Four systems train DeepFM, one pass, on the same rows of the Criteo-shaped synth
 benchmarks/training.py (26 categorical + 13 numeric fields, dim 16, MLP (256, 128), batch 2048):
   - dimstream: `Arm.train_step` on SparseBatch slices, the arm benchmarks/training.py builds
     (its ModelConfig defaults: fused sparse optimizer in backward, Adam on the dense part);
+    where the CPU computes bf16 natively, also the same arm at precision bf16 (dimstream-bf16);
   - handwritten: plain PyTorch, one `EmbeddingBag(sparse=True)` over all fields + SparseAdam,
     Adam on the dense part;
   - deepctr-torch 0.3.0: `DeepFM(...).fit` as its README shows it;
@@ -43,10 +44,13 @@ PEERS_PY = ROOT / "benchmarks" / "peers" / ".venv" / "bin" / "python"
 OWN_PY = Path(sys.executable)
 BATCH, DIM, MLP = 2048, 16, (256, 128)
 LR = 1e-3  # the peers' default Adam learning rate, also the handwritten loop's
-SYSTEMS = ("dimstream", "handwritten", "deepctr-torch", "fuxictr")
+SYSTEMS = ("dimstream", "dimstream-bf16", "handwritten", "deepctr-torch", "fuxictr")
+OWN = ("dimstream", "dimstream-bf16")  # dimstream at its default precision, and at --precision bf16
+BASELINES = ("handwritten", "deepctr-torch", "fuxictr")
 PEER_SYSTEMS = ("deepctr-torch", "fuxictr")
 DRIVERS = {  # what each system's timed pass runs, from the same arrays in memory
     "dimstream": "Arm.train_step on SparseBatch slices (KJT built per batch), benchmarks/training.py's arm",
+    "dimstream-bf16": "the same, ModelConfig.precision 'bf16' (the heads under bf16 autocast, fp32 weights)",
     "handwritten": "nn.EmbeddingBag(sparse=True) over one offset table + SparseAdam, Adam on the dense part",
     "deepctr-torch": "DeepFM.fit(x dict of numpy columns, batch_size 2048, epochs 1, shuffle False), no L2",
     "fuxictr": "model zoo DeepFM from fuxictr layers; BaseModel.train_epoch (Adam, clip 10) on tensor dicts",
@@ -111,7 +115,7 @@ def batches(n: int):
 # ---------------------------------------------------------------- children, one per system
 
 
-def child_dimstream(meta: dict, rows: dict) -> tuple[float, np.ndarray, dict]:
+def child_dimstream(meta: dict, rows: dict, precision: str | None = None) -> tuple[float, np.ndarray, dict]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from training import _arm, criteo_source
 
@@ -119,7 +123,7 @@ def child_dimstream(meta: dict, rows: dict) -> tuple[float, np.ndarray, dict]:
 
     src = criteo_source()
     assert src.schema.feature_names == meta["fields"]
-    arm = _arm(src)  # benchmarks/training.py's arm: ModelConfig defaults, dim 16, batch 2048
+    arm = _arm(src, precision=precision)  # benchmarks/training.py's arm: ModelConfig defaults, dim 16, batch 2048
 
     def sparse(ids, labels):
         n = len(labels)
@@ -289,6 +293,7 @@ def child_fuxictr(meta: dict, rows: dict) -> tuple[float, np.ndarray, dict]:
 
 CHILDREN = {
     "dimstream": child_dimstream,
+    "dimstream-bf16": lambda meta, rows: child_dimstream(meta, rows, "bf16"),
     "handwritten": child_handwritten,
     "deepctr-torch": child_deepctr,
     "fuxictr": child_fuxictr,
@@ -344,17 +349,20 @@ def summary(values: list[float]) -> dict:
 def main(args) -> None:
     if not PEERS_PY.exists():
         raise SystemExit(f"the peers' venv is missing ({PEERS_PY.parent.parent}): run `make peers-venv` first")
+    from dimstream.models.config import cpu_has_bf16
     from dimstream.models.evaluation import auc, logloss
 
     threads = args.threads or (1 if (_load() or 0) >= 1.0 else os.cpu_count())
-    runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+    # bf16 only where the CPU computes it natively: emulated, it says nothing of the product
+    systems = [s for s in SYSTEMS if s != "dimstream-bf16" or cpu_has_bf16()]
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="dimstream-peers-") as tmp:
         folder = Path(tmp)
         meta = write_rows(folder, args.train_rows, args.holdout_rows)
         labels = np.load(folder / "holdout_labels.npy")
         order = []
         for rep in range(args.reps):
-            for system in SYSTEMS[rep % len(SYSTEMS) :] + SYSTEMS[: rep % len(SYSTEMS)]:
+            for system in systems[rep % len(systems) :] + systems[: rep % len(systems)]:
                 info = run_child(system, folder, threads)
                 probs = info.pop("probs")
                 info |= {"holdout_auc": auc(labels, probs), "holdout_logloss": logloss(labels, probs)}
@@ -384,13 +392,17 @@ def report(runs: dict, meta: dict, threads: int, order: list[str], args) -> dict
             "peak_rss_mib": summary([i["peak_rss_mib"] for i in infos]),
             "load_average_before_after": [i["load_average_before_after"] for i in infos],
         }
-    speed = {s: systems[s]["rows_per_s"]["median"] for s in SYSTEMS}
-    ratios = {f"dimstream_over_{s}": speed["dimstream"] / speed[s] for s in SYSTEMS[1:]}
-    best_peer_auc = max(systems[s]["holdout_auc"]["median"] for s in SYSTEMS[1:])
-    own_auc = systems["dimstream"]["holdout_auc"]["median"]
-    checks = {f"at_least_{t}x_{s}": speed["dimstream"] >= t * speed[s] for s, t in TARGETS.items()}
-    checks["auc_at_least_best_peer"] = own_auc >= best_peer_auc
-    auc_diff = {f"dimstream_auc_minus_{s}": own_auc - systems[s]["holdout_auc"]["median"] for s in SYSTEMS[1:]}
+    speed = {s: v["rows_per_s"]["median"] for s, v in systems.items()}
+    auc = {s: v["holdout_auc"]["median"] for s, v in systems.items()}
+    best_peer_auc = max(auc[s] for s in BASELINES)
+    ratios, checks = {}, {}
+    for own in (s for s in OWN if s in systems):
+        name, tag = own.replace("-", "_"), "" if own == "dimstream" else "bf16_"
+        ratios |= {f"{name}_over_{s}": speed[own] / speed[s] for s in BASELINES}
+        ratios |= {f"{name}_auc_minus_{s}": auc[own] - auc[s] for s in BASELINES}
+        ratios[f"{name}_auc_minus_best_peer"] = auc[own] - best_peer_auc
+        checks |= {f"{tag}at_least_{t}x_{s}": speed[own] >= t * speed[s] for s, t in TARGETS.items()}
+        checks[f"{tag}auc_at_least_best_peer"] = auc[own] >= best_peer_auc
     return {
         "what": (
             "DeepFM, one pass over identical rows of the Criteo-shaped synthetic stream (26 categorical"
@@ -413,7 +425,7 @@ def report(runs: dict, meta: dict, threads: int, order: list[str], args) -> dict
         },
         "order": order,
         "systems": systems,
-        "ratios": ratios | auc_diff | {"dimstream_auc_minus_best_peer": own_auc - best_peer_auc},
+        "ratios": ratios,
         "targets": {"rows_per_s_at_least_x": TARGETS, "auc": "dimstream's holdout AUC at least the best peer's"},
         "checks": checks,
     }
