@@ -15,7 +15,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dimstream.models.config import ModelConfig
-from dimstream.models.ctr import CTRModel
+from dimstream.models.ctr import CTRModel, ctr_model
 from dimstream.models.distributed import shard
 from dimstream.models.tiers import TierShape
 from dimstream.models.vocab import vocabs_of
@@ -140,6 +140,13 @@ class Arm:
     def dims(self) -> dict[str, int]:
         """Allocation with every schema field (0 = pruned)."""
         return dict(self.spec.dims)
+
+    @property
+    def precision(self) -> str:
+        """What the heads run in, 'fp32' or 'bf16' (`auto` resolved on the dense part's device):
+        an export records it so that serving scores in the same (ops/export.py)."""
+        module = ctr_model(self.model)
+        return module.precision_on(next(module.head.parameters()).device.type)
 
     def vocab_stats(self) -> dict[str, dict]:
         """Per managed field: rows in use, admissions, evictions and default-row share since the

@@ -85,6 +85,11 @@ class CTRModel(nn.Module):
             logits = self.head(embs, wide if wide is not None else 0.0)
         return logits.float()
 
+    def precision_on(self, device_type: str) -> str:
+        """'fp32' or 'bf16': what this model's heads run in on `device_type` (`auto` resolved),
+        so that serving scores with what training ran (ops/export.py records it)."""
+        return "bf16" if self._bf16(device_type) else "fp32"
+
     def _bf16(self, device_type: str) -> bool:
         if device_type not in self._precision:  # resolved once per device type (auto reads cpuinfo)
             self._precision[device_type] = resolve_precision(self.config.precision, device_type) == "bf16"

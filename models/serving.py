@@ -65,10 +65,16 @@ class RowMap:
 
 
 class ServingModel(nn.Module):
-    def __init__(self, schema: Schema, dims: dict[str, int], config: ModelConfig, wide_width: int = 4):
+    def __init__(
+        self, schema: Schema, dims: dict[str, int], config: ModelConfig, wide_width: int = 4, precision: str = "fp32"
+    ):
+        """`precision`: what the trainer's heads ran in ('fp32' or 'bf16', the export's
+        "precision"): the head scores in the same, so that serving matches the trainer."""
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16' (as resolved by the trainer), got {precision!r}")
         self.version, self.chain, self.published_at = None, [], None
-        self.schema, self.config = schema, config
+        self.schema, self.config, self.precision = schema, config, precision
         self.feature_names = [f.name for f in schema.fields if dims.get(f.name, 0) > 0]
         self.dims = {f: int(dims[f]) for f in self.feature_names}
         # the managed fields the model keeps; their RowMaps are set by `set_vocab` (load, deltas)
@@ -99,7 +105,9 @@ class ServingModel(nn.Module):
             embs.append(self.emb[f](values, offsets))
             if self.use_wide:
                 wide = wide + self.wide[f](values, offsets).sum(dim=1)
-        return torch.sigmoid(self.head(embs, wide))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.head(embs, wide)
+        return torch.sigmoid(logits.float())
 
     @classmethod
     def load(cls, directory: Path) -> ServingModel:
@@ -112,7 +120,9 @@ class ServingModel(nn.Module):
         cfg = bmeta["model"] | {"mlp": tuple(bmeta["model"]["mlp"])}
         state = torch.load(base / "weights.pt", weights_only=True)
         wide = next((v.shape[1] for k, v in state.items() if k.startswith("wide_")), 4)
-        model = cls(Schema.from_dict(bmeta["schema"]), bmeta["dims"], ModelConfig(**cfg), wide)
+        # an export older than the "precision" key was served in fp32
+        precision = bmeta.get("precision", "fp32")
+        model = cls(Schema.from_dict(bmeta["schema"]), bmeta["dims"], ModelConfig(**cfg), wide, precision)
         model.load_state_dict(model._serving_names(state))
         model.set_vocab(state, base)
         model._stamp(base.name, bmeta)

@@ -70,7 +70,7 @@ def export_model(arm, meta: dict, out: Path, weights: dict | None = None, extra:
     _durable(torch.save, weights, tmp / "weights.pt")
     header = {"format": FORMAT, "arm": arm.name, "checkpoint": f"ckpt-{meta['history_length'] - 1:06d}"}
     header |= {"window": meta["history_length"] - 1, "schema": meta["schema"], "dims": arm.dims}
-    header |= {"model": meta["model"], "hashing": HASHING} | (extra or {})
+    header |= {"model": meta["model"], "hashing": HASHING, "precision": arm.precision} | (extra or {})
     vocab = vocab_header(weights, meta["schema"])
     if vocab:  # managed fields: their mapping is in weights.pt (vocab_<field>/raw_ids, /rows)
         header["vocab"] = vocab

@@ -1,11 +1,14 @@
 """Handing a model to serving: exported predictions equal the trainer's on the same rows."""
 
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from dimstream.models.arm import ArmSpec
+from dimstream.models.config import ModelConfig
 from dimstream.ops import checkpoint
 from dimstream.ops.config import RunConfig
 from dimstream.ops.daemon import Runner
@@ -13,9 +16,12 @@ from dimstream.ops.export import export_arm, predict
 from tests.helpers import REPO
 
 
-def test_export_round_trip_matches_the_trainer(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_export_round_trip_matches_the_trainer(tmp_path, precision):
+    """Under bf16 too: the export records what the heads ran in, and serving scores in it."""
     state = tmp_path / "state"
     cfg = RunConfig(
+        model=ModelConfig(precision=precision),
         windows=2,
         rows_per_window=3000,
         state_dir=state,
@@ -27,6 +33,7 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
     runner = Runner.from_config(cfg)
     runner.run()
     out = export_arm(state, "slim", tmp_path / "served")
+    assert json.loads((out / "model.json").read_text())["precision"] == precision
     rows = runner.source.window_table(5).slice(0, 500)  # rows neither arm has seen
     probs = predict(out, rows.drop_columns(["label", "event_time"]))
     # the trainer's view of the same checkpoint
@@ -40,10 +47,7 @@ def test_export_round_trip_matches_the_trainer(tmp_path):
     # and from the command line, on JSON lines
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(
-        "\n".join(
-            __import__("json").dumps(r)
-            for r in rows.slice(0, 20).drop_columns(["label", "event_time", "p_true"]).to_pylist()
-        )
+        "\n".join(json.dumps(r) for r in rows.slice(0, 20).drop_columns(["label", "event_time", "p_true"]).to_pylist())
     )
     r = subprocess.run(
         [sys.executable, "-m", "dimstream.ops.cli", "predict", "--model", str(out), "--input", str(jsonl)],

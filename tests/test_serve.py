@@ -99,8 +99,8 @@ def test_a_crash_during_publication_leaves_latest_at_a_complete_version(tmp_path
 def test_publisher_forces_a_base_when_the_allocation_changes(tmp_path):
     """Re-allocation keeps dims but moves kept columns (column_ids): the rows all change meaning."""
 
-    class Arm:  # what Publisher reads of an arm: its name and allocation
-        name, dims = "slim", {"a": 4}
+    class Arm:  # what Publisher reads of an arm: its name, allocation and precision
+        name, dims, precision = "slim", {"a": 4}, "fp32"
 
     pub = export.Publisher(tmp_path, base_every=24)
     w = {"emb_a": torch.zeros(3, 4), "head.b": torch.zeros(2)}
