@@ -62,7 +62,7 @@ class ModelConfig:
     init_range: float = 1e-4
     # the dense part (heads) under bf16 autocast, with fp32 master weights and optimizer state;
     # "auto": bf16 only where the hardware has it (CUDA, or a CPU with AVX512-BF16 or AMX)
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self):

@@ -39,7 +39,9 @@ def config(state: Path, windows: int) -> RunConfig:
         windows=windows,
         rows_per_window=ROWS,
         control_dim=8,
-        model=ModelConfig("deepfm", interaction_dim=8),
+        # fp32: two ranks against one process is an identity bf16 holds only to its rounding
+        # (a row near a bf16 rounding boundary may round apart; README, precision)
+        model=ModelConfig("deepfm", interaction_dim=8, precision="fp32"),
         metrics_addr="127.0.0.1:0",
         progress=False,
         state_dir=state,

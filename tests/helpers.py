@@ -83,7 +83,7 @@ def kafka_run_config(source, state, windows, **kw):
     )
 
 
-def autosrh_run_config(state, rows_per_window, windows, search_rows, **kw):
+def autosrh_run_config(state, rows_per_window, windows, search_rows, model=None, **kw):
     """The AutoSrh daemon tests' run: synthetic, control and slim, `--search autosrh`, FM, a
     free metrics port, no progress bars (`tiers` and the rest through `kw`)."""
     from dimstream.models.config import ModelConfig
@@ -99,7 +99,7 @@ def autosrh_run_config(state, rows_per_window, windows, search_rows, **kw):
         metrics_addr="127.0.0.1:0",
         progress=False,
         state_dir=state,
-        model=ModelConfig("fm"),
+        model=model or ModelConfig("fm"),
         **kw,
     )
 

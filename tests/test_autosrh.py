@@ -160,7 +160,9 @@ def test_the_daemon_reallocates_the_slim_arm_by_autosrh_from_the_control_columns
     from dimstream.ops.daemon import Runner
     from dimstream.stream.synthetic import SyntheticSource
 
-    cfg = autosrh_run_config(tmp_path, rows_per_window=3000, windows=1, search_rows=2000)
+    # fp32: an identity of the computation, which bf16 holds only to its rounding (README, precision)
+    fp32 = ModelConfig("fm", precision="fp32")
+    cfg = autosrh_run_config(tmp_path, rows_per_window=3000, windows=1, search_rows=2000, model=fp32)
     runner = Runner.from_config(cfg)
     summary = runner.run()
     (w0,) = summary["windows"]

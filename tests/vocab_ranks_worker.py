@@ -28,7 +28,8 @@ from dimstream.models.vocab import vocabs_of
 from dimstream.stream.decode import Decoder
 from dimstream.stream.schema import FieldSpec, Schema
 
-CFG = ModelConfig("deepfm", mlp=(8,), interaction_dim=8, batch_size=32, seed=0)
+# fp32: two ranks against one process is an identity bf16 holds only to its rounding (README, precision)
+CFG = ModelConfig("deepfm", mlp=(8,), interaction_dim=8, batch_size=32, seed=0, precision="fp32")
 WINDOWS, ROWS, BATCH = 4, 96, 32
 PLANS = {"tw": ["table_wise"], "cw": ["column_wise"]}
 SCHEMA = Schema(
