@@ -4,7 +4,8 @@ Four systems train DeepFM, one pass, on the same rows of the Criteo-shaped synth
 benchmarks/training.py (26 categorical + 13 numeric fields, dim 16, MLP (256, 128), batch 2048):
   - dimstream: `Arm.train_step` on SparseBatch slices, the arm benchmarks/training.py builds
     (its ModelConfig defaults: fused sparse optimizer in backward, Adam on the dense part);
-    where the CPU computes bf16 natively, also the same arm at precision bf16 (dimstream-bf16);
+    its default precision is `auto` (bf16 where the CPU computes it natively): there, the same
+    arm at fp32 too (dimstream-fp32);
   - handwritten: plain PyTorch, one `EmbeddingBag(sparse=True)` over all fields + SparseAdam,
     Adam on the dense part;
   - deepctr-torch 0.3.0: `DeepFM(...).fit` as its README shows it;
@@ -44,13 +45,13 @@ PEERS_PY = ROOT / "benchmarks" / "peers" / ".venv" / "bin" / "python"
 OWN_PY = Path(sys.executable)
 BATCH, DIM, MLP = 2048, 16, (256, 128)
 LR = 1e-3  # the peers' default Adam learning rate, also the handwritten loop's
-SYSTEMS = ("dimstream", "dimstream-bf16", "handwritten", "deepctr-torch", "fuxictr")
-OWN = ("dimstream", "dimstream-bf16")  # dimstream at its default precision, and at --precision bf16
+SYSTEMS = ("dimstream", "dimstream-fp32", "handwritten", "deepctr-torch", "fuxictr")
+OWN = ("dimstream", "dimstream-fp32")  # dimstream at its default precision (auto), and at fp32
 BASELINES = ("handwritten", "deepctr-torch", "fuxictr")
 PEER_SYSTEMS = ("deepctr-torch", "fuxictr")
 DRIVERS = {  # what each system's timed pass runs, from the same arrays in memory
     "dimstream": "Arm.train_step on SparseBatch slices (KJT built per batch), benchmarks/training.py's arm",
-    "dimstream-bf16": "the same, ModelConfig.precision 'bf16' (the heads under bf16 autocast, fp32 weights)",
+    "dimstream-fp32": "the same, ModelConfig.precision 'fp32' (run where the default auto resolves to bf16)",
     "handwritten": "nn.EmbeddingBag(sparse=True) over one offset table + SparseAdam, Adam on the dense part",
     "deepctr-torch": "DeepFM.fit(x dict of numpy columns, batch_size 2048, epochs 1, shuffle False), no L2",
     "fuxictr": "model zoo DeepFM from fuxictr layers; BaseModel.train_epoch (Adam, clip 10) on tensor dicts",
@@ -293,7 +294,7 @@ def child_fuxictr(meta: dict, rows: dict) -> tuple[float, np.ndarray, dict]:
 
 CHILDREN = {
     "dimstream": child_dimstream,
-    "dimstream-bf16": lambda meta, rows: child_dimstream(meta, rows, "bf16"),
+    "dimstream-fp32": lambda meta, rows: child_dimstream(meta, rows, "fp32"),
     "handwritten": child_handwritten,
     "deepctr-torch": child_deepctr,
     "fuxictr": child_fuxictr,
@@ -349,12 +350,13 @@ def summary(values: list[float]) -> dict:
 def main(args) -> None:
     if not PEERS_PY.exists():
         raise SystemExit(f"the peers' venv is missing ({PEERS_PY.parent.parent}): run `make peers-venv` first")
-    from dimstream.models.config import cpu_has_bf16
+    from dimstream.models.config import ModelConfig, resolve_precision
     from dimstream.models.evaluation import auc, logloss
 
     threads = args.threads or (1 if (_load() or 0) >= 1.0 else os.cpu_count())
-    # bf16 only where the CPU computes it natively: emulated, it says nothing of the product
-    systems = [s for s in SYSTEMS if s != "dimstream-bf16" or cpu_has_bf16()]
+    # an fp32 child too where the default (auto) resolves to bf16: the precision's share
+    default = resolve_precision(ModelConfig().precision, "cpu")
+    systems = [s for s in SYSTEMS if s != "dimstream-fp32" or default != "fp32"]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="dimstream-peers-") as tmp:
         folder = Path(tmp)
@@ -372,7 +374,7 @@ def main(args) -> None:
                 line = f"{info['rows_per_s']:9.0f} rows/s  AUC {info['holdout_auc']:.4f}"
                 print(f"rep {rep}: {system:14s} {line}  RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
     result = report(runs, meta, threads, order, args)
-    out = ROOT / "benchmarks" / "results" / "peers.json"
+    out = args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("systems", "ratios", "checks")}, indent=1))
@@ -397,7 +399,7 @@ def report(runs: dict, meta: dict, threads: int, order: list[str], args) -> dict
     best_peer_auc = max(auc[s] for s in BASELINES)
     ratios, checks = {}, {}
     for own in (s for s in OWN if s in systems):
-        name, tag = own.replace("-", "_"), "" if own == "dimstream" else "bf16_"
+        name, tag = own.replace("-", "_"), "" if own == "dimstream" else "fp32_"
         ratios |= {f"{name}_over_{s}": speed[own] / speed[s] for s in BASELINES}
         ratios |= {f"{name}_auc_minus_{s}": auc[own] - auc[s] for s in BASELINES}
         ratios[f"{name}_auc_minus_best_peer"] = auc[own] - best_peer_auc
@@ -414,7 +416,8 @@ def report(runs: dict, meta: dict, threads: int, order: list[str], args) -> dict
             " tables whose 4 columns are summed (FBGEMM's fused kernels need widths in multiples of 4)"
         ),
         "command": ".venv/bin/python benchmarks/peers.py"
-        + (f" --train-rows {args.train_rows} --holdout-rows {args.holdout_rows} --reps {args.reps}"),
+        + (f" --train-rows {args.train_rows} --holdout-rows {args.holdout_rows} --reps {args.reps}")
+        + (f" --threads {args.threads}" if args.threads else ""),
         "sizes": meta | {"batch": BATCH, "dim": DIM, "mlp": list(MLP), "reps": args.reps},
         "machine": {
             "cpus": os.cpu_count(),
@@ -455,6 +458,7 @@ def parse(argv=None):
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads per child (0: 1 if the load average >= 1, else all cores)"
     )
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json", help="where to write")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
