@@ -333,15 +333,18 @@ class Restored:
     extra: dict = field(default_factory=dict)  # `save`'s extra (empty if it had none)
 
 
-def load_arms(ckpt: Path, names: list[str] | None = None, rank: int = 0, restore_rng: bool = False) -> Restored:
+def load_arms(
+    ckpt: Path, names: list[str] | None = None, rank: int = 0, restore_rng: bool = False, precision: str | None = None
+) -> Restored:
     """The one restore path (daemon, `dimstream search`, `dimstream export`): the arms `names`
     (default: all, in checkpoint order) of checkpoint `ckpt`, built and loaded. The torch RNG
     is left as the caller had it (building an arm seeds it), or set to the checkpoint's with
-    `restore_rng` (the daemon resuming: training continues as if never stopped)."""
+    `restore_rng` (the daemon resuming: training continues as if never stopped). `precision`:
+    the heads' precision from now on, if not the checkpoint's (its state is fp32 either way)."""
     rng = torch.get_rng_state()
     meta = read_meta(ckpt)
     schema = Schema.from_dict(meta["schema"])
-    model = ModelConfig.from_dict(meta["model"])
+    model = ModelConfig.from_dict(meta["model"] | ({"precision": precision} if precision else {}))
     specs = {a["name"]: ArmSpec.from_dict(a) for a in meta["arms"]}  # a tier map is in the arm's state
     names = list(specs) if names is None else list(names)
     missing = [n for n in names if n not in specs]

@@ -173,6 +173,27 @@ def adopt_schema(cfg: RunConfig, source: Source) -> None:
         raise ConfigError(f"--source {cfg.source}: {e}") from None
 
 
+def check_model(cfg: RunConfig, saved: dict) -> None:
+    """The checkpoint's model settings against the run's: any difference but the precision is a
+    ConfigError naming the settings. The precision is how the heads compute, not what the model
+    is (weights and optimizer state are fp32 either way), so a run may change it: a state dir of
+    the fp32 default resumes under `auto`."""
+    want = cfg.model.to_dict()
+    differ = sorted(k for k in want.keys() | saved.keys() if k != "precision" and want.get(k) != saved.get(k))
+    if differ:
+        said = ", ".join(f"{k} {saved.get(k)!r} (this run: {want.get(k)!r})" for k in differ)
+        raise ConfigError(
+            f"state dir {cfg.state_dir} holds a {saved.get('model')} model with other settings: {said}; "
+            "use the same options or a fresh --state-dir"
+        )
+    if saved.get("precision") != want["precision"]:
+        log.info(
+            "the checkpoint was trained at precision %s; this run continues at %s",
+            saved.get("precision"),
+            want["precision"],
+        )
+
+
 def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
     """The arms and resume point of the state dir's latest checkpoint, or None if it has none."""
     ckpt = checkpoint.latest(cfg.state_dir)
@@ -189,12 +210,8 @@ def restore(cfg: RunConfig, schema) -> tuple[list[Arm], Resume] | None:
         raise ConfigError(f"state dir {cfg.state_dir} was written by an older dimstream; use a fresh --state-dir")
     if meta.get("schema_fingerprint") != schema.fingerprint():
         raise ConfigError(f"state dir {cfg.state_dir} was written for another schema; use a fresh --state-dir")
-    if meta.get("model") != cfg.model.to_dict():
-        raise ConfigError(
-            f"state dir {cfg.state_dir} holds a {meta['model']['model']} model with other "
-            "settings; use the same options or a fresh --state-dir"
-        )
-    restored = checkpoint.load_arms(ckpt, restore_rng=True)
+    check_model(cfg, meta.get("model") or {})
+    restored = checkpoint.load_arms(ckpt, restore_rng=True, precision=cfg.model.precision)
     log.info("resumed from %s: %d windows done", ckpt.name, meta["history_length"])
     resume = Resume.from_meta(meta)
     resume.extra = restored.extra

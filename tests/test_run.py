@@ -170,3 +170,28 @@ def test_sigterm_mid_window_exits_0_within_the_grace_period_and_resumes(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert [w["index"] for w in _summary(state)["windows"]] == [0, 1, 2, 3]
     assert [w["rows"] for w in _summary(state)["windows"]] == [20000] * 4
+
+
+def test_a_state_dir_resumes_under_another_precision_but_not_other_model_settings(tmp_path, caplog):
+    """A state dir of the fp32 default (sessions before `auto`) resumes under `auto`: the
+    precision is how the heads compute, the state is fp32 either way. Any other model setting
+    still refuses, naming it."""
+    import dataclasses
+
+    from dimstream.models.config import ModelConfig
+    from dimstream.ops.config import ConfigError, RunConfig
+    from dimstream.ops.daemon import Runner
+
+    base = dict(rows_per_window=1000, state_dir=tmp_path, metrics_addr="127.0.0.1:0", progress=False)
+    base |= dict(arms=("control",), search="none")
+    Runner.from_config(RunConfig(windows=1, model=ModelConfig(precision="fp32"), **base)).run()
+    cfg = RunConfig(windows=2, model=ModelConfig(precision="auto"), **base)
+    with caplog.at_level("INFO", logger="dimstream"):
+        runner = Runner.from_config(cfg)
+    assert "trained at precision fp32; this run continues at auto" in caplog.text
+    assert runner.arm("control").config.precision == "auto"
+    summary = runner.run()
+    assert [w["index"] for w in summary["windows"]] == [0, 1]
+    other = dataclasses.replace(cfg, windows=3, model=ModelConfig(precision="auto", mlp=(32,)))
+    with pytest.raises(ConfigError, match=r"other settings: mlp \[256, 128\] \(this run: \[32\]\)"):
+        Runner.from_config(other)
