@@ -53,6 +53,7 @@ DATASETS = {
 
 def run_once(dataset: str, seed: int, search: str, budget: float, log, **options) -> dict:
     source, windows, window_seconds, scored = DATASETS[dataset]
+    precision = options.pop("precision", None)  # a ModelConfig setting, not a RunConfig one
     with tempfile.TemporaryDirectory() as d:
         cfg = RunConfig(
             source=source,
@@ -68,6 +69,8 @@ def run_once(dataset: str, seed: int, search: str, budget: float, log, **options
             **options,
         )
         cfg.model.seed = seed
+        if precision:
+            cfg.model.precision = precision
         t0 = time.perf_counter()
         summary = Runner.from_config(cfg).run()
         seconds = time.perf_counter() - t0

@@ -58,6 +58,9 @@ from dimstream.stream.synthetic import DEFAULT_FIELDS  # noqa: E402
 OUT = REPO / "benchmarks" / "results" / "noise_floor.json"
 TRUE_RANK = {f.name: f.rank for f in DEFAULT_FIELDS}
 VARIANTS = {
+    # the heads' precision pinned: since session 13 the default is auto (bf16 where native)
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
     "default": {},  # rows from before issue 14 changed the defaults were field_check_rows 0: "no-check"
     "no-check": {"field_check_rows": 0},
     "fc8192-z2": {"field_check_rows": 8192},  # the existing check, on the search's row count
