@@ -148,9 +148,8 @@ def bench_mlp_alone(src: SyntheticSource, precision: str = "fp32", rows: int = 4
     concatenated embeddings, the same sizes and init), forward, backward and Adam on dense
     random input in batches of BATCH, in fp32 or under bf16 autocast: no embeddings, no FM
     term, no first order."""
-    arm = _arm(src, precision="fp32")
-    width = sum(arm.dims.values())
-    dnn = heads.mlp([width, *arm.config.mlp, 1])
+    width = DIM * len(src.schema.feature_names)  # the arms here: every field at width DIM
+    dnn = heads.mlp([width, *ModelConfig().mlp, 1])
     opt = torch.optim.Adam(dnn.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -219,12 +218,7 @@ def _plain_deepfm_inputs():
     """DeepFM's two uses of the concatenation as autograd builds them (before): the DNN input
     and fm_interaction over its view, e's gradient summed by autograd."""
     fwd = heads.DeepFMHead.forward
-
-    def forward(self, embs, wide):
-        deep = self.dnn(heads.as_concat(embs)).squeeze(-1)
-        return self.bias + wide + heads.fm_interaction(self.proj(embs)) + deep
-
-    heads.DeepFMHead.forward = forward
+    heads.DeepFMHead.forward = heads.DeepFMHead.plain_forward
     try:
         yield
     finally:

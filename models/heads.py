@@ -217,6 +217,11 @@ class DeepFMHead(nn.Module):
         if isinstance(embs, torch.Tensor) and not self.proj.groups:  # the hot path: no projection
             x, fm = deepfm_inputs(embs, len(self.proj.dims), self.proj.k)
             return self.bias + wide + fm + self.dnn(x).squeeze(-1)
+        return self.plain_forward(embs, wide)
+
+    def plain_forward(self, embs, wide):
+        """Any layout (per-field list, projected widths): the two uses of the concatenation as
+        autograd builds them."""
         deep = self.dnn(as_concat(embs)).squeeze(-1)
         return self.bias + wide + fm_interaction(self.proj(embs)) + deep
 
