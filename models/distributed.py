@@ -36,7 +36,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from dimstream.models.evaluation import auc_difference, window_metrics
-from dimstream.stream.batch import SparseBatch
+from dimstream.stream.batch import SparseBatch, unit_offsets
 
 # what FBGEMM's fused kernel offers per device (row-wise sharding has no CPU kernel in TorchRec)
 SHARDING_TYPES = {
@@ -301,7 +301,7 @@ def pad(batch: SparseBatch, rows: int) -> tuple[SparseBatch, np.ndarray]:
     filler = SparseBatch(
         batch.keys,
         {k: z for k in batch.keys},
-        {k: np.arange(extra + 1, dtype=np.int64) for k in batch.keys},
+        dict.fromkeys(batch.keys, unit_offsets(extra)),
         np.zeros(extra, np.float32),
         z,
     )

@@ -101,7 +101,8 @@ class ServingModel(nn.Module):
             values = torch.from_numpy(batch.values[f])
             if f in self.vocab:  # raw ids -> the rows the trainer gave them
                 values = self.vocab[f](values)
-            offsets = torch.from_numpy(batch.offsets[f][:-1])
+            starts = batch.offsets[f][:-1]  # unit offsets are shared and read-only: a copy of those
+            offsets = torch.from_numpy(starts if starts.flags.writeable else starts.copy())
             embs.append(self.emb[f](values, offsets))
             if self.use_wide:
                 wide = wide + self.wide[f](values, offsets).sum(dim=1)

@@ -461,6 +461,7 @@ class Runner:
             if len(self.history) and self.rank0:
                 self._plot()
             server.shutdown()
+            server.server_close()  # the port is free when run() returns, not at garbage collection
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
             self.source.close()

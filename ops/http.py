@@ -63,10 +63,17 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+POLL_SECONDS = 0.02
+
+
 def serve(host: str, port: int, readiness: Readiness, registry: CollectorRegistry) -> ThreadingHTTPServer:
     """Serve `registry` in a daemon thread; port 0 picks a free port (see server.server_port)."""
     handler = type("Handler", (_Handler,), {"readiness": readiness, "registry": registry})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    # shutdown() waits for the loop to look at its flag: at the default 0.5 s poll, every run's
+    # exit waited up to half a second for it
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": POLL_SECONDS}, name="metrics-http", daemon=True
+    ).start()
     return server

@@ -10,6 +10,18 @@ into mini-batches with `slice`, each turned into a TorchRec KeyedJaggedTensor by
 [4, 5]
 >>> b.to_kjt().lengths().tolist()
 [1, 2]
+
+Single-valued fields (one id a row: categorical and numeric) carry `unit_offsets`, views of one
+shared read-only 0, 1, 2, ...: a window holds no offsets of its own for them (half its memory,
+and the half that had to be page-faulted in and concatenated), and slicing, taking and
+concatenating them allocates nothing.
+
+>>> u = SparseBatch(["a"], {"a": np.array([7, 8, 9])}, {"a": unit_offsets(3)},
+...                 np.zeros(3, np.float32), np.zeros(3, np.int64))
+>>> is_unit(SparseBatch.concat([u, u]).offsets["a"]), is_unit(u.slice(1, 3).offsets["a"])
+(True, True)
+>>> SparseBatch.concat([u, b]).offsets["a"].tolist()
+[0, 1, 2, 3, 4, 6]
 """
 
 from __future__ import annotations
@@ -22,6 +34,29 @@ import torch
 
 if TYPE_CHECKING:  # imported where used: a serving process decodes batches without TorchRec
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+_UNITS: list[np.ndarray] = []  # read-only aranges, the longest last
+
+
+def unit_offsets(n: int) -> np.ndarray:
+    """The offsets of n rows of one id each, 0..n: a read-only view of a shared arange."""
+    if not _UNITS or len(_UNITS[-1]) < n + 1:
+        grown = np.arange(max(n + 1, 2 * len(_UNITS[-1]) if _UNITS else 1 << 16), dtype=np.int64)
+        grown.flags.writeable = False
+        _UNITS.append(grown)
+    return _UNITS[-1][: n + 1]
+
+
+def is_unit(offsets: np.ndarray) -> bool:
+    """Whether `offsets` came from unit_offsets (a prefix of a shared arange: one id a row)."""
+    base = offsets.base
+    return (
+        base is not None
+        and any(base is u for u in _UNITS)
+        and offsets.ctypes.data == base.ctypes.data
+        and offsets.strides == base.strides
+    )
 
 
 @dataclass
@@ -39,6 +74,9 @@ class SparseBatch:
         values, offsets = {}, {}
         for k in self.keys:
             off = self.offsets[k]
+            if is_unit(off):
+                values[k], offsets[k] = self.values[k][start:stop], unit_offsets(stop - start)
+                continue
             lo, hi = off[start], off[stop]
             values[k] = self.values[k][lo:hi]
             offsets[k] = off[start : stop + 1] - lo
@@ -52,6 +90,9 @@ class SparseBatch:
         values, offsets = {}, {}
         for k in self.keys:
             off = self.offsets[k]
+            if is_unit(off):
+                values[k], offsets[k] = self.values[k][idx], unit_offsets(len(idx))
+                continue
             lengths = (off[1:] - off[:-1])[idx]
             starts = off[:-1][idx]
             new_off = np.zeros(len(idx) + 1, np.int64)
@@ -70,6 +111,9 @@ class SparseBatch:
         values = {k: np.concatenate([b.values[k] for b in batches]) for k in keys}
         offsets = {}
         for k in keys:
+            if all(is_unit(b.offsets[k]) for b in batches):
+                offsets[k] = unit_offsets(len(values[k]))
+                continue
             parts, base = [np.zeros(1, np.int64)], 0
             for b in batches:
                 parts.append(b.offsets[k][1:] + base)
@@ -87,7 +131,7 @@ class SparseBatch:
     def empty(keys: list[str]) -> SparseBatch:
         z = np.zeros(0, np.int64)
         return SparseBatch(
-            list(keys), {k: z for k in keys}, {k: np.zeros(1, np.int64) for k in keys}, np.zeros(0, np.float32), z
+            list(keys), {k: z for k in keys}, dict.fromkeys(keys, unit_offsets(0)), np.zeros(0, np.float32), z
         )
 
     def to_kjt(self, keys: list[str] | None = None) -> KeyedJaggedTensor:

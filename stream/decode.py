@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dimstream.stream.batch import SparseBatch
+from dimstream.stream.batch import SparseBatch, unit_offsets
 from dimstream.stream.hashing import NULL_ID, field_salt, fnv1a_strings, hash_ids, splitmix64
 from dimstream.stream.schema import FieldSpec, Schema
 
@@ -437,5 +437,5 @@ class Decoder:
                 if f.kind == "numeric":
                     col = numeric_to_ids(col, f.numeric_transform)
                 values[f.name] = ids(col, f.name)
-                offsets[f.name] = np.arange(n + 1, dtype=np.int64)  # one id a row
+                offsets[f.name] = unit_offsets(n)  # one id a row
         return SparseBatch(s.feature_names, values, offsets, labels.astype(np.float32, copy=False), seconds)
