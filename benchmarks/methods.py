@@ -43,6 +43,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -212,7 +213,57 @@ def tiers_search(runner, batch, kappa: float, fields, knobs: dict) -> dict:
     }
 
 
-def run_once(dataset: str, shape: dict, method: str, kappa: float, seed: int, knobs: dict, log) -> dict:
+def run_order(names, methods, kappas, seeds):
+    """Seed by seed, the issue's kappa 0.25 first: a run stopped part-way (--stop-after) has
+    every method on the same rows already, so partial figures compare methods."""
+    kappas = sorted(kappas, key=lambda k: (k != 0.25, k))
+    return [(n, m, k, s) for s in range(seeds) for n in names for k in kappas for m in methods]
+
+
+def _available(name: str, log) -> bool:
+    if name == "ml-100k" and not (ARMS_BENCH.ML100K / "u.data").exists():
+        log(f"skipping ml-100k: {ARMS_BENCH.ML100K} not found")
+        return False
+    return True
+
+
+def _read_runs(path: Path | None, key: dict) -> dict:
+    """The runs of an earlier invocation with the same mode and precision, by (dataset,
+    method, kappa, seed); a truncated last line (a run killed while writing) is ignored."""
+    done = {}
+    if path is None or not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if all(row.get(k) == v for k, v in key.items()):
+            r = row["run"]
+            done[row["dataset"], r["method"], r["kappa"], r["seed"]] = r
+    return done
+
+
+def _append_run(path: Path, key: dict, run: dict) -> None:
+    """One write of one line with O_APPEND: two invocations (one per dataset) may share a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(key | {"run": run}, default=float) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _cpu() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def run_once(
+    dataset: str, shape: dict, method: str, kappa: float, seed: int, knobs: dict, log, precision: str = "fp32"
+) -> dict:
     slim_vs_uniform, tiers = SlimVsUniform(), None
     with tempfile.TemporaryDirectory() as d:
         cfg = RunConfig(
@@ -225,7 +276,7 @@ def run_once(dataset: str, shape: dict, method: str, kappa: float, seed: int, kn
             budget=kappa,
             **shape,
         )
-        cfg.model.seed = seed
+        cfg.model.seed, cfg.model.precision = seed, precision
         runner = daemon.Runner.from_config(cfg)
         if knobs:
             runner.search.method = registry.build(method, rows=cfg.search_rows, **knobs)
@@ -451,10 +502,16 @@ def main() -> None:
     ap.add_argument("--kappas", default=",".join(map(str, KAPPAS)))
     ap.add_argument("--seeds", type=int, default=None, help="default 1, 3 with --full")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS / "methods.json")
+    ap.add_argument("--out", type=Path, default=None, help="default methods.json, methods-full.json with --full")
+    ap.add_argument("--precision", default="fp32", help="the heads' precision (fp32: the same figures on every CPU)")
+    ap.add_argument("--runs", type=Path, default=None, help="runs done so far, one JSON a line; default with --full")
+    ap.add_argument("--stop-after", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     ap.add_argument("--table", action="store_true", help="only print the README's table from --out")
     args = ap.parse_args()
+    args.out = args.out or RESULTS / ("methods-full.json" if args.full else "methods.json")
+    if args.runs is None and args.full:  # hours of runs: spread over sessions, each resuming
+        args.runs = RESULTS / "methods-full-runs.jsonl"
     png = args.out.with_suffix(".png")
     if args.replot or args.table:
         done = json.loads(args.out.read_text())
@@ -483,6 +540,7 @@ def main() -> None:
             },
             "method_knobs_changed": knobs,
             "torch_threads": args.threads,
+            "precision": args.precision,
             "machine": platform.machine(),
             "python": platform.python_version(),
             "command": "python benchmarks/methods.py " + " ".join(sys.argv[1:]),
@@ -490,27 +548,38 @@ def main() -> None:
         "datasets": {},
     }
     t_all = time.perf_counter()
-    for name in args.datasets.split(","):
-        if name == "ml-100k" and not (ARMS_BENCH.ML100K / "u.data").exists():
-            log(f"skipping ml-100k: {ARMS_BENCH.ML100K} not found")
+    names = [n for n in args.datasets.split(",") if _available(n, log)]
+    key = {"mode": mode, "precision": args.precision}
+    done = _read_runs(args.runs, key)
+    if done:
+        log(f"{len(done)} runs already in {args.runs}: not run again")
+    for name, m, k, s in run_order(names, methods, kappas, seeds):
+        if (name, m, k, s) in done:
             continue
+        if args.stop_after and time.perf_counter() - t_all > args.stop_after:
+            log(f"--stop-after {args.stop_after:.0f}s: stopping; run it again to go on")
+            break
+        done[name, m, k, s] = run_once(name, shapes[name], m, k, s, knobs.get(m, {}), log, args.precision)
+        if args.runs:
+            _append_run(args.runs, key | {"dataset": name, "machine_cpu": _cpu()}, done[name, m, k, s])
+    for name in names:
         runs = {
-            m: {
-                str(k): [run_once(name, shapes[name], m, k, s, knobs.get(m, {}), log) for s in range(seeds)]
-                for k in kappas
-            }
+            m: {str(k): [done[name, m, k, s] for s in range(seeds) if (name, m, k, s) in done] for k in kappas}
             for m in methods
         }
+        missing = sum(seeds - len(rs) for by in runs.values() for rs in by.values())
+        if missing:
+            result.setdefault("incomplete", {})[name] = f"{missing} of {len(methods) * len(kappas) * seeds} runs to go"
+            continue
         result["datasets"][name] = {
             "aggregate": {m: {k: aggregate(rs) for k, rs in by.items()} for m, by in runs.items()},
             "runs": runs,
         }
-        args.out.write_text(json.dumps(result, indent=1, default=float))  # what is done so far
-        log(f"{name} done at {time.perf_counter() - t_all:.0f}s")
     result["setup"]["seconds"] = time.perf_counter() - t_all
     args.out.write_text(json.dumps(result, indent=1, default=float))
-    plot(result, png)
-    log(f"wrote {args.out} and {png} in {result['setup']['seconds']:.0f}s")
+    if result["datasets"]:
+        plot(result, png)
+    log(f"wrote {args.out} and {png} in {result['setup']['seconds']:.0f}s; to go: {result.get('incomplete', 'none')}")
 
 
 if __name__ == "__main__":

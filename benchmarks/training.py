@@ -93,7 +93,7 @@ CRITEO_FIELDS = tuple(
 
 
 def criteo_source(**kw) -> SyntheticSource:
-    return SyntheticSource(seed=0, rows_per_window=ROWS, fields=CRITEO_FIELDS, **kw)
+    return SyntheticSource(seed=0, **{"rows_per_window": ROWS} | kw, fields=CRITEO_FIELDS)
 
 
 def bench_decode(src: SyntheticSource) -> float:
@@ -372,7 +372,7 @@ def _step(arm, kjt, y):
     arm.dense_optimizer.step()
 
 
-def bench_loop() -> dict:
+def bench_loop(rows_per_window: int = ROWS) -> dict:
     with tempfile.TemporaryDirectory() as state:
         cfg = RunConfig(
             arms=("control",),
@@ -380,11 +380,11 @@ def bench_loop() -> dict:
             state_dir=Path(state),
             metrics_addr="127.0.0.1:0",
             progress=False,
-            rows_per_window=ROWS,
+            rows_per_window=rows_per_window,
             control_dim=DIM,
             model=ModelConfig("deepfm", batch_size=BATCH),
         )
-        source = criteo_source()
+        source = criteo_source(rows_per_window=rows_per_window)
         arm = make_arm(ArmSpec("control", {f: DIM for f in source.schema.feature_names}), source.schema, cfg.model)
         runner = Runner(cfg, source, [arm])
         t0 = time.perf_counter()
