@@ -22,6 +22,9 @@ concatenating them allocates nothing.
 (True, True)
 >>> SparseBatch.concat([u, b]).offsets["a"].tolist()
 [0, 1, 2, 3, 4, 6]
+>>> t = u.take(np.array([True, False, True]))
+>>> t.values["a"].tolist(), t.offsets["a"].tolist(), is_unit(t.offsets["a"])
+([7, 9], [0, 1, 2], True)
 """
 
 from __future__ import annotations
