@@ -53,13 +53,13 @@ def unit_offsets(n: int) -> np.ndarray:
 
 def is_unit(offsets: np.ndarray) -> bool:
     """Whether `offsets` came from unit_offsets (a prefix of a shared arange: one id a row)."""
-    base = offsets.base
-    return (
-        base is not None
-        and any(base is u for u in _UNITS)
-        and offsets.ctypes.data == base.ctypes.data
-        and offsets.strides == base.strides
-    )
+    base = offsets.base  # numpy points a view of a view at the array that owns the memory
+    # a contiguous view of an arange that begins with 0 begins where the arange does
+    return base is not None and any(base is u for u in _UNITS) and offsets.strides == (8,) and int(offsets[0]) == 0
+
+
+def _lengths(offsets: np.ndarray) -> np.ndarray:
+    return np.ones(len(offsets) - 1, np.int64) if is_unit(offsets) else np.diff(offsets)
 
 
 @dataclass
@@ -143,7 +143,7 @@ class SparseBatch:
 
         keys = self.keys if keys is None else keys
         values = np.concatenate([self.values[k] for k in keys]) if keys else np.zeros(0, np.int64)
-        lengths = np.concatenate([np.diff(self.offsets[k]) for k in keys]) if keys else np.zeros(0, np.int64)
+        lengths = np.concatenate([_lengths(self.offsets[k]) for k in keys]) if keys else np.zeros(0, np.int64)
         return KeyedJaggedTensor.from_lengths_sync(
             keys=list(keys), values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
         )

@@ -337,8 +337,9 @@ class Decoder:
 
     def _check_columns(self, table: pa.Table) -> tuple[str, str] | None:
         s = self.schema
+        names = set(table.column_names)  # once: the property builds a new list at every call
         for col in [s.label, s.event_time] + [f.source_column for f in s.fields]:
-            if col not in table.column_names:
+            if col not in names:
                 return "missing_column", f"column {col!r} is missing"
         lt = table.schema.field(s.label).type
         if not (_is_number(lt) or pa.types.is_boolean(lt) or _is_bytes(lt)):
