@@ -90,6 +90,7 @@ class DaemonSearch:
             else None
         )
         self.check = None  # this window's averaged field check, for its search
+        self._owed = False  # a due search a window had too few rows for (`_enough_rows`)
         self.supernet = None  # --search adass: the supernet trained on every window (lazily built)
         self.counts, self.owners = _resumed_counts(runner) if getattr(cfg, "tiers", 1) > 1 else (None, {})
 
@@ -145,7 +146,7 @@ class DaemonSearch:
         the supernet trains test-then-train on the window around it (`_supernet_window`)."""
         self.count_window(window.batch)
         self._take_pending_plan(record)
-        due = self._due(record.index) and len(window.batch) > 0
+        due = self._enough_rows(self._owed or self._due(record.index), window.batch, record)
         if self._supernet_mode():
             self._supernet_window(window.batch, record, due)
         elif due:
@@ -255,12 +256,27 @@ class DaemonSearch:
         return source
 
     def state_dict(self) -> dict:
-        return self.policy.state_dict()
+        return self.policy.state_dict() | {"search_owed": self._owed}
 
     def load_state_dict(self, state: dict | None) -> None:
         self.policy.load_state_dict(state)
+        self._owed = bool((state or {}).get("search_owed", False))
 
     # --- parts ---
+    def _enough_rows(self, due: bool, batch, record) -> bool:
+        """A due search on a window with fewer rows than the method takes (an empty window, a
+        quiet day) is owed to the next window that has them, and the record says so."""
+        if not due or len(batch) >= self.method.min_rows:
+            self._owed = False
+            return due
+        self._owed = True
+        record.search_skipped = (
+            f"{len(batch)} rows in the window, {self.method.name} needs at least {self.method.min_rows}: "
+            "it runs at the next window that has them"
+        )
+        log.info("window %d: search skipped: %s", record.index, record.search_skipped)
+        return False
+
     def _due(self, index: int) -> bool:
         cfg = self.runner.cfg
         if self.method is None or cfg.search_every <= 0 or index < cfg.search_warmup:

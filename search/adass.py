@@ -282,6 +282,7 @@ class AdaSS(SearchMethod):
 
     name = "adass"
     min_score = MIN_SCORE
+    min_rows = 2  # adass_search: the supernet's rows and the reward's held-out ones
 
     def __init__(
         self,

@@ -361,6 +361,7 @@ class AutoSrh(SearchMethod):
     window), not only the searched sample."""
 
     name = "autosrh"
+    min_rows = 2  # training rows for the weights, held-out ones for alpha (eq. 12 / 13)
 
     def __init__(
         self,

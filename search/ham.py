@@ -327,6 +327,7 @@ class HAM(SearchMethod):
 
     name = "ham"
     min_score = MIN_SCORE
+    min_rows = 2  # split_holdout: training rows for the weights, held-out ones for alpha
 
     def __init__(self, val_fraction: float = 0.2, **knobs):
         unknown = set(knobs) - self.knobs()

@@ -36,10 +36,14 @@ class SearchMethod(ABC):
     min_score: the allocation rule's floor for this method's column scores (search/budget.py
         rule 3): HAM's alpha must be > 0; None for saliencies, which are all >= 0. The daemon's
         moving-average allocation (search/policy.py) applies the same floor.
+    min_rows: the fewest rows `run` takes (methods that hold rows out for their masks: 2, one
+        to train on and one held out). The daemon skips a due search on a window with fewer
+        and runs it at the next window that has them (a day of a small table may hold 1 row).
     """
 
     name: ClassVar[str]
     min_score: ClassVar[float | None] = None
+    min_rows: ClassVar[int] = 1
     default: ClassVar[bool] = False  # the method `dimstream search` runs when none is named
 
     @classmethod
