@@ -8,7 +8,10 @@ Criteo shape: 26 categorical + 13 numeric fields, embedding dim 16, batch 2048. 
   - loop rows/s: the daemon's window loop (decode, test-then-train, dead letters,
     checkpoint, summary and plot) over the same stream, counting every second it spends
     except the source's own time generating rows (a broker's job in production; see
-    benchmarks/kafka_ingest.py for ingest),
+    benchmarks/kafka_ingest.py for ingest), at 250k-row windows and again at 2M-row ones
+    (an hour of Criteo-scale traffic, where a window's own costs are amortised as in production),
+  - the machine's GEMM rate in fp32 and bf16 (one CPU model runs at different speeds from one
+    session to the next),
   - levers (issue 15), each measured on and off, interleaved, REPS repetitions, median
     [min-max] rows/s of the bare step: bf16 autocast of the dense part; the concatenated
     embedding output fed to the head as it is (against the per-field split re-concatenated);
@@ -19,7 +22,8 @@ Criteo shape: 26 categorical + 13 numeric fields, embedding dim 16, batch 2048. 
 Writes benchmarks/results/training.json.  Run: .venv/bin/python benchmarks/training.py
 (`--profile-only`: refresh only its `profile`, the top ops of a bare step per precision;
 `--headline-only`: only decode, bare and loop, for a run whose first minutes met a load spike;
-`--deepfm-levers-only`: only the dense DeepFM levers)
+`--deepfm-levers-only`: only the dense DeepFM levers; `--out PATH`: write there instead, e.g.
+another machine's figures beside training.json)
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ from dimstream.stream.decode import Decoder
 from dimstream.stream.synthetic import SyntheticField, SyntheticSource
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 # An hour of Criteo-scale traffic is ~2M rows; 250k-row windows keep the run short while
 # per-window bookkeeping (checkpoint, summary) is amortised as it would be in production.
 BATCH, DIM, ROWS, WINDOWS = 2048, 16, 250_000, 3
+HOUR_ROWS = 2_000_000  # the loop again at windows of an hour of that traffic
 LEVER_ROWS, REPS = 100_000, 3  # rows per lever measurement (one pass), repetitions
 CRITEO_FIELDS = tuple(
     [
@@ -171,6 +177,21 @@ def bench_mlp_alone(src: SyntheticSource, precision: str = "fp32", rows: int = 4
     for x, y in batches:
         step(x, y)
     return rows / (time.perf_counter() - t0)
+
+
+def bench_gemm(reps: int = 50) -> dict:
+    """This machine's GEMM rate (GFLOP/s) at the MLP's first layer (2048 x 624 x 256) and at
+    4096^3, fp32 and bf16: the speed of the same CPU model differs between sessions."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for m, k, n in ((BATCH, 624, 256), (4096, 4096, 4096)):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a @ b
+            t0 = time.perf_counter()
+            for _ in range(reps if m == BATCH else 3):
+                a @ b
+            out[f"{name}_{m}x{k}x{n}"] = 2 * m * k * n * (reps if m == BATCH else 3) / (time.perf_counter() - t0) / 1e9
+    return out
 
 
 @contextmanager
@@ -429,14 +450,15 @@ def bench_profile(src: SyntheticSource, steps: int = 10, top: int = 12) -> dict:
 
 
 def main() -> None:
-    out = ROOT / "benchmarks" / "results" / "training.json"
+    # --out PATH: another machine's figures beside training.json (the README names each CPU)
+    out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else RESULTS / "training.json"
     torch.manual_seed(0)
     src = criteo_source()
     if "--profile-only" in sys.argv:  # refresh the profile alone, keep the other figures
         _update(out, {"profile": bench_profile(src) | {"load_average_at_start": _load()}})
         return
     if "--headline-only" in sys.argv:  # refresh decode, bare and loop alone (a run disturbed by load)
-        _update(out, _headline(src))
+        _update(out, _headline(src), create=True)
         return
     if "--deepfm-levers-only" in sys.argv:  # refresh the dense DeepFM levers alone
         levers = json.loads(out.read_text())["levers"]
@@ -478,7 +500,9 @@ def _headline(src: SyntheticSource) -> dict:
     alone = {p: bench_mlp_alone(src, p) for p in by_precision}
     loop = bench_loop()
     overhead = bare / loop["rows_per_s"] - 1
+    hour = bench_loop(HOUR_ROWS)  # the per-window costs (checkpoint, summary) as an hour amortises them
     return {
+        "gemm_gflops": bench_gemm(),
         "decode_rows_per_s": decode,
         "bare_train_rows_per_s": bare,
         "bare_precision": default,
@@ -490,6 +514,9 @@ def _headline(src: SyntheticSource) -> dict:
         "loop_rows_per_s": loop["rows_per_s"],
         "loop": loop,
         "loop_overhead_vs_bare": overhead,
+        "loop_hour_windows_rows_per_s": hour["rows_per_s"],
+        "loop_hour_windows": hour,
+        "loop_hour_windows_overhead_vs_bare": bare / hour["rows_per_s"] - 1,
         "decode_over_train": decode / bare,
         "headline_load_average_at_start": load,
         "headline_machine": {"cpu": _cpu_model(), "cpu_bf16": cpu_has_bf16(), "torch_threads": torch.get_num_threads()},
@@ -501,9 +528,9 @@ def _headline(src: SyntheticSource) -> dict:
     }
 
 
-def _update(out: Path, fields: dict) -> None:
+def _update(out: Path, fields: dict, create: bool = False) -> None:
     """Replace `fields` in the saved result, keep the rest (a partial rerun)."""
-    result = json.loads(out.read_text()) | fields
+    result = (json.loads(out.read_text()) if out.exists() or not create else {}) | fields
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in fields.items() if not isinstance(v, dict)} or fields, indent=1))
 
