@@ -253,6 +253,28 @@ def _append_run(path: Path, key: dict, run: dict) -> None:
         os.close(fd)
 
 
+def done_table(done: dict) -> str:
+    """The runs finished so far, one a row, by data, kappa and method (a frontier still being run)."""
+    rows = [
+        "| data | kappa | method | seed | slim | uniform | control | slim - uniform [95% CI] | search s (x window) "
+        "| noise 0, Spearman |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (name, m, k, s), r in sorted(
+        done.items(), key=lambda kv: (kv[0][0], kv[0][2], order.get(kv[0][1], 9), kv[0][3])
+    ):
+        a, d, t = r["arms"], r["slim_vs_uniform"], r.get("truth")
+        sr = r["search"]
+        rows.append(
+            f"| {name} | {k} | {m} | {s} | {a['slim']['auc']:.4f} | {a['uniform']['auc']:.4f} | "
+            f"{a['control']['auc']:.4f} | {d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | "
+            f"{sr['seconds_median']:.2f} ({sr['share_of_window_training_median']:.1f}x) | "
+            + (f"{t['noise_pruned']}/{t['noise_fields']}, {t['spearman_rank_dim']:.2f} |" if t else "- |")
+        )
+    return "\n".join(rows)
+
+
 def _cpu() -> str | None:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -508,11 +530,17 @@ def main() -> None:
     ap.add_argument("--stop-after", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     ap.add_argument("--table", action="store_true", help="only print the README's table from --out")
+    ap.add_argument("--done", action="store_true", help="only print the runs finished so far (--runs), one a row")
     args = ap.parse_args()
     args.out = args.out or RESULTS / ("methods-full.json" if args.full else "methods.json")
     if args.runs is None and args.full:  # hours of runs: spread over sessions, each resuming
         args.runs = RESULTS / "methods-full-runs.jsonl"
     png = args.out.with_suffix(".png")
+    if args.done:
+        print(
+            done_table(_read_runs(args.runs, {"mode": "full" if args.full else "quick", "precision": args.precision}))
+        )
+        return
     if args.replot or args.table:
         done = json.loads(args.out.read_text())
         plot(done, png) if args.replot else print(markdown_table(done))
