@@ -82,6 +82,7 @@ def _load(name: str):
 
 ARMS_BENCH = _load("arms")
 SEARCH_BENCH = _load("search")
+TRAINING_BENCH = _load("training")
 ARMS = ARMS_BENCH.ARMS  # control, slim, uniform
 
 
@@ -273,14 +274,6 @@ def done_table(done: dict) -> str:
             + (f"{t['noise_pruned']}/{t['noise_fields']}, {t['spearman_rank_dim']:.2f} |" if t else "- |")
         )
     return "\n".join(rows)
-
-
-def _cpu() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return None
 
 
 def run_once(
@@ -589,7 +582,8 @@ def main() -> None:
             break
         done[name, m, k, s] = run_once(name, shapes[name], m, k, s, knobs.get(m, {}), log, args.precision)
         if args.runs:
-            _append_run(args.runs, key | {"dataset": name, "machine_cpu": _cpu()}, done[name, m, k, s])
+            where = {"dataset": name, "machine_cpu": TRAINING_BENCH._cpu_model()}
+            _append_run(args.runs, key | where, done[name, m, k, s])
     for name in names:
         runs = {
             m: {str(k): [done[name, m, k, s] for s in range(seeds) if (name, m, k, s) in done] for k in kappas}
