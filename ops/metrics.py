@@ -104,6 +104,12 @@ class Metrics:
             ["method"],
             registry=r,
         )
+        self.search_failures = Counter(
+            "dimstream_search_failures_total",
+            "Dimension searches that raised: the arms stay as they were, training goes on",
+            ["method"],
+            registry=r,
+        )
         self.field_check_keep = Gauge(
             "dimstream_field_check_keep",
             "Last held-out field check: 1 if the field's removal raised held-out loss, else 0",

@@ -15,7 +15,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-_OPTIONAL = ("bayes_auc", "search", "search_skipped", "reallocation", "field_check", "plan_rejected", "supernet")
+_OPTIONAL = (
+    "bayes_auc",
+    "search",
+    "search_skipped",
+    "search_failed",
+    "reallocation",
+    "field_check",
+    "plan_rejected",
+    "supernet",
+)
 
 
 @dataclass
@@ -30,7 +39,8 @@ class WindowRecord:
     arms: dict[str, dict] = field(default_factory=dict)  # per arm: window_metrics + params, dims, rows/s
     bayes_auc: float | None = None  # synthetic stream: the AUC of the true probabilities
     search: dict | None = None  # the search run at this window's close
-    search_skipped: str | None = None  # why a due search did not run (too few rows)
+    search_skipped: str | None = None  # why a due search did not run (SearchMethod.unfit)
+    search_failed: str | None = None  # the error of a search that raised (training went on)
     reallocation: dict | None = None  # the re-shape of the slim arm it (or a plan) caused
     field_check: dict | None = None
     plan_rejected: str | None = None

@@ -200,10 +200,9 @@ def cmd_search(args) -> int:
         # supernet_file: the daemon's AdaS&S supernet, for the method that takes it
         knobs = {"noise_floor": opts.noise_floor} | ({"tiers": opts.tiers} if opts.tiers > 1 else {})
         method = registry.build(name, rows=args.rows, supernet_file=state / SUPERNET_FILE, **knobs)
-        if len(batch) < method.min_rows:
+        if (why := method.unfit(batch)) is not None:
             raise ConfigError(
-                f"the recent rows of {state} hold {len(batch)} rows, {name} needs at least {method.min_rows}: "
-                "run it again after a window with more"
+                f"the recent rows of {state} cannot be searched: {why}; run it again after another window"
             )
         counted = "recent rows"
         if opts.tiers > 1:

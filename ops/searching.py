@@ -170,7 +170,11 @@ class DaemonSearch:
         if self.counts is not None and hasattr(self.method, "counts"):
             self.method.counts = self.counts.counts()
         budget = Budget("params", kappa=self.runner.cfg.budget, fill=self.runner.cfg.budget_fill)
-        result = self.method.run(control, batch, budget, field_check=self.check)
+        try:
+            result = self.method.run(control, batch, budget, field_check=self.check)
+        except Exception as e:  # noqa: BLE001 -- one failed search must not stop training (and every restart)
+            self._failed(record, e)
+            return
         self._observe(result.method, result.duration_seconds)
         record.search = {
             "method": result.method,
@@ -264,18 +268,26 @@ class DaemonSearch:
 
     # --- parts ---
     def _enough_rows(self, due: bool, batch, record) -> bool:
-        """A due search on a window with fewer rows than the method takes (an empty window, a
-        quiet day) is owed to the next window that has them, and the record says so."""
-        if not due or len(batch) >= self.method.min_rows:
+        """A due search on a window the method cannot search (too few rows: an empty window, a
+        quiet day; held-out rows of one class) is owed to the next window it can, and the record
+        says why (SearchMethod.unfit)."""
+        why = self.method.unfit(batch) if due else None
+        if why is None:
             self._owed = False
             return due
         self._owed = True
-        record.search_skipped = (
-            f"{len(batch)} rows in the window, {self.method.name} needs at least {self.method.min_rows}: "
-            "it runs at the next window that has them"
-        )
+        record.search_skipped = f"{why} in the window: it runs at the next window that can be searched"
         log.info("window %d: search skipped: %s", record.index, record.search_skipped)
         return False
+
+    def _failed(self, record, error: Exception) -> None:
+        """A search that raised: the window's record and the log say why (with the traceback),
+        `dimstream_search_failures_total` counts it, and its last-success alert keeps watch; the
+        arms stay as they were and the next due search runs as planned."""
+        name = self.method.name
+        record.search_failed = f"{type(error).__name__}: {error}"
+        self.runner.metrics.search_failures.labels(name).inc()
+        log.error("window %d: the %s search failed; the arms stay as they were", record.index, name, exc_info=error)
 
     def _due(self, index: int) -> bool:
         cfg = self.runner.cfg

@@ -177,6 +177,25 @@ def subnet_evaluator(supernet: Supernet, val: SparseBatch, batch_size: int = 819
     return evaluate
 
 
+def search_rows(rows: SparseBatch, sample: int | None, val_fraction: float, eval_rows: int | None):
+    """(train, held): of the most recent `sample` rows, the last `val_fraction` are held out
+    for the reward (their last `eval_rows` scored), the others bootstrap a supernet if needed."""
+    rows = sample_recent(rows, sample)
+    if len(rows) < 2:
+        raise ValueError("AdaS&S needs at least two rows")
+    train, val = split_holdout(rows, val_fraction)
+    return train, sample_recent(val, eval_rows)
+
+
+def one_class(held: SparseBatch) -> str | None:
+    """The reward (validation AUC, section 3.2) is undefined on held-out rows of one class: NaN
+    rewards would make P NaN (torch.multinomial then raises). Why, or None."""
+    labels = np.unique(held.labels)
+    if len(labels) > 1:
+        return None
+    return f"its {len(held)} held-out rows are all of label {int(labels[0])}, so the reward (their AUC) is undefined"
+
+
 def bootstrap_supernet(control, train: SparseBatch) -> Supernet:
     """A supernet when none was trained on the stream (e.g. `dimstream search` on a state dir of
     another method): max-tables copied from the control (of uniform width, it is one), then one
@@ -219,15 +238,13 @@ def adass_search(
     t0 = time.perf_counter()
     budget = budget or Budget()
     m = ctr_model(control)
-    rows = sample_recent(rows, sample)
-    if len(rows) < 2:
-        raise ValueError("AdaS&S needs at least two rows")
-    train, val = split_holdout(rows, val_fraction)
+    train, held = search_rows(rows, sample, val_fraction, eval_rows)
+    if (why := one_class(held)) is not None:
+        raise ValueError(f"AdaS&S cannot search: {why}")
     source = "stream"
     if supernet is None:
         supernet, source = bootstrap_supernet(control, train), "bootstrapped from the control"
     _check_compatible(supernet, m)
-    held = sample_recent(val, eval_rows)
     limit = budget.limit(m.dims, m.num_embeddings)
     sizes = supernet.sizes
     uniform = round(budget.kappa * supernet.max_dim / 4) if budget.kind == "params" else 1
@@ -309,6 +326,12 @@ class AdaSS(SearchMethod):
         supernet on these only after the search)."""
         k = min(n, self.rows) if self.rows is not None else n
         return max(1, int(round(k * self.val_fraction))) if k else 0
+
+    def unfit(self, rows: SparseBatch) -> str | None:
+        """Too few rows, or held-out rows of one class (`one_class`: a quiet day of a small table)."""
+        if (why := super().unfit(rows)) is not None:
+            return why
+        return one_class(search_rows(rows, self.rows, self.val_fraction, self.eval_rows)[1])
 
     def _supernet(self) -> Supernet | None:
         if self.supernet is None and self.supernet_file is not None and self.supernet_file.exists():

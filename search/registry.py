@@ -37,8 +37,7 @@ class SearchMethod(ABC):
         rule 3): HAM's alpha must be > 0; None for saliencies, which are all >= 0. The daemon's
         moving-average allocation (search/policy.py) applies the same floor.
     min_rows: the fewest rows `run` takes (methods that hold rows out for their masks: 2, one
-        to train on and one held out). The daemon skips a due search on a window with fewer
-        and runs it at the next window that has them (a day of a small table may hold 1 row).
+        to train on and one held out); `unfit` says why rows cannot be searched on.
     """
 
     name: ClassVar[str]
@@ -51,6 +50,15 @@ class SearchMethod(ABC):
         """The keywords the constructor takes (a method forwarding **knobs lists those too)."""
         params = inspect.signature(cls.__init__).parameters.values()
         return {p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
+
+    def unfit(self, rows: SparseBatch) -> str | None:
+        """Why `run` cannot search on `rows` (most recent last), or None. By default: fewer than
+        `min_rows` of them; a method whose score is undefined on some rows says so too. The
+        daemon owes a due search on unfit rows to the next window that is fit (a day of a small
+        table may hold 1 row); `dimstream search` exits 2 with the reason."""
+        if len(rows) < self.min_rows:
+            return f"{len(rows)} rows, {self.name} needs at least {self.min_rows}"
+        return None
 
     @abstractmethod
     def run(self, control, rows: SparseBatch, budget: Budget, *, field_check: FieldCheck | None = None) -> SearchResult:

@@ -225,3 +225,76 @@ def test_the_daemon_and_the_cron_job_search_with_adass(tmp_path, monkeypatch):
 
 
 assert CLI  # imported with RUN for the daemon test
+
+
+def _one_class_window(runner, n=512):
+    """A window whose rows are all of label 0 (a quiet day of a small table), the control
+    trained on them."""
+    from types import SimpleNamespace
+
+    batch = _rows(n)
+    batch = batch.take(batch.labels == 0)
+    for s in range(0, len(batch), 64):
+        runner.arm("control").train_step(batch.slice(s, min(s + 64, len(batch))))
+    return SimpleNamespace(batch=batch)
+
+
+def test_held_out_rows_of_one_class_are_said_and_the_daemon_owes_the_search(trained, tmp_path):
+    """The reward is the held-out rows' AUC, undefined when they hold one class: the rewards
+    were NaN, P became NaN and torch.multinomial raised, which killed the daemon (seen on
+    ml-100k in the frontier) and again on every restart. Now the search says why at once, and
+    the daemon owes a due search to the next window it can search."""
+    from dimstream.ops.searching import DaemonSearch
+    from tests.test_search_daemon import _Runner
+
+    control, net, rows = trained
+    zeros = rows.take(rows.labels == 0)
+    with pytest.raises(ValueError, match=r"held-out rows are all of label 0, so the reward \(their AUC\)"):
+        adass_search(control, zeros, Budget("params", 0.25), supernet=net, steps=2)
+    method = registry.build("adass")
+    assert "all of label 0" in method.unfit(zeros) and method.unfit(rows) is None
+    assert method.unfit(rows.slice(0, 1)) == "1 rows, adass needs at least 2"
+
+    runner = _Runner(tmp_path, search="adass", search_every=1, realloc_min_gain=0.0)
+    search = DaemonSearch(runner)
+    search.method.rl["steps"] = 5
+    record = _record(0)
+    search.after_training(_one_class_window(runner), record)
+    assert record.search is None and record.search_failed is None and search._owed
+    assert record.search_skipped.endswith("in the window: it runs at the next window that can be searched")
+    assert record.supernet["rows"] > 0  # the supernet still trained on the window
+    record = _record(1)
+    search.after_training(_window(runner, seed=1), record)
+    assert record.search["method"] == "adass" and record.search_skipped is None and not search._owed
+
+
+def test_a_search_that_raises_is_recorded_and_counted_and_the_arms_stay(tmp_path, monkeypatch):
+    """Whatever a search raises, training goes on: one failed hourly search must not stop the
+    daemon (and every restart). The record and the log say why, a counter moves, and the next
+    due search runs again."""
+    from dimstream.ops.searching import DaemonSearch
+    from dimstream.search.registry import METHODS, SearchMethod
+    from tests.test_search_daemon import _Runner
+
+    class Broken(SearchMethod):
+        name = "broken"
+        calls = 0
+
+        def __init__(self, rows: int | None = None):
+            pass
+
+        def run(self, control, rows, budget, *, field_check=None):
+            Broken.calls += 1
+            raise RuntimeError("invalid multinomial distribution")
+
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    runner = _Runner(tmp_path, search="broken", search_every=1)
+    search = DaemonSearch(runner)
+    before = {n: dict(runner.arm(n).spec.dims) for n in ("control", "slim")}
+    for i in range(2):
+        record = _record(i)
+        search.after_training(_window(runner, seed=i), record)
+        assert record.search_failed == "RuntimeError: invalid multinomial distribution" and record.search is None
+        assert "search_failed" in record.to_dict() and record.reallocation is None
+    assert Broken.calls == 2 and runner.metrics.search_failures.labels("broken")._value.get() == 2
+    assert {n: runner.arm(n).spec.dims for n in ("control", "slim")} == before

@@ -63,9 +63,9 @@ def test_a_due_search_on_a_day_of_one_row_waits_for_the_next_day(tmp_path, capsy
 
     windows = run(46)  # stops after day 45
     assert len(windows) == 46 and windows[45]["rows"] == 1 and "search" not in windows[45]
-    assert windows[45]["search_skipped"].startswith("1 rows in the window, ham needs at least 2")
+    assert windows[45]["search_skipped"].startswith("1 rows, ham needs at least 2 in the window")
     assert main(["search", "--state-dir", str(tmp_path), "--method", "ham"]) == 2
-    assert "hold 1 rows, ham needs at least 2" in capsys.readouterr().err
+    assert "cannot be searched: 1 rows, ham needs at least 2" in capsys.readouterr().err
     windows = run(47)  # resumed: the owed search runs on day 46
     assert windows[46]["search"]["method"] == "ham" and "search_skipped" not in windows[46]
     assert not any("search" in w for w in windows[:46])
