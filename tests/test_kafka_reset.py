@@ -263,3 +263,65 @@ def test_heartbeats_while_the_group_rebalances_do_not_count_as_idle(broker):
         if other is not None:
             other.close()
         src.close()
+
+
+def test_a_rejoin_whose_join_finished_between_polls_still_completes(broker):
+    """kafka-python 3.0 lost such a rebalance (stream/kafka/rejoin.py): need_rejoin compares
+    state that the join task itself updates (the assignment snapshot in the leader's assignment
+    step, the joined subscription when the JoinGroup is built), so a join that finished while no
+    poll waited left need_rejoin False and was never completed: no partitions, nothing read, for
+    good (the test above, about once in ten runs at 20 ms polls, via the snapshot). A
+    subscription change makes the same race deterministic; with the sticky rejoin the next polls
+    finish the join: both topics are assigned and a new message is read."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+    from dimstream.ops.replay import ensure_topic
+    from dimstream.stream.kafka import rejoin
+
+    assigned = []
+
+    class Count(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked):
+            pass
+
+        def on_partitions_assigned(self, partitions):
+            assigned.append(sorted(tp.topic for tp in partitions))
+
+    ensure_topic(broker.bootstrap, "one", 1)
+    ensure_topic(broker.bootstrap, "two", 1)
+    c = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap,
+        group_id="g",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
+    try:
+        assert rejoin.install(c)
+        c.subscribe(["one"], listener=Count())
+        deadline = time.time() + 30
+        while not assigned:
+            assert time.time() < deadline, "never assigned"
+            c.poll(timeout_ms=200)
+        c.subscribe(["one", "two"], listener=Count())
+        co = c._coordinator
+        while co._join_task is None or co._join_task.is_done:  # short polls until the join is out
+            assert time.time() < deadline, "no rejoin after the subscription changed"
+            c.poll(timeout_ms=1)
+        while not co._join_task.is_done:  # ... and it finishes with no poll waiting for it
+            assert time.time() < deadline, "the join never finished"
+            time.sleep(0.05)
+        assert co.need_rejoin()  # kafka-python alone: False here, and the join is never completed
+        p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        p.send("two", b"after", partition=0)
+        p.flush()
+        p.close()
+        got, deadline = [], time.time() + 30
+        while not got:
+            assert time.time() < deadline, f"assignments {assigned}: the rejoin never completed"
+            got = [m.value for ms in c.poll(timeout_ms=500).values() for m in ms]
+        assert assigned == [["one"], ["one", "two"]] and got == [b"after"]
+    finally:
+        c.close()

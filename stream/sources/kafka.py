@@ -638,9 +638,11 @@ class KafkaSource(LiveSource):
             try:
                 if self._consumer is None:
                     self._connect()
-                    from dimstream.stream.kafka.bulk import install
+                    from dimstream.stream.kafka import bulk, rejoin
 
-                    install(self._consumer)  # record batches unpacked in bulk (stream/kafka/bulk.py)
+                    bulk.install(self._consumer)  # record batches unpacked in bulk (stream/kafka/bulk.py)
+                    if self.assignment is None:
+                        rejoin.install(self._consumer)  # a rebalance kafka-python can lose (stream/kafka/rejoin.py)
                 elif self.assignment is not None:
                     self._assign_ranks()
                 if self.assignment is not None and not self._consumer.assignment():
