@@ -143,6 +143,8 @@ def verdict(summary: dict) -> dict:
         "model": summary.get("model"),
         "arms": {a: _arm_verdict(a, half, control_params) for a in names},
     }
+    if searches := search_counts(summary.get("windows", [])):
+        out["searches"] = searches
     searched = "slim" if "slim" in half[-1]["arms"] else None
     if searched:
         dims = half[-1]["arms"][searched]["dims"]
@@ -151,6 +153,24 @@ def verdict(summary: dict) -> dict:
         if rank:
             out["truth"] = truth_agreement(dims, rank)
     return out
+
+
+def search_counts(windows: list[dict]) -> dict | None:
+    """Over the whole stream: searches run, skipped (owed to a later window) and failed, with
+    the last failure's error; None when no search was ever due.
+
+    >>> search_counts([{"search": {}}, {"search_skipped": "1 rows"}, {"search_failed": "ValueError: x"}, {}])
+    {'run': 1, 'skipped': 1, 'failed': 1, 'last_failure': 'ValueError: x'}
+    """
+    failed = [w["search_failed"] for w in windows if w.get("search_failed")]
+    counts = {
+        "run": sum("search" in w for w in windows),
+        "skipped": sum(bool(w.get("search_skipped")) for w in windows),
+        "failed": len(failed),
+    }
+    if not any(counts.values()):
+        return None
+    return counts | ({"last_failure": failed[-1]} if failed else {})
 
 
 def _call(diff: dict) -> str:
@@ -186,6 +206,12 @@ def format_verdict(v: dict) -> str:
         widest = ", ".join(f"{f} {d}" for f, d in al["widest"])
         pruned = ", ".join(al["pruned"]) or "none"
         lines.append(f"slim allocation: widest {widest}; pruned {len(al['pruned'])} of {al['fields']}: {pruned}")
+    if "searches" in v:
+        c = v["searches"]
+        failure = f" (last: {c['last_failure']})" if c["failed"] else ""
+        lines.append(
+            f"searches: {c['run']} run, {c['skipped']} skipped (owed to a later window), {c['failed']} failed{failure}"
+        )
     if "truth" in v:
         t = v["truth"]
         kept = f" (kept {', '.join(t['noise_kept'])})" if t["noise_kept"] else ""

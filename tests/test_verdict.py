@@ -47,6 +47,25 @@ def test_the_verdict_pools_the_second_half_weighted_by_rows():
     assert "noise fields pruned 1 of 1" in text and "pruned 1 of 3: noise" in text
 
 
+def test_the_verdict_counts_searches_skipped_and_failed_over_the_whole_stream():
+    """A slim arm whose searches were skipped or failed may hold a stale allocation: the verdict
+    says so, with the last error, counting the first half too (a search is due there)."""
+    windows = [_window(i, 1000, 0.001, 0.001) for i in range(4)]
+    windows[0]["search"] = windows[3]["search"] = {"method": "adass"}
+    windows[1]["search_skipped"] = "its 3 held-out rows are all of label 0 ..."
+    windows[2]["search_failed"] = "RuntimeError: invalid multinomial distribution"
+    v = verdict({"windows": windows})
+    assert v["searches"] == {
+        "run": 2,
+        "skipped": 1,
+        "failed": 1,
+        "last_failure": "RuntimeError: invalid multinomial distribution",
+    }
+    text = format_verdict(v)
+    assert "searches: 2 run, 1 skipped (owed to a later window), 1 failed (last: RuntimeError: invalid" in text
+    assert "searches" not in verdict({"windows": [_window(i, 1000, 0.0, 0.001) for i in range(2)]})
+
+
 def test_pooled_difference_ignores_windows_without_an_interval():
     nan = {"diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
     d = pooled_difference([nan, {"diff": 0.01, "ci_low": 0.0, "ci_high": 0.02}], [50, 50])
