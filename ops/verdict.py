@@ -206,18 +206,18 @@ def format_verdict(v: dict) -> str:
         widest = ", ".join(f"{f} {d}" for f, d in al["widest"])
         pruned = ", ".join(al["pruned"]) or "none"
         lines.append(f"slim allocation: widest {widest}; pruned {len(al['pruned'])} of {al['fields']}: {pruned}")
-    if "searches" in v:
-        c = v["searches"]
-        failure = f" (last: {c['last_failure']})" if c["failed"] else ""
-        lines.append(
-            f"searches: {c['run']} run, {c['skipped']} skipped (owed to a later window), {c['failed']} failed{failure}"
-        )
     if "truth" in v:
         t = v["truth"]
         kept = f" (kept {', '.join(t['noise_kept'])})" if t["noise_kept"] else ""
         lines.append(
             f"against the true field ranks: Spearman {t['spearman']:.2f}; "
             f"noise fields pruned {t['noise_pruned'][0]} of {t['noise_pruned'][1]}{kept}"
+        )
+    if "searches" in v:
+        c = v["searches"]
+        failure = f" (last: {c['last_failure']})" if c["failed"] else ""
+        lines.append(
+            f"searches: {c['run']} run, {c['skipped']} skipped (owed to a later window), {c['failed']} failed{failure}"
         )
     lines += _calls(v["arms"])
     return "\n".join(lines)
